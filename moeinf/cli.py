@@ -1,0 +1,78 @@
+"""`moeinf run ...`: the standalone run script. argparse lives only here."""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+
+import torch
+
+from moeinf.errors import MoeinfError
+from moeinf.loaders.default_model import ensure_default_model
+from moeinf.runtime.engine import LLM
+from moeinf.runtime.sampling import SamplingParams
+
+DEFAULT_PROMPT = "The expert said"
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    model = args.model or ensure_default_model()
+    llm = LLM(model, device=args.device, dtype=args.dtype)
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    (out,) = llm.generate([args.prompt], params)
+    stats = llm.stats()
+    print(args.prompt + (out.text if out.text is not None else " " + str(out.token_ids)))
+    print("---")
+    prefill_rate = stats["prefill_tokens"] / stats["prefill_s"]
+    decode_rate = stats["decode_tokens"] / stats["decode_s"] if stats["decode_s"] > 0 else float("nan")
+    print(
+        f"model: {llm.checkpoint.path} ({llm.spec.architecture}, {llm.dtype}, {llm.device})\n"
+        f"prefill: {stats['prefill_tokens']} tokens in {stats['prefill_s']:.3f} s ({prefill_rate:.1f} tokens/s)\n"
+        f"decode: {stats['decode_tokens']} tokens in {stats['decode_s']:.3f} s ({decode_rate:.1f} tokens/s), "
+        f"finished by {out.finish_reason}\n"
+        f"peak memory: {peak_memory_mib(llm.device):.0f} MiB"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moeinf", description="Serve Mixture-of-Experts models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="generate text from one prompt and print tokens/s")
+    run.add_argument("--model", help="Hugging Face checkpoint folder (default: the built-in default model)")
+    run.add_argument("--prompt", default=DEFAULT_PROMPT)
+    run.add_argument("--max-new-tokens", type=int, default=32)
+    run.add_argument("--device", default="cpu", help="cpu or cuda")
+    run.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
+    run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    run.add_argument("--top-k", type=int, default=0)
+    run.add_argument("--top-p", type=float, default=1.0)
+    run.add_argument("--seed", type=int, default=None)
+    run.set_defaults(handler=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except MoeinfError as e:
+        print(f"moeinf: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

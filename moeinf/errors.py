@@ -1,0 +1,51 @@
+"""Named exceptions for bad input. Each message says what was expected and what was found.
+
+This module imports nothing of moeinf, so every floor (models, loaders, runtime) may raise them.
+"""
+
+
+class MoeinfError(Exception):
+    """Base class of every error moeinf raises on purpose."""
+
+
+class ConfigError(MoeinfError, ValueError):
+    """config.json is missing, unreadable, or holds a value of the wrong kind."""
+
+
+class UnsupportedArchitectureError(MoeinfError, ValueError):
+    """config.json names an architecture (or a variant of one) that moeinf cannot run."""
+
+
+class CheckpointError(MoeinfError):
+    """Base class of errors about the weight files of a checkpoint."""
+
+
+class MissingShardError(CheckpointError, FileNotFoundError):
+    """A safetensors file named by the index (or the single model file) does not exist."""
+
+
+class TruncatedShardError(CheckpointError):
+    """A safetensors file is shorter than its own header says, or its header is cut off."""
+
+
+class MissingTensorError(CheckpointError, KeyError):
+    """A tensor the model needs is in none of the checkpoint's files."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class TensorShapeError(CheckpointError, ValueError):
+    """A tensor on disk does not have the shape the model spec expects."""
+
+
+class TensorDtypeError(CheckpointError, ValueError):
+    """A tensor on disk has a dtype moeinf cannot compute with."""
+
+
+class TokenizerError(MoeinfError, ValueError):
+    """Text was given but the checkpoint has no usable tokenizer.json."""
+
+
+class RequestError(MoeinfError, ValueError):
+    """A prompt or sampling parameter is out of range for this model."""

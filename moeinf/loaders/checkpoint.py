@@ -1,0 +1,89 @@
+"""A Hugging Face checkpoint folder, opened and checked: config -> spec, tensors -> index.
+
+Opening checks every tensor the model reads against the shape the spec expects, so a bad
+checkpoint fails before any weight is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moeinf.errors import ConfigError, TensorDtypeError, TensorShapeError
+from moeinf.loaders.safetensors_index import TensorIndex
+from moeinf.models.family import Family
+from moeinf.models.registry import spec_from_config
+from moeinf.models.spec import ModelSpec
+
+COMPUTE_DTYPES = ("F32", "F16", "BF16")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"expected {path.name} in {path.parent}, found no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    family: Family
+    spec: ModelSpec
+    index: TensorIndex
+
+    @classmethod
+    def open(cls, model_dir: str | Path) -> Checkpoint:
+        path = Path(model_dir).expanduser()
+        if not path.is_dir():
+            raise ConfigError(f"expected a checkpoint folder (config.json, *.safetensors), found no folder at {path}")
+        config = read_json(path / "config.json")
+        generation = path / "generation_config.json"
+        if generation.exists():
+            # generation_config.json has the last word on which tokens end a sequence
+            gen = read_json(generation)
+            config = {**config, **{k: gen[k] for k in ("eos_token_id", "bos_token_id") if gen.get(k) is not None}}
+        family, spec = spec_from_config(config, str(path / "config.json"))
+        index = TensorIndex.open(path)
+        check_tensors(family, spec, index)
+        return cls(path, family, spec, index)
+
+    def read(self, role: str, layer: int | None = None, expert: int | None = None) -> torch.Tensor:
+        return self.index.read(self.family.tensor_name(role, layer, expert))
+
+    @property
+    def tokenizer_file(self) -> Path | None:
+        candidate = self.path / "tokenizer.json"
+        return candidate if candidate.exists() else None
+
+    def expert_bytes(self) -> int:
+        """Bytes of all routed experts on disk."""
+        return sum(
+            self.index.info(self.family.tensor_name(role, layer, expert)).nbytes
+            for layer in range(self.spec.num_layers)
+            for expert in range(self.spec.num_experts)
+            for role in ("expert_gate", "expert_up", "expert_down")
+        )
+
+
+def check_tensors(family: Family, spec: ModelSpec, index: TensorIndex) -> None:
+    for name, shape in family.expected_tensors(spec).items():
+        info = index.info(name)
+        if info.shape != shape:
+            raise TensorShapeError(
+                f"{info.file.name}: tensor {name!r} should have shape {list(shape)} for this config, "
+                f"found {list(info.shape)}"
+            )
+        if info.dtype not in COMPUTE_DTYPES:
+            raise TensorDtypeError(
+                f"{info.file.name}: tensor {name!r} should be one of {', '.join(COMPUTE_DTYPES)}, found {info.dtype}"
+            )

@@ -1,0 +1,48 @@
+"""Family: what one model architecture is, as data — its tensor names, their shapes, its config.
+
+A tensor name pattern may hold `{layer}` and `{expert}`; a shape is a tuple of ModelSpec attribute
+names (or literal ints), so the loader can check every tensor on disk against the spec.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from moeinf.models.spec import ModelSpec
+
+Shape = tuple[str | int, ...]
+
+# The roles every family names; the executor asks for weights by role, never by file name.
+GLOBAL_ROLES = ("embed", "final_norm", "lm_head")
+LAYER_ROLES = ("attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "moe_norm", "router")
+EXPERT_ROLES = ("expert_gate", "expert_up", "expert_down")
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    architectures: tuple[str, ...]
+    tensor_names: dict[str, str]  # role -> name pattern
+    tensor_shapes: dict[str, Shape]  # role -> shape in spec attribute names
+    parse_config: Callable[[dict[str, Any], str], ModelSpec]
+
+    def tensor_name(self, role: str, layer: int | None = None, expert: int | None = None) -> str:
+        return self.tensor_names[role].format(layer=layer, expert=expert)
+
+    def tensor_shape(self, spec: ModelSpec, role: str) -> tuple[int, ...]:
+        return tuple(dim if isinstance(dim, int) else getattr(spec, dim) for dim in self.tensor_shapes[role])
+
+    def global_roles(self, spec: ModelSpec) -> tuple[str, ...]:
+        return tuple(r for r in GLOBAL_ROLES if not (r == "lm_head" and spec.tie_word_embeddings))
+
+    def expected_tensors(self, spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+        """Every tensor name the model reads -> the shape it must have on disk."""
+        expected = {self.tensor_name(r): self.tensor_shape(spec, r) for r in self.global_roles(spec)}
+        for layer in range(spec.num_layers):
+            for role in LAYER_ROLES:
+                expected[self.tensor_name(role, layer)] = self.tensor_shape(spec, role)
+            for expert in range(spec.num_experts):
+                for role in EXPERT_ROLES:
+                    expected[self.tensor_name(role, layer, expert)] = self.tensor_shape(spec, role)
+        return expected

@@ -1,0 +1,38 @@
+"""Which families moeinf runs, looked up by the `architectures` entry of config.json."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moeinf.errors import ConfigError, UnsupportedArchitectureError
+from moeinf.models.family import Family
+from moeinf.models.mixtral import MIXTRAL
+from moeinf.models.spec import ModelSpec
+
+FAMILIES: tuple[Family, ...] = (MIXTRAL,)
+_BY_ARCHITECTURE = {arch: family for family in FAMILIES for arch in family.architectures}
+
+
+def supported_architectures() -> tuple[str, ...]:
+    return tuple(sorted(_BY_ARCHITECTURE))
+
+
+def family_for(config: dict[str, Any], source: str = "config.json") -> Family:
+    architectures = config.get("architectures")
+    if not isinstance(architectures, list) or not architectures:
+        raise ConfigError(
+            f"{source}: expected 'architectures' to be a non-empty list such as "
+            f"['MixtralForCausalLM'], found {architectures!r}"
+        )
+    for arch in architectures:
+        if arch in _BY_ARCHITECTURE:
+            return _BY_ARCHITECTURE[arch]
+    raise UnsupportedArchitectureError(
+        f"{source}: architecture {', '.join(map(str, architectures))} is not supported; "
+        f"supported architectures: {', '.join(supported_architectures())}"
+    )
+
+
+def spec_from_config(config: dict[str, Any], source: str = "config.json") -> tuple[Family, ModelSpec]:
+    family = family_for(config, source)
+    return family, family.parse_config(config, source)

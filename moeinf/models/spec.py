@@ -1,0 +1,166 @@
+"""ModelSpec: the validated shape of a model, read from its config.json.
+
+Everything downstream (tensor shape checks, the executor, budgets) reads the spec, never the raw
+config dict, so a bad config fails here with a message naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from moeinf.errors import ConfigError
+
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    rope_type: str  # one of ROPE_TYPES
+    theta: float
+    rotary_dim: int  # leading dims of each head that rotate (head_dim unless partial)
+    factor: float = 1.0
+    # llama3 and yarn knobs, as transformers names them; absent ones take transformers' defaults
+    extra: tuple[tuple[str, Any], ...] = ()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return dict(self.extra).get(key, default)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    architecture: str
+    family: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_experts: int
+    top_k: int
+    expert_ffn: int  # intermediate size of one expert
+    norm_eps: float
+    rope: RopeSpec
+    max_position: int
+    sliding_window: int | None
+    tie_word_embeddings: bool
+    renormalize_topk: bool
+    torch_dtype: str  # dtype the checkpoint was saved in, e.g. "bfloat16"
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def expert_params(self) -> int:
+        """Parameters of one expert: gate, up and down projections."""
+        return 3 * self.hidden_size * self.expert_ffn
+
+
+class ConfigReader:
+    """Typed access to a config dict; every failure names the key, the expectation and the value."""
+
+    def __init__(self, config: dict[str, Any], source: str = "config.json"):
+        if not isinstance(config, dict):
+            raise ConfigError(f"{source}: expected a JSON object, found {type(config).__name__}")
+        self.config = config
+        self.source = source
+
+    def _fail(self, key: str, expected: str, value: Any) -> ConfigError:
+        return ConfigError(f"{self.source}: expected {key!r} to be {expected}, found {value!r}")
+
+    def positive_int(self, key: str, default: Any = ...) -> int:
+        value = self.config.get(key, default)
+        if value is ...:
+            raise ConfigError(f"{self.source}: missing required key {key!r} (a positive integer)")
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise self._fail(key, "a positive integer", value)
+        return value
+
+    def optional_positive_int(self, key: str) -> int | None:
+        value = self.config.get(key)
+        return None if value is None else self.positive_int(key)
+
+    def positive_float(self, key: str, default: Any = ...) -> float:
+        value = self.config.get(key, default)
+        if value is ...:
+            raise ConfigError(f"{self.source}: missing required key {key!r} (a positive number)")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise self._fail(key, "a positive number", value)
+        return float(value)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.config.get(key, default)
+        if not isinstance(value, bool):
+            raise self._fail(key, "true or false", value)
+        return value
+
+    def token_ids(self, key: str) -> tuple[int, ...]:
+        value = self.config.get(key)
+        if value is None:
+            return ()
+        values = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+            raise self._fail(key, "a token id or a list of token ids", value)
+        return tuple(values)
+
+    def string(self, key: str, default: str) -> str:
+        value = self.config.get(key, default)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            raise self._fail(key, "a string", value)
+        return value
+
+
+def read_rope(reader: ConfigReader, head_dim: int, default_theta: float) -> RopeSpec:
+    """RoPE settings from either layout transformers writes.
+
+    transformers >= 5 writes `rope_parameters` {rope_type, rope_theta, factor, ...}; older files carry
+    `rope_theta` at the top level and an optional `rope_scaling` {type | rope_type, factor, ...}.
+    """
+    config = reader.config
+    params = config.get("rope_parameters")
+    if params is None:
+        params = dict(config.get("rope_scaling") or {})
+        params.setdefault("rope_theta", config.get("rope_theta", default_theta))
+    if not isinstance(params, dict):
+        raise ConfigError(f"{reader.source}: expected 'rope_parameters' to be an object, found {params!r}")
+    params = dict(params)
+    rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    params.pop("type", None)
+    if rope_type not in ROPE_TYPES:
+        raise ConfigError(
+            f"{reader.source}: rope type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}"
+        )
+    sub = ConfigReader(params, f"{reader.source} rope parameters")
+    theta = sub.positive_float("rope_theta", default_theta)
+    partial = sub.positive_float("partial_rotary_factor", 1.0)
+    if rope_type == "yarn":
+        # yarn may leave `factor` out: transformers then uses max_position / original_max_position
+        original = params.get("original_max_position_embeddings") or config.get("max_position_embeddings")
+        params["original_max_position_embeddings"] = original
+        sub.positive_float("original_max_position_embeddings")
+        if params.get("factor") is None:
+            params["factor"] = reader.positive_float("max_position_embeddings") / float(original)
+    if rope_type == "llama3":
+        for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+            sub.positive_float(key)
+    factor = 1.0 if rope_type == "default" else sub.positive_float("factor")
+    for key in ("rope_theta", "partial_rotary_factor", "factor"):
+        params.pop(key, None)
+    return RopeSpec(
+        rope_type=rope_type,
+        theta=theta,
+        rotary_dim=int(head_dim * partial),
+        factor=factor,
+        extra=tuple(sorted(params.items())),
+    )

@@ -1,0 +1,78 @@
+"""Layer-by-layer execution of a batch of sequences, flattened to one token axis.
+
+Every token of every sequence in the step sits on one axis [T]; norms, projections, the router and
+the experts run over all of them at once (so a layer's experts serve the whole batch), and only
+attention splits the axis back into sequences, each against its own KV cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moeinf.kernels import ops
+from moeinf.loaders.checkpoint import Checkpoint
+from moeinf.models.attention import attend
+from moeinf.models.rope import RotaryTable, apply_rope
+from moeinf.models.routing import softmax_topk
+from moeinf.runtime.dense_weights import DenseWeights
+from moeinf.runtime.kv_cache import SequenceKVCache
+from moeinf.runtime.resident_experts import ResidentExperts
+
+
+@dataclass
+class Span:
+    """One sequence's new tokens in a step: `count` rows of the flat token axis."""
+
+    cache: SequenceKVCache
+    count: int
+
+
+class Executor:
+    def __init__(self, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, progress: bool = True):
+        self.spec = checkpoint.spec
+        self.device, self.dtype = device, dtype
+        self.dense = DenseWeights.load(checkpoint, device, dtype, progress)
+        self.experts = ResidentExperts(checkpoint, device, dtype, progress)
+        self.rotary = RotaryTable(self.spec.rope, device)
+
+    def new_cache(self, capacity: int) -> SequenceKVCache:
+        return SequenceKVCache(self.spec, capacity, self.device, self.dtype)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, spans: list[Span], rows: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens: [T] int64, the spans' new tokens back to back; rows: [R] which of the T rows
+        need logits (None = all). Returns logits [R, V] float32. Advances every span's cache."""
+        spec = self.spec
+        positions = torch.cat(
+            [torch.arange(s.cache.length, s.cache.length + s.count, device=self.device) for s in spans]
+        )  # [T]
+        cos, sin = self.rotary.cos_sin(positions, self.dtype)  # [T, rotary_dim]
+        h = self.dense.embed[tokens]  # [T, D]
+        T = h.shape[0]
+        for layer, lw in enumerate(self.dense.layers):
+            x = ops.rms_norm(h, lw.attn_norm, spec.norm_eps)
+            q, k, v = F.linear(x, lw.qkv).split([spec.q_dim, spec.kv_dim, spec.kv_dim], dim=-1)
+            q = apply_rope(q.view(T, spec.num_heads, spec.head_dim), cos, sin)  # [T, H, Dh]
+            k = apply_rope(k.view(T, spec.num_kv_heads, spec.head_dim), cos, sin)  # [T, Hkv, Dh]
+            v = v.view(T, spec.num_kv_heads, spec.head_dim)
+            attn = torch.empty((T, spec.q_dim), device=self.device, dtype=self.dtype)
+            offset = 0
+            for span in spans:
+                r = slice(offset, offset + span.count)
+                k_all, v_all = span.cache.write(layer, k[r], v[r])
+                attn[r] = attend(q[r], k_all, v_all, span.cache.length, spec.sliding_window)
+                offset += span.count
+            h = h + F.linear(attn, lw.o_proj)
+
+            x = ops.rms_norm(h, lw.moe_norm, spec.norm_eps)
+            ids, weights = softmax_topk(F.linear(x, lw.router), spec.top_k, spec.renormalize_topk)
+            h = h + ops.moe_experts(x, ids, weights, self.experts.w13, self.experts.w2, self.experts.slots(layer))
+        for span in spans:
+            span.cache.advance(span.count)
+        if rows is not None:
+            h = h[rows]
+        h = ops.rms_norm(h, self.dense.final_norm, spec.norm_eps)
+        return F.linear(h, self.dense.lm_head).to(torch.float32)

@@ -1,0 +1,39 @@
+"""Every routed expert resident on the compute device, in slot-indexed buffers.
+
+The buffers have the layout of the device expert pool (one buffer per weight kind, [S, ...]),
+and the executor reads experts only through `slots(layer)`, so an offloading pool with fewer
+slots than experts can take this class's place without touching the executor or the kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+from moeinf.loaders.checkpoint import Checkpoint
+
+
+class ResidentExperts:
+    def __init__(self, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, progress: bool = True):
+        spec = checkpoint.spec
+        L, E, D, F = spec.num_layers, spec.num_experts, spec.hidden_size, spec.expert_ffn
+        self.w13 = torch.empty((L * E, 2 * F, D), device=device, dtype=dtype)  # [S, 2F, D]: gate, up
+        self.w2 = torch.empty((L * E, D, F), device=device, dtype=dtype)  # [S, D, F]: down
+        # slot_table: [L, E] slot of each (layer, expert); slot = layer * E + expert
+        self.slot_table = torch.arange(L * E, device=device, dtype=torch.int64).view(L, E)
+        bar = tqdm(total=L * E, desc="experts", unit="expert", disable=not progress)
+        for layer in range(L):
+            for expert in range(E):
+                slot = layer * E + expert
+                self.w13[slot, :F].copy_(checkpoint.read("expert_gate", layer, expert))
+                self.w13[slot, F:].copy_(checkpoint.read("expert_up", layer, expert))
+                self.w2[slot].copy_(checkpoint.read("expert_down", layer, expert))
+                bar.update()
+        bar.close()
+
+    def slots(self, layer: int) -> torch.Tensor:
+        """[E] int64: the slot holding each expert of `layer`."""
+        return self.slot_table[layer]
+
+    def nbytes(self) -> int:
+        return self.w13.numel() * self.w13.element_size() + self.w2.numel() * self.w2.element_size()

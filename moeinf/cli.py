@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from moeinf.errors import MoeinfError
+from moeinf.errors import MoeinfError, RequestError
 from moeinf.loaders.default_model import ensure_default_model
 from moeinf.runtime.engine import LLM
 from moeinf.runtime.sampling import SamplingParams
@@ -22,6 +22,13 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def parse_token_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",")]
+    except ValueError:
+        raise RequestError(f"--prompt-ids: expected comma-separated token ids such as 1,2,3; found {text!r}") from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     model = args.model or ensure_default_model()
     llm = LLM(model, device=args.device, dtype=args.dtype)
@@ -32,9 +39,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
     )
-    (out,) = llm.generate([args.prompt], params)
+    prompt = parse_token_ids(args.prompt_ids) if args.prompt_ids else args.prompt
+    (out,) = llm.generate([prompt], params)
     stats = llm.stats()
-    print(args.prompt + (out.text if out.text is not None else " " + str(out.token_ids)))
+    if out.text is None:  # a checkpoint without tokenizer.json: show ids
+        print(f"prompt ids: {out.prompt_token_ids}\ngenerated ids: {out.token_ids}")
+    else:
+        print(args.prompt + out.text)
     print("---")
     prefill_rate = stats["prefill_tokens"] / stats["prefill_s"]
     decode_rate = stats["decode_tokens"] / stats["decode_s"] if stats["decode_s"] > 0 else float("nan")
@@ -53,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="generate text from one prompt and print tokens/s")
     run.add_argument("--model", help="Hugging Face checkpoint folder (default: the built-in default model)")
-    run.add_argument("--prompt", default=DEFAULT_PROMPT)
+    prompt = run.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default=DEFAULT_PROMPT, help="text (needs the checkpoint's tokenizer.json)")
+    prompt.add_argument("--prompt-ids", help="comma-separated token ids, for checkpoints without a tokenizer")
     run.add_argument("--max-new-tokens", type=int, default=32)
     run.add_argument("--device", default="cpu", help="cpu or cuda")
     run.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")

@@ -47,10 +47,9 @@ class TensorInfo:
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
     """Parses one safetensors file's header and checks that the file holds every byte it promises."""
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise MissingShardError(f"safetensors file {path} does not exist") from None
+    if not path.is_file():
+        raise MissingShardError(f"expected a safetensors file at {path}, found {'a folder' if path.exists() else 'nothing'}")
+    size = path.stat().st_size
     with path.open("rb") as f:
         prefix = f.read(8)
         if len(prefix) < 8:
@@ -65,12 +64,20 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         header = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: expected the safetensors header to be a JSON object, found {header!r:.80}")
     data_start = 8 + header_len
     infos = {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(
+                f"{path}: header entry {name!r} should hold dtype, shape and data_offsets [begin, end], "
+                f"found {entry!r:.120}"
+            ) from None
         if dtype not in DTYPES:
             raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype!r}; known: {', '.join(DTYPES)}")
         expected = math.prod(shape) * DTYPES[dtype].itemsize
@@ -112,13 +119,15 @@ class TensorIndex:
             weight_map = json.loads(index_path.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index_path}: expected JSON with a 'weight_map' object ({e!r})") from None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index_path}: expected 'weight_map' to be an object, found {weight_map!r:.80}")
         infos: dict[str, TensorInfo] = {}
         headers: dict[str, dict[str, TensorInfo]] = {}
         for name, shard in weight_map.items():
             if shard not in headers:
                 shard_path = index_path.parent / shard
-                if not shard_path.exists():
-                    raise MissingShardError(f"{index_path} maps {name!r} to {shard}, which does not exist")
+                if not shard_path.is_file():
+                    raise MissingShardError(f"{index_path} maps {name!r} to {shard}, which is not a file there")
                 headers[shard] = read_header(shard_path)
             if name not in headers[shard]:
                 raise MissingTensorError(f"{index_path} maps {name!r} to {shard}, but that file does not hold it")

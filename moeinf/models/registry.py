@@ -18,6 +18,8 @@ def supported_architectures() -> tuple[str, ...]:
 
 
 def family_for(config: dict[str, Any], source: str = "config.json") -> Family:
+    if not isinstance(config, dict):
+        raise ConfigError(f"{source}: expected a JSON object, found {type(config).__name__}")
     architectures = config.get("architectures")
     if not isinstance(architectures, list) or not architectures:
         raise ConfigError(

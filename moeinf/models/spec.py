@@ -128,13 +128,13 @@ def read_rope(reader: ConfigReader, head_dim: int, default_theta: float) -> Rope
     `rope_theta` at the top level and an optional `rope_scaling` {type | rope_type, factor, ...}.
     """
     config = reader.config
-    params = config.get("rope_parameters")
-    if params is None:
-        params = dict(config.get("rope_scaling") or {})
-        params.setdefault("rope_theta", config.get("rope_theta", default_theta))
+    key = "rope_parameters" if config.get("rope_parameters") is not None else "rope_scaling"
+    params = config.get(key) or {}
     if not isinstance(params, dict):
-        raise ConfigError(f"{reader.source}: expected 'rope_parameters' to be an object, found {params!r}")
+        raise ConfigError(f"{reader.source}: expected {key!r} to be an object, found {params!r}")
     params = dict(params)
+    if key == "rope_scaling":
+        params.setdefault("rope_theta", config.get("rope_theta", default_theta))
     rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
     params.pop("type", None)
     if rope_type not in ROPE_TYPES:
@@ -144,10 +144,13 @@ def read_rope(reader: ConfigReader, head_dim: int, default_theta: float) -> Rope
     sub = ConfigReader(params, f"{reader.source} rope parameters")
     theta = sub.positive_float("rope_theta", default_theta)
     partial = sub.positive_float("partial_rotary_factor", 1.0)
+    if partial > 1:
+        raise ConfigError(f"{sub.source}: expected partial_rotary_factor <= 1, found {partial}")
     if rope_type == "yarn":
         # yarn may leave `factor` out: transformers then uses max_position / original_max_position
-        original = params.get("original_max_position_embeddings") or config.get("max_position_embeddings")
-        params["original_max_position_embeddings"] = original
+        original = params.get("original_max_position_embeddings")
+        if original is None:
+            original = params["original_max_position_embeddings"] = config.get("max_position_embeddings")
         sub.positive_float("original_max_position_embeddings")
         if params.get("factor") is None:
             params["factor"] = reader.positive_float("max_position_embeddings") / float(original)

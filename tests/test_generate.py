@@ -133,3 +133,13 @@ def test_bad_device_and_dtype_are_refused(tiny_mixtral):
     if not torch.cuda.is_available():
         with pytest.raises(RequestError, match="no CUDA device"):
             LLM(folder, device="cuda", progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_runs_the_same_path_as_cpu(tiny_mixtral):
+    folder, _ = tiny_mixtral
+    cpu = LLM(folder, device="cpu", dtype="float32", progress=False)
+    cuda = LLM(folder, device="cuda", dtype="float32", progress=False)
+    torch.testing.assert_close(cuda.logits(PROMPTS[1]), cpu.logits(PROMPTS[1]), rtol=1e-4, atol=1e-4)
+    params = SamplingParams(max_new_tokens=10)
+    assert [o.token_ids for o in cuda.generate(PROMPTS, params)] == [o.token_ids for o in cpu.generate(PROMPTS, params)]

@@ -11,6 +11,7 @@ import torch
 from moeinf.errors import MoeinfError, RequestError
 from moeinf.loaders.default_model import ensure_default_model
 from moeinf.runtime.engine import LLM
+from moeinf.runtime.policies import POLICIES
 from moeinf.runtime.sampling import SamplingParams
 
 DEFAULT_PROMPT = "The expert said"
@@ -31,7 +32,15 @@ def parse_token_ids(text: str) -> list[int]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     model = args.model or ensure_default_model()
-    llm = LLM(model, device=args.device, dtype=args.dtype)
+    llm = LLM(
+        model,
+        device=args.device,
+        dtype=args.dtype,
+        expert_budget=parse_budget_arg(args.budget),
+        host_budget=parse_budget_arg(args.host_budget),
+        offload_dir=args.offload_dir,
+        policy=args.policy,
+    )
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -54,9 +63,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"prefill: {stats['prefill_tokens']} tokens in {stats['prefill_s']:.3f} s ({prefill_rate:.1f} tokens/s)\n"
         f"decode: {stats['decode_tokens']} tokens in {stats['decode_s']:.3f} s ({decode_rate:.1f} tokens/s), "
         f"finished by {out.finish_reason}\n"
+        f"experts: {stats['resident_experts']} resident, {stats['hits']} hits, {stats['misses']} misses, "
+        f"{stats['bytes_from_disk'] / 2**20:.1f} MiB from disk, {stats['bytes_to_device'] / 2**20:.1f} MiB to device, "
+        f"{stats['stall_s']:.3f} s stalled\n"
         f"peak memory: {peak_memory_mib(llm.device):.0f} MiB"
     )
+    llm.close()
     return 0
+
+
+def parse_budget_arg(text: str | None) -> int | float | str | None:
+    """'0.25' -> fraction, '16' -> slot count, anything else ('2GiB', '25%') as written."""
+    if text is None:
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--top-k", type=int, default=0)
     run.add_argument("--top-p", type=float, default=1.0)
     run.add_argument("--seed", type=int, default=None)
+    run.add_argument(
+        "--budget", help="device expert budget: fraction of expert bytes (0.25), size (2GiB, 25%%) or slot count (16)"
+    )
+    run.add_argument("--host-budget", default="0", help="host-memory expert cache in front of the disk store")
+    run.add_argument("--offload-dir", help="folder of the packed expert store (default: under the cache dir)")
+    run.add_argument("--policy", default="lru", choices=sorted(POLICIES), help="expert eviction policy")
     run.set_defaults(handler=cmd_run)
     return parser
 

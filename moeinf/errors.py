@@ -49,3 +49,24 @@ class TokenizerError(MoeinfError, ValueError):
 
 class RequestError(MoeinfError, ValueError):
     """A prompt or sampling parameter is out of range for this model."""
+
+
+class StoreError(MoeinfError):
+    """Base class of errors about the packed expert store (the disk tier)."""
+
+
+class StoreChecksumError(StoreError):
+    """A record of the packed expert store does not match the crc32 its header recorded."""
+
+
+class StoreBufferError(StoreError, ValueError):
+    """A buffer given to the packed expert store is too small, read-only or not contiguous."""
+
+
+class StoreRecordError(StoreError, IndexError):
+    """A (layer, expert) pair outside the model the store was built for."""
+
+
+class OffloadConfigError(MoeinfError, ValueError):
+    """An offloading setting is malformed: a budget (or one too small for a layer's active
+    experts), a policy name, a store folder."""

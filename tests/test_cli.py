@@ -51,3 +51,16 @@ def test_run_without_tokenizer_asks_for_token_ids(tiny_mixtral, capsys):
     assert "pass prompts as token id lists" in capsys.readouterr().err
     assert main(["run", "--model", str(folder), "--prompt-ids", "1,x"]) == 2
     assert "comma-separated token ids" in capsys.readouterr().err
+
+
+def test_run_with_an_expert_budget_offloads_and_reports_traffic(tiny_mixtral, capsys, tmp_path):
+    folder, _ = tiny_mixtral
+    base = ["run", "--model", str(folder), "--prompt-ids", "5,6,7,8", "--max-new-tokens", "6"]
+    assert main(base) == 0
+    resident = capsys.readouterr().out.split("---")[0]
+    assert main(base + ["--budget", "0.5", "--offload-dir", str(tmp_path), "--policy", "lfu"]) == 0
+    out = capsys.readouterr().out
+    assert out.split("---")[0] == resident  # same tokens
+    assert "4 resident" in out and "MiB from disk" in out  # 2 layers x 4 experts, half of them
+    assert main(base + ["--budget", "1"]) == 2  # one slot: below one layer's 4 experts
+    assert "the minimum is 4" in capsys.readouterr().err

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,6 +102,7 @@ class TensorIndex:
     def __init__(self, infos: dict[str, TensorInfo]):
         self.infos = infos
         self._handles: dict[Path, object] = {}
+        self._lock = threading.Lock()  # I/O workers re-read experts from the checkpoint concurrently
 
     @classmethod
     def open(cls, model_dir: str | Path) -> TensorIndex:
@@ -150,7 +152,8 @@ class TensorIndex:
     def read(self, name: str) -> torch.Tensor:
         """The tensor in its stored dtype, on the CPU."""
         info = self.info(name)
-        handle = self._handles.get(info.file)
-        if handle is None:
-            handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
+        with self._lock:
+            handle = self._handles.get(info.file)
+            if handle is None:
+                handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
         return handle.get_tensor(name)

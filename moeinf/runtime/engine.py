@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,10 +10,16 @@ from typing import Sequence, Union
 
 import torch
 
-from moeinf.errors import RequestError, TokenizerError
+from moeinf.errors import OffloadConfigError, RequestError, TokenizerError
 from moeinf.loaders.checkpoint import Checkpoint
+from moeinf.loaders.default_model import cache_dir
+from moeinf.loaders.expert_store import ExpertStore
 from moeinf.loaders.tokenizer import TextCodec
-from moeinf.runtime.executor import Executor, Span
+from moeinf.runtime.budget import Budget, OffloadConfig, parse_budget
+from moeinf.runtime.executor import Executor, ExpertSource, Span
+from moeinf.runtime.expert_pool import ExpertPool
+from moeinf.runtime.policies import CachePolicy, make_policy
+from moeinf.runtime.resident_experts import ResidentExperts
 from moeinf.runtime.sampling import SamplingParams, sample_next
 
 Prompt = Union[str, Sequence[int]]
@@ -53,15 +60,68 @@ def resolve_dtype(dtype: str, checkpoint_dtype: str, device: torch.device) -> to
     return DTYPES[dtype]
 
 
+def default_store_dir(checkpoint: Checkpoint) -> Path:
+    """One store folder per checkpoint folder, under the cache directory."""
+    digest = hashlib.sha1(str(checkpoint.path.resolve()).encode()).hexdigest()[:12]
+    return cache_dir() / "stores" / f"{checkpoint.path.name}-{digest}"
+
+
+def build_expert_source(
+    checkpoint: Checkpoint, offload: OffloadConfig, device: torch.device, dtype: torch.dtype, progress: bool
+) -> ExpertSource:
+    """Every expert resident when the budget affords them all; else a pool of slots over the store."""
+    spec = checkpoint.spec
+    total = spec.num_layers * spec.num_experts
+    expert_nbytes = spec.expert_params * torch.empty((), dtype=dtype).element_size()
+    slots = parse_budget(offload.expert_budget, expert_nbytes, total, "expert_budget")
+    policy = make_policy(offload.policy, spec.num_layers, spec.num_experts)
+    if slots >= total:
+        return ResidentExperts(checkpoint, device, dtype, progress)
+    # A prefill batch can route tokens to every expert of a layer, and a layer computes only
+    # with all its routed experts resident at once.
+    minimum = spec.num_experts
+    if slots < minimum:
+        raise OffloadConfigError(
+            f"expert_budget {offload.expert_budget!r} affords {slots} expert slots; the minimum is {minimum} "
+            f"(all experts of one layer, {minimum * expert_nbytes / 2**20:.1f} MiB in {str(dtype).split('.')[-1]})"
+        )
+    host_records = parse_budget(offload.host_budget, expert_nbytes, total, "host_budget")
+    if offload.io_threads < 1:
+        raise OffloadConfigError(f"io_threads: expected >= 1, found {offload.io_threads}")
+    store_dir = Path(offload.offload_dir) if offload.offload_dir else default_store_dir(checkpoint)
+    store = ExpertStore.open_or_build(checkpoint, store_dir, dtype, progress=progress)
+    return ExpertPool(store, slots, host_records, device, dtype, policy, offload.io_threads)
+
+
 class LLM:
-    def __init__(self, model: str | Path, device: str = "cpu", dtype: str = "auto", progress: bool = True):
+    """Serves one checkpoint. Offloading settings come as keywords or as one OffloadConfig
+    (offload=...); by default every expert stays resident on the compute device."""
+
+    def __init__(
+        self,
+        model: str | Path,
+        device: str = "cpu",
+        dtype: str = "auto",
+        progress: bool = True,
+        *,
+        expert_budget: Budget = None,
+        host_budget: Budget = 0,
+        offload_dir: str | Path | None = None,
+        policy: str | CachePolicy = "lru",
+        offload: OffloadConfig | None = None,
+    ):
+        keywords = OffloadConfig(expert_budget, host_budget, offload_dir, policy)
+        if offload is not None and keywords != OffloadConfig():
+            raise OffloadConfigError("pass offloading settings either as keywords or as offload=OffloadConfig(...)")
+        self.offload = offload or keywords
         self.checkpoint = Checkpoint.open(model)
         self.spec = self.checkpoint.spec
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.spec.torch_dtype, self.device)
         tokenizer_file = self.checkpoint.tokenizer_file
         self.codec = TextCodec(tokenizer_file) if tokenizer_file else None
-        self.executor = Executor(self.checkpoint, self.device, self.dtype, progress)
+        self.experts = build_expert_source(self.checkpoint, self.offload, self.device, self.dtype, progress)
+        self.executor = Executor(self.checkpoint, self.experts, self.device, self.dtype, progress)
         self._stats = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
 
     def encode(self, text: str) -> list[int]:
@@ -148,5 +208,17 @@ class LLM:
         return self.executor.forward(torch.tensor(ids, device=self.device), [span]).cpu()
 
     def stats(self) -> dict[str, float]:
-        """Counters since this LLM was built: tokens and seconds spent in prefill and decode."""
-        return dict(self._stats)
+        """Counters since this LLM was built: tokens and seconds in prefill and decode, and the
+        expert traffic (hits, misses, prefetch_hits, prefetch_wasted, bytes_to_device,
+        bytes_from_disk, stall_s, ...) with the number of experts resident now."""
+        return {**self._stats, **self.experts.stats.snapshot(), "resident_experts": self.experts.resident_experts()}
+
+    def close(self) -> None:
+        """Stops the I/O workers and closes the expert store (offloaded runs)."""
+        self.experts.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

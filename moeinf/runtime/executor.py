@@ -19,7 +19,12 @@ from moeinf.models.rope import RotaryTable, apply_rope
 from moeinf.models.routing import softmax_topk
 from moeinf.runtime.dense_weights import DenseWeights
 from moeinf.runtime.kv_cache import SequenceKVCache
+from moeinf.runtime.expert_pool import ExpertPool
 from moeinf.runtime.resident_experts import ResidentExperts
+
+# Where the executor finds experts: all resident, or a pool of fewer slots fed from host and disk.
+# Both expose w13 [S, 2F, D], w2 [S, D, F] and acquire(layer, topk_ids) -> [E] slots / release(layer).
+ExpertSource = ResidentExperts | ExpertPool
 
 
 @dataclass
@@ -31,11 +36,18 @@ class Span:
 
 
 class Executor:
-    def __init__(self, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, progress: bool = True):
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        experts: ExpertSource,
+        device: torch.device,
+        dtype: torch.dtype,
+        progress: bool = True,
+    ):
         self.spec = checkpoint.spec
         self.device, self.dtype = device, dtype
         self.dense = DenseWeights.load(checkpoint, device, dtype, progress)
-        self.experts = ResidentExperts(checkpoint, device, dtype, progress)
+        self.experts = experts
         self.rotary = RotaryTable(self.spec.rope, device)
 
     def new_cache(self, capacity: int) -> SequenceKVCache:
@@ -69,7 +81,9 @@ class Executor:
 
             x = ops.rms_norm(h, lw.moe_norm, spec.norm_eps)
             ids, weights = softmax_topk(F.linear(x, lw.router), spec.top_k, spec.renormalize_topk)
-            h = h + ops.moe_experts(x, ids, weights, self.experts.w13, self.experts.w2, self.experts.slots(layer))
+            slots = self.experts.acquire(layer, ids)
+            h = h + ops.moe_experts(x, ids, weights, self.experts.w13, self.experts.w2, slots)
+            self.experts.release(layer)
         for span in spans:
             span.cache.advance(span.count)
         if rows is not None:

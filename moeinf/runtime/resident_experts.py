@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 from moeinf.loaders.checkpoint import Checkpoint
+from moeinf.runtime.expert_pool import PoolStats
 
 
 class ResidentExperts:
@@ -30,10 +31,23 @@ class ResidentExperts:
                 self.w2[slot].copy_(checkpoint.read("expert_down", layer, expert))
                 bar.update()
         bar.close()
+        self.stats = PoolStats()
 
-    def slots(self, layer: int) -> torch.Tensor:
-        """[E] int64: the slot holding each expert of `layer`."""
+    def acquire(self, layer: int, topk_ids: torch.Tensor) -> torch.Tensor:
+        """[E] int64: the slot holding each expert of `layer` (the pool's interface; here every
+        expert is always resident, so nothing loads and nothing needs pinning)."""
+        used = torch.bincount(topk_ids.reshape(-1), minlength=self.slot_table.shape[1]).count_nonzero()
+        self.stats.add(hits=int(used))
         return self.slot_table[layer]
+
+    def release(self, layer: int) -> None:
+        """Nothing to unpin: resident experts are never evicted."""
+
+    def resident_experts(self) -> int:
+        return self.slot_table.numel()
+
+    def close(self) -> None:
+        """Nothing to stop: no I/O threads."""
 
     def nbytes(self) -> int:
         return self.w13.numel() * self.w13.element_size() + self.w2.numel() * self.w2.element_size()

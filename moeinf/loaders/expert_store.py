@@ -1,0 +1,425 @@
+"""The packed expert store: the disk tier, built once from a checkpoint.
+
+Safetensors shards keep each expert as three tensors scattered across a file (or across files),
+in the checkpoint's dtype, so loading one expert from them means three lookups, three reads and a
+dtype conversion. The store instead holds every routed expert as one contiguous record, already in
+the compute dtype and already in the device slot layout, starting on an ALIGN boundary. Loading an
+expert into a slot is then one large aligned read (O_DIRECT where the file system allows it, so the
+page cache is not filled twice with bytes that go straight on to pinned or device memory) and two
+plain byte copies.
+
+File layout:
+    [0, 24)                 magic b"MOEINFXS", u32 version, u32 reserved, u64 JSON length (little-endian)
+    [24, 24 + JSON length)  UTF-8 JSON: fingerprint, num_layers, num_experts, dtype, w13_shape,
+                            w2_shape, record_nbytes, data_offset, crc32 (one per record)
+    [data_offset, ...)      records; record (l, e) is number l * E + e, record_nbytes each
+    record                  w13 [2F, D] (gate rows, then up rows), w2 [D, F], zero padding
+
+The fingerprint covers the checkpoint's config.json and the name, size and mtime of each weight
+file, so a changed checkpoint makes the old store untrusted and it is rebuilt. A build writes to a
+temporary file and renames it into place only once complete and synced, so an interrupted build
+never leaves a file that a later open would trust. Every read checks the record's crc32, so a
+corrupted record is caught (StoreChecksumError) and the caller can fall back to
+`record_from_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from moeinf.errors import StoreBufferError, StoreChecksumError, StoreError, StoreRecordError
+from moeinf.loaders.checkpoint import Checkpoint
+
+ALIGN = 4096
+STORE_VERSION = 1
+MAGIC = b"MOEINFXS"
+PREFIX = struct.Struct("<8sIIQ")  # magic, version, reserved, JSON length
+MAX_CRC = 0xFFFFFFFF
+
+
+def round_up(n: int, multiple: int = ALIGN) -> int:
+    return -(-n // multiple) * multiple
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> "bfloat16"."""
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class RecordLayout:
+    w13_shape: tuple[int, int]  # (2F, D): gate rows, then up rows
+    w2_shape: tuple[int, int]  # (D, F): down
+    dtype: torch.dtype  # compute dtype the bytes are stored in
+    w13_nbytes: int
+    w2_nbytes: int
+    payload_nbytes: int  # w13_nbytes + w2_nbytes
+    record_nbytes: int  # payload rounded up to ALIGN
+
+    @classmethod
+    def of(cls, hidden_size: int, expert_ffn: int, dtype: torch.dtype) -> RecordLayout:
+        D, F, itemsize = hidden_size, expert_ffn, dtype.itemsize
+        w13_nbytes = 2 * F * D * itemsize
+        w2_nbytes = D * F * itemsize
+        payload = w13_nbytes + w2_nbytes
+        return cls((2 * F, D), (D, F), dtype, w13_nbytes, w2_nbytes, payload, round_up(payload))
+
+
+def checkpoint_fingerprint(checkpoint: Checkpoint, dtype: torch.dtype) -> str:
+    """sha256 hex over the store version, the dtype, config.json's bytes, and the name, size and
+    mtime of each safetensors file. Each field is length-prefixed so no two inputs collide."""
+    digest = hashlib.sha256()
+
+    def field(value: bytes | str | int) -> None:
+        data = value if isinstance(value, bytes) else str(value).encode()
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+
+    field(STORE_VERSION)
+    field(dtype_name(dtype))
+    field((Path(checkpoint.path) / "config.json").read_bytes())
+    for file in checkpoint.index.files():
+        stat = file.stat()
+        field(file.name)
+        field(stat.st_size)
+        field(stat.st_mtime_ns)
+    return digest.hexdigest()
+
+
+def aligned_buffer(nbytes: int) -> np.ndarray:
+    """A writable uint8 array of `nbytes` whose first byte sits on an ALIGN boundary (O_DIRECT-ready)."""
+    if nbytes < 0:
+        raise StoreBufferError(f"expected a buffer size >= 0 bytes, found {nbytes}")
+    raw = np.empty(nbytes + ALIGN, dtype=np.uint8)
+    start = -raw.ctypes.data % ALIGN
+    # an ndarray over `raw` rather than a slice: numpy gives an empty slice the base's address
+    return np.ndarray((nbytes,), dtype=np.uint8, buffer=raw, offset=start)
+
+
+def byte_view(out: Any, nbytes: int, what: str) -> np.ndarray:
+    """`out` as a flat writable uint8 numpy array sharing its memory, checked to hold `nbytes`.
+
+    Accepts anything with the buffer protocol (numpy arrays, bytearray, mmap) and CPU torch tensors."""
+    if isinstance(out, torch.Tensor):
+        if out.device.type != "cpu" or not out.is_contiguous():
+            raise StoreBufferError(
+                f"{what}: expected a contiguous CPU tensor, found one on {out.device} "
+                f"(contiguous={out.is_contiguous()})"
+            )
+        out = out.reshape(-1).view(torch.uint8).numpy()
+    try:
+        view = memoryview(out)
+    except TypeError:
+        raise StoreBufferError(
+            f"{what}: expected a writable buffer (numpy array, bytearray, CPU tensor) of at least {nbytes} bytes, "
+            f"found {type(out).__name__}"
+        ) from None
+    if view.readonly:
+        raise StoreBufferError(f"{what}: expected a writable buffer, found a read-only {type(out).__name__}")
+    if not view.c_contiguous:
+        raise StoreBufferError(f"{what}: expected a contiguous buffer, found a strided {type(out).__name__}")
+    flat = np.frombuffer(view.cast("B"), dtype=np.uint8)
+    if flat.nbytes < nbytes:
+        raise StoreBufferError(f"{what}: expected a buffer of at least {nbytes} bytes, found {flat.nbytes}")
+    return flat
+
+
+def pread_full(fd: int, target: np.ndarray, offset: int) -> None:
+    """Fills `target` from `fd` at `offset`; a read that ends early means the file shrank under us."""
+    done = 0
+    while done < target.nbytes:
+        n = os.preadv(fd, [memoryview(target[done:])], offset + done)
+        if n == 0:
+            raise StoreError(
+                f"expected {target.nbytes} bytes at offset {offset} of the expert store, "
+                f"found end of file after {done} (was the store truncated while open?)"
+            )
+        done += n
+
+
+def pwrite_full(fd: int, data: Any, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+def encode_header(meta: dict[str, Any]) -> bytes:
+    body = json.dumps(meta, separators=(",", ":")).encode()
+    return PREFIX.pack(MAGIC, STORE_VERSION, 0, len(body)) + body
+
+
+def header_meta(fingerprint: str, num_layers: int, num_experts: int, layout: RecordLayout) -> dict[str, Any]:
+    """The header fields that depend only on the checkpoint and dtype (no offsets, no checksums)."""
+    return {
+        "fingerprint": fingerprint,
+        "num_layers": num_layers,
+        "num_experts": num_experts,
+        "dtype": dtype_name(layout.dtype),
+        "w13_shape": list(layout.w13_shape),
+        "w2_shape": list(layout.w2_shape),
+        "record_nbytes": layout.record_nbytes,
+    }
+
+
+def data_offset_for(meta: dict[str, Any], num_records: int) -> int:
+    """Where the records start: the header's size rounded up to ALIGN, sized with the widest
+    possible checksums so that the real header (written after the records) always fits."""
+    widest = {**meta, "crc32": [MAX_CRC] * num_records}
+    offset = round_up(len(encode_header({**widest, "data_offset": 0})))
+    while (needed := round_up(len(encode_header({**widest, "data_offset": offset})))) > offset:
+        offset = needed
+    return offset
+
+
+def trusted_header(path: Path, expected: dict[str, Any], num_records: int) -> tuple[dict[str, Any] | None, str]:
+    """(the header, "") if the file at `path` is a complete store for `expected`, else (None, why not)."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            prefix = f.read(PREFIX.size)
+            if len(prefix) < PREFIX.size:
+                return None, f"expected a {PREFIX.size}-byte header prefix, found a {size}-byte file"
+            magic, version, _, json_len = PREFIX.unpack(prefix)
+            if magic != MAGIC:
+                return None, f"expected magic {MAGIC!r}, found {magic!r}"
+            if version != STORE_VERSION:
+                return None, f"expected store version {STORE_VERSION}, found {version}"
+            # the widest honest header: every key with a long value, 11 characters per checksum
+            limit = 4096 + 11 * num_records
+            if json_len > min(limit, size - PREFIX.size):
+                return None, f"header claims {json_len} JSON bytes; at most {min(limit, size - PREFIX.size)} fit"
+            meta = json.loads(f.read(json_len))
+    except FileNotFoundError:
+        return None, "no store file yet"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, f"header unreadable ({e})"
+    if not isinstance(meta, dict):
+        return None, f"expected the header JSON to be an object, found {type(meta).__name__}"
+    for key, value in expected.items():
+        if meta.get(key) != value:
+            return None, f"header {key} is {meta.get(key)!r:.80}, the checkpoint needs {value!r:.80}"
+    crcs = meta.get("crc32")
+    if not (
+        isinstance(crcs, list)
+        and len(crcs) == num_records
+        and all(type(c) is int and 0 <= c <= MAX_CRC for c in crcs)
+    ):
+        return None, f"expected {num_records} crc32 values in [0, 2**32), found {str(crcs):.80}"
+    data_offset = meta.get("data_offset")
+    if type(data_offset) is not int or data_offset % ALIGN or data_offset < PREFIX.size + json_len:
+        return None, f"expected data_offset to be a multiple of {ALIGN} past the header, found {data_offset!r}"
+    end = data_offset + num_records * expected["record_nbytes"]
+    if size < end:
+        return None, f"expected at least {end} bytes ({num_records} records), found a {size}-byte file (truncated)"
+    return meta, ""
+
+
+def fsync_directory(directory: Path) -> None:
+    """Makes a rename in `directory` durable; some file systems cannot open a folder, which is fine."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class ExpertStore:
+    """One opened store file. `read_into` is thread-safe: it only issues positional reads."""
+
+    def __init__(
+        self,
+        path: Path,
+        checkpoint: Checkpoint,
+        layout: RecordLayout,
+        meta: dict[str, Any],
+        built: bool,
+        rebuild_reason: str | None,
+        direct: bool,
+    ):
+        self.path = path
+        self.checkpoint = checkpoint
+        self.layout = layout
+        self.num_layers: int = meta["num_layers"]
+        self.num_experts: int = meta["num_experts"]
+        self.data_offset: int = meta["data_offset"]
+        self.crc32: tuple[int, ...] = tuple(meta["crc32"])  # [L * E], index layer * E + expert
+        self.built = built
+        self.rebuild_reason = rebuild_reason  # why the file was (re)built; None when it was reused
+        self.direct = False
+        self.direct_error: str | None = None  # why O_DIRECT is off, when it was asked for
+        self._fd = os.open(path, os.O_RDONLY)
+        self._direct_fd = -1
+        if direct:
+            self._open_direct()
+
+    @classmethod
+    def open_or_build(
+        cls,
+        checkpoint: Checkpoint,
+        directory: str | Path,
+        dtype: torch.dtype,
+        progress: bool = True,
+        direct: bool = True,
+    ) -> ExpertStore:
+        """Opens `directory`/experts-<dtype>.moeinf if it is a complete store of this checkpoint in
+        `dtype`; otherwise builds it first (built=True, rebuild_reason says why)."""
+        spec = checkpoint.spec
+        layout = RecordLayout.of(spec.hidden_size, spec.expert_ffn, dtype)
+        directory = Path(directory).expanduser()
+        path = directory / f"experts-{dtype_name(dtype)}.moeinf"
+        num_records = spec.num_layers * spec.num_experts
+        expected = header_meta(checkpoint_fingerprint(checkpoint, dtype), spec.num_layers, spec.num_experts, layout)
+        meta, reason = trusted_header(path, expected, num_records)
+        if meta is not None:
+            return cls(path, checkpoint, layout, meta, False, None, direct)
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = build(checkpoint, path, layout, expected, progress)
+        return cls(path, checkpoint, layout, meta, True, reason, direct)
+
+    def _open_direct(self) -> None:
+        """Opens the O_DIRECT fd and proves it with one aligned read; any refusal leaves direct off."""
+        flag = getattr(os, "O_DIRECT", 0)
+        if not flag:
+            self.direct_error = "this platform has no O_DIRECT"
+            return
+        try:
+            self._direct_fd = os.open(self.path, os.O_RDONLY | flag)
+            pread_full(self._direct_fd, aligned_buffer(ALIGN), 0)
+        except (OSError, StoreError) as e:
+            self.direct_error = f"O_DIRECT refused for {self.path}: {e}"
+            if self._direct_fd >= 0:
+                os.close(self._direct_fd)
+                self._direct_fd = -1
+            return
+        self.direct = True
+
+    def _record_index(self, layer: int, expert: int) -> int:
+        if not (0 <= layer < self.num_layers and 0 <= expert < self.num_experts):
+            raise StoreRecordError(
+                f"expected layer in [0, {self.num_layers}) and expert in [0, {self.num_experts}), "
+                f"found layer {layer}, expert {expert}"
+            )
+        return layer * self.num_experts + expert
+
+    def record_offset(self, layer: int, expert: int) -> int:
+        """Byte offset of record (layer, expert) in the file; a multiple of ALIGN."""
+        return self.data_offset + self._record_index(layer, expert) * self.layout.record_nbytes
+
+    def read_into(self, layer: int, expert: int, out: Any) -> None:
+        """Reads record (layer, expert) into `out` (>= record_nbytes bytes) and checks its crc32.
+
+        out[:w13_nbytes] is w13 [2F, D], out[w13_nbytes:payload_nbytes] is w2 [D, F], in layout.dtype;
+        the bytes up to record_nbytes are padding. Uses O_DIRECT when `out` starts on an ALIGN boundary."""
+        if self._fd < 0:
+            raise StoreError(f"expected an open expert store, found {self.path} closed")
+        index = self._record_index(layer, expert)
+        record = byte_view(out, self.layout.record_nbytes, "read_into")[: self.layout.record_nbytes]
+        offset = self.data_offset + index * self.layout.record_nbytes
+        if self.direct and record.ctypes.data % ALIGN == 0:
+            try:
+                pread_full(self._direct_fd, record, offset)
+            except OSError as e:
+                self.direct = False  # for good: the buffered fd serves every later read
+                self.direct_error = f"O_DIRECT read failed at offset {offset}: {e}"
+                pread_full(self._fd, record, offset)
+        else:
+            pread_full(self._fd, record, offset)
+        found = zlib.crc32(record[: self.layout.payload_nbytes])
+        if found != self.crc32[index]:
+            raise StoreChecksumError(
+                f"{self.path}: record of layer {layer}, expert {expert} (offset {offset}) should have crc32 "
+                f"{self.crc32[index]:#010x}, found {found:#010x}; the file is corrupt there "
+                "(record_from_checkpoint rebuilds the bytes; delete the store to rebuild it)"
+            )
+
+    def record_from_checkpoint(self, layer: int, expert: int, out: Any) -> None:
+        """Fills out[:payload_nbytes] with the bytes of record (layer, expert), built from the
+        checkpoint's safetensors rather than read from the store (the fallback for a corrupt record)."""
+        self._record_index(layer, expert)
+        payload = byte_view(out, self.layout.payload_nbytes, "record_from_checkpoint")
+        pack_record(self.checkpoint, self.layout, layer, expert, payload)
+
+    def close(self) -> None:
+        for fd in (self._fd, self._direct_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._fd = self._direct_fd = -1
+
+    def __enter__(self) -> ExpertStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def pack_record(checkpoint: Checkpoint, layout: RecordLayout, layer: int, expert: int, out: np.ndarray) -> None:
+    """Writes the payload of record (layer, expert) into out[:payload_nbytes]."""
+    gate = checkpoint.read("expert_gate", layer, expert)  # [F, D]
+    up = checkpoint.read("expert_up", layer, expert)  # [F, D]
+    down = checkpoint.read("expert_down", layer, expert)  # [D, F]
+    w13 = torch.cat([gate, up]).to(layout.dtype).contiguous()  # [2F, D]
+    w2 = down.to(layout.dtype).contiguous()  # [D, F]
+    if tuple(w13.shape) != layout.w13_shape or tuple(w2.shape) != layout.w2_shape:
+        raise StoreError(
+            f"layer {layer}, expert {expert}: expected w13 {list(layout.w13_shape)} and w2 {list(layout.w2_shape)}, "
+            f"found {list(w13.shape)} and {list(w2.shape)}"
+        )
+    out[: layout.w13_nbytes] = w13.reshape(-1).view(torch.uint8).numpy()
+    out[layout.w13_nbytes : layout.payload_nbytes] = w2.reshape(-1).view(torch.uint8).numpy()
+
+
+def build(
+    checkpoint: Checkpoint, path: Path, layout: RecordLayout, meta: dict[str, Any], progress: bool
+) -> dict[str, Any]:
+    """Writes the store for `checkpoint` to `path` through a temporary file; returns the full header."""
+    L, E = meta["num_layers"], meta["num_experts"]
+    data_offset = data_offset_for(meta, L * E)
+    record = aligned_buffer(layout.record_nbytes)
+    record[layout.payload_nbytes :] = 0  # padding stays zero for every record
+    crcs = []
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o644)
+        bar = tqdm(total=L * E, desc=f"expert store ({dtype_name(layout.dtype)})", unit="expert", disable=not progress)
+        with bar:
+            for layer in range(L):
+                for expert in range(E):
+                    pack_record(checkpoint, layout, layer, expert, record)
+                    crcs.append(zlib.crc32(record[: layout.payload_nbytes]))
+                    pwrite_full(fd, record, data_offset + (layer * E + expert) * layout.record_nbytes)
+                    bar.update()
+        full = {**meta, "data_offset": data_offset, "crc32": crcs}
+        header = encode_header(full)
+        if len(header) > data_offset:
+            raise StoreError(f"expected the store header to fit in {data_offset} bytes, found {len(header)}")
+        pwrite_full(fd, header, 0)
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.replace(temp, path)
+        temp = None
+        fsync_directory(path.parent)
+        return full
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        if temp is not None:
+            Path(temp).unlink(missing_ok=True)

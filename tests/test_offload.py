@@ -1,0 +1,183 @@
+"""Offloading is exact at every budget and policy, and its counters reflect real transfers."""
+
+import threading
+
+import pytest
+import torch
+
+from checkpoints import save_tiny_mixtral
+from moeinf import LLM, SamplingParams
+from moeinf.errors import OffloadConfigError
+from moeinf.runtime.budget import OffloadConfig, parse_budget
+from moeinf.runtime.policies import LFUPolicy, LRUPolicy
+from moeinf.runtime.transfer import TransferQueue
+
+L, E = 4, 8  # the test checkpoint: 32 experts, minimum budget one layer = 8 slots
+PROMPTS = [[5, 9, 13, 2, 7], list(range(3, 40)), [17]]
+PARAMS = SamplingParams(max_new_tokens=12, ignore_eos=True)
+
+
+class NextLayerPrefetch(LRUPolicy):
+    """Prefetches every expert of the next layer: exercises the prefetch path (hits, waste,
+    cancellation, promotion) without the activation-aware predictor."""
+
+    name = "next-layer-test"
+
+    def prefetch(self, layer):
+        return [(layer + 1, e) for e in range(self.num_experts)] if layer + 1 < self.num_layers else []
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("offload")
+    save_tiny_mixtral(folder, seed=5, num_local_experts=E, num_hidden_layers=L)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def resident(folder):
+    llm = LLM(folder, progress=False)
+    return [o.token_ids for o in llm.generate(PROMPTS, PARAMS)], llm.logits(PROMPTS[1])
+
+
+@pytest.mark.parametrize("budget", [E, 11, 0.5, "75%", L * E - 1])
+@pytest.mark.parametrize("policy", ["lru", "lfu", "prefetch"])
+def test_offloaded_run_equals_resident_run(folder, resident, tmp_path, budget, policy):
+    tokens, logits = resident
+    chosen = NextLayerPrefetch(L, E) if policy == "prefetch" else policy
+    with LLM(folder, progress=False, expert_budget=budget, policy=chosen, offload_dir=tmp_path) as llm:
+        assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == tokens
+        assert torch.equal(llm.logits(PROMPTS[1]), logits)
+        stats = llm.stats()
+    assert stats["misses"] > 0 and stats["resident_experts"] <= parse_budget(budget, 1, L * E)
+    record = llm.experts.layout.record_nbytes
+    assert stats["bytes_from_disk"] % record == 0 and stats["bytes_from_disk"] >= stats["misses"] * record
+    assert stats["bytes_to_device"] == stats["bytes_from_disk"] // record * llm.experts.layout.payload_nbytes
+    if policy == "prefetch":
+        assert stats["prefetch_hits"] > 0
+
+
+def test_host_tier_serves_repeat_loads(folder, resident, tmp_path):
+    with LLM(folder, progress=False, expert_budget=E, host_budget=1.0, offload_dir=tmp_path) as llm:
+        assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == resident[0]
+        stats = llm.stats()
+    # every expert is read from disk at most once; later loads come from host memory
+    assert stats["bytes_from_disk"] <= L * E * llm.experts.layout.record_nbytes
+    assert stats["host_hits"] > 0
+    assert stats["host_hits"] + stats["bytes_from_disk"] // llm.experts.layout.record_nbytes == stats["misses"]
+
+
+def test_offload_config_object_equals_keywords(folder, resident, tmp_path):
+    config = OffloadConfig(expert_budget=0.5, policy="lfu", offload_dir=str(tmp_path))
+    with LLM(folder, progress=False, offload=config) as llm:
+        assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == resident[0]
+    with pytest.raises(OffloadConfigError, match="either as keywords or"):
+        LLM(folder, progress=False, offload=config, expert_budget=0.25)
+
+
+def test_full_budget_keeps_every_expert_resident_without_a_store(folder, tmp_path):
+    llm = LLM(folder, progress=False, expert_budget=1.0, offload_dir=tmp_path / "store")
+    llm.generate(PROMPTS, PARAMS)
+    stats = llm.stats()
+    assert stats["resident_experts"] == L * E and stats["misses"] == 0 and stats["hits"] > 0
+    assert not (tmp_path / "store").exists()
+
+
+def test_budget_below_one_layer_names_the_minimum(folder, tmp_path):
+    with pytest.raises(OffloadConfigError, match=r"affords 7 expert slots; the minimum is 8"):
+        LLM(folder, progress=False, expert_budget=E - 1, offload_dir=tmp_path)
+    with pytest.raises(OffloadConfigError, match="the minimum is 8"):
+        LLM(folder, progress=False, expert_budget="1KiB", offload_dir=tmp_path)
+
+
+def test_corrupted_record_is_caught_and_reread_from_the_checkpoint(folder, resident, tmp_path):
+    with LLM(folder, progress=False, expert_budget=E, offload_dir=tmp_path) as llm:
+        store = llm.experts.store
+        path, offset = store.path, store.record_offset(1, 3)
+    with open(path, "r+b") as f:  # flip bytes in the middle of expert (1, 3)'s record
+        f.seek(offset + 100)
+        f.write(b"\xff" * 64)
+    with LLM(folder, progress=False, expert_budget=E, offload_dir=tmp_path) as llm:
+        assert not llm.experts.store.built  # the header still matches: the damage is in a record
+        assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == resident[0]
+        assert llm.stats()["checksum_failures"] > 0
+
+
+def test_changed_checkpoint_rebuilds_the_store(tmp_path):
+    folder, store = tmp_path / "model", tmp_path / "store"
+    save_tiny_mixtral(folder, seed=1, num_local_experts=E, num_hidden_layers=L)
+    with LLM(folder, progress=False, expert_budget=E, offload_dir=store) as llm:
+        assert llm.experts.store.built
+        first = [o.token_ids for o in llm.generate(PROMPTS, PARAMS)]
+    save_tiny_mixtral(folder, seed=2, num_local_experts=E, num_hidden_layers=L)  # new weights, same place
+    expected = [o.token_ids for o in LLM(folder, progress=False).generate(PROMPTS, PARAMS)]
+    with LLM(folder, progress=False, expert_budget=E, offload_dir=store) as llm:
+        assert llm.experts.store.built
+        assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == expected != first
+    with LLM(folder, progress=False, expert_budget=E, offload_dir=store) as llm:
+        assert not llm.experts.store.built  # unchanged now: reused
+
+
+def test_a_prefetched_expert_is_read_once_when_it_is_needed_in_flight(folder, tmp_path, monkeypatch):
+    with LLM(folder, progress=False, expert_budget=2 * E, policy=NextLayerPrefetch(L, E), offload_dir=tmp_path) as llm:
+        reads = []
+        original = llm.experts.store.read_into
+        monkeypatch.setattr(llm.experts.store, "read_into", lambda l, e, out: (reads.append((l, e)), original(l, e, out)))
+        llm.generate(PROMPTS, PARAMS)
+        stats = llm.stats()
+    assert stats["prefetch_hits"] > 0
+    # one read per load: a needed expert whose prefetch is in flight waits for it, never reads again
+    assert len(reads) == stats["misses"] + stats["prefetches"] - stats["prefetch_cancelled"]
+
+
+def test_queue_runs_urgent_loads_first_and_cancels_queued_prefetches():
+    gate, order = threading.Event(), []
+
+    def load(key, slot):
+        if key == "block":
+            gate.wait(5)
+        order.append(key)
+
+    queue = TransferQueue(load, workers=1)
+    blocker = queue.submit("block", 0, urgent=True)  # occupies the only worker
+    stale = queue.submit("stale", 1, urgent=False)
+    late = queue.submit("prefetch", 2, urgent=False)
+    urgent = queue.submit("urgent", 3, urgent=True)
+    assert queue.cancel(stale)
+    queue.promote(late, "prefetch", 2)  # becomes needed: runs right after the urgent load
+    gate.set()
+    for ticket in (blocker, late, urgent):
+        ticket.result(timeout=5)
+    queue.close()
+    assert order == ["block", "urgent", "prefetch"]  # the stale prefetch never ran, the promoted one ran once
+    assert not queue.cancel(urgent)  # a finished load cannot be cancelled
+
+
+def test_policies_choose_their_victims():
+    lru, lfu = LRUPolicy(2, 4), LFUPolicy(2, 4)
+    for policy in (lru, lfu):
+        policy.observe(0, [5, 0, 0, 1])  # expert 0 busy, expert 3 light
+        policy.observe(1, [0, 1, 0, 0])
+        policy.observe(0, [0, 0, 0, 1])  # expert 3 used most recently
+    candidates = [(0, 0), (0, 3), (1, 1)]
+    assert lru.victim(candidates) == (0, 0)  # oldest use
+    assert lfu.victim(candidates) == (1, 1)  # fewest tokens (1), older than (0, 3)'s 2
+
+
+@pytest.mark.parametrize(
+    "value, slots",
+    [(None, 32), (0.25, 8), (1.0, 32), ("50%", 16), (10, 10), (100, 32), ("2KiB", 2), ("3000", 3), ("1.5kb", 1)],
+)
+def test_budget_parsing(value, slots):
+    assert parse_budget(value, expert_nbytes=1000, total_experts=32) == slots
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, "lots", "2 parsecs", True, [4]])
+def test_bad_budgets_are_named_errors(value):
+    with pytest.raises(OffloadConfigError, match="expert_budget: expected"):
+        parse_budget(value, expert_nbytes=1000, total_experts=32)
+
+
+def test_unknown_policy_is_a_named_error(folder, tmp_path):
+    with pytest.raises(OffloadConfigError, match="policy: expected one of lfu, lru"):
+        LLM(folder, progress=False, expert_budget=E, policy="clairvoyant", offload_dir=tmp_path)

@@ -133,7 +133,7 @@ def test_file_format_on_disk(single_saved, store_dir):
     ckpt = Checkpoint.open(single_saved)
     with ExpertStore.open_or_build(ckpt, store_dir, torch.bfloat16, progress=False) as store:
         lay, E = store.layout, store.num_experts
-        offsets = {(l, e): store.record_offset(l, e) for l in range(store.num_layers) for e in range(E)}
+        offsets = {(la, e): store.record_offset(la, e) for la in range(store.num_layers) for e in range(E)}
     raw = store.path.read_bytes()
     magic, version, reserved, json_len = struct.unpack_from("<8sIIQ", raw)
     assert (magic, version, reserved) == (b"MOEINFXS", STORE_VERSION, 0)

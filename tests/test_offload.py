@@ -122,7 +122,12 @@ def test_a_prefetched_expert_is_read_once_when_it_is_needed_in_flight(folder, tm
     with LLM(folder, progress=False, expert_budget=2 * E, policy=NextLayerPrefetch(L, E), offload_dir=tmp_path) as llm:
         reads = []
         original = llm.experts.store.read_into
-        monkeypatch.setattr(llm.experts.store, "read_into", lambda l, e, out: (reads.append((l, e)), original(l, e, out)))
+
+        def counting_read(layer, expert, out):
+            reads.append((layer, expert))
+            original(layer, expert, out)
+
+        monkeypatch.setattr(llm.experts.store, "read_into", counting_read)
         llm.generate(PROMPTS, PARAMS)
         stats = llm.stats()
     assert stats["prefetch_hits"] > 0

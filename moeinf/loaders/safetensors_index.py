@@ -49,7 +49,8 @@ class TensorInfo:
 def read_header(path: Path) -> dict[str, TensorInfo]:
     """Parses one safetensors file's header and checks that the file holds every byte it promises."""
     if not path.is_file():
-        raise MissingShardError(f"expected a safetensors file at {path}, found {'a folder' if path.exists() else 'nothing'}")
+        found = "a folder" if path.exists() else "nothing"
+        raise MissingShardError(f"expected a safetensors file at {path}, found {found}")
     size = path.stat().st_size
     with path.open("rb") as f:
         prefix = f.read(8)

@@ -11,7 +11,7 @@ import torch
 from tqdm import tqdm
 
 from moeinf.loaders.checkpoint import Checkpoint
-from moeinf.runtime.expert_pool import PoolStats
+from moeinf.runtime.counters import TrafficCounters
 
 
 class ResidentExperts:
@@ -31,7 +31,7 @@ class ResidentExperts:
                 self.w2[slot].copy_(checkpoint.read("expert_down", layer, expert))
                 bar.update()
         bar.close()
-        self.stats = PoolStats()
+        self.stats = TrafficCounters()
 
     def acquire(self, layer: int, topk_ids: torch.Tensor) -> torch.Tensor:
         """[E] int64: the slot holding each expert of `layer` (the pool's interface; here every

@@ -1,0 +1,154 @@
+"""The decisions of the expert cache, apart from the mechanism that moves bytes.
+
+For each MoE layer the controller is told how many tokens each expert got; it pins the resident
+ones, claims slots for the missing ones (evicting the policy's victims), asks the policy what to
+prefetch, cancels prefetches the layer proved stale, and waits for what the layer needs. Loads
+themselves go through a LoadMechanism: the runtime's pool (threads, CuPy streams) or trace
+replay's virtual link. Both therefore run exactly this code.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+from moeinf.runtime.counters import TrafficCounters
+from moeinf.runtime.policies import CachePolicy
+from moeinf.runtime.residency import Key, Residency, SlotState
+
+
+class LoadMechanism(Protocol):
+    def start_load(self, key: Key, slot: int, urgent: bool) -> None:
+        """Queues a copy of `key` into `slot`; urgent (on-demand) loads go before prefetches."""
+
+    def promote(self, key: Key, slot: int) -> None:
+        """A queued prefetch into `slot` is needed now: move it to the front."""
+
+    def try_cancel(self, slot: int) -> bool:
+        """Drops the load into `slot` if it has not started."""
+
+    def wait(self, slot: int) -> None:
+        """Blocks until the load into `slot` has landed; raises if it failed."""
+
+    def finished(self) -> list[int]:
+        """Slots whose loads have landed since the last wait on them (does not block)."""
+
+
+class CacheController:
+    def __init__(
+        self, num_slots: int, num_experts: int, policy: CachePolicy, mechanism: LoadMechanism, counters: TrafficCounters
+    ):
+        self.residency = Residency(num_slots)
+        self.num_experts = num_experts
+        self.policy = policy
+        self.mechanism = mechanism
+        self.counters = counters
+        self._pinned: list[int] = []  # slots pinned by the layer computing now
+
+    def acquire(self, layer: int, token_counts: Sequence[int]) -> list[int]:
+        """token_counts: [E] tokens routed to each expert of `layer`. Returns [E] slots (-1 for
+        experts without tokens) once every routed expert is resident; they stay pinned until
+        release()."""
+        res = self.residency
+        needed = [e for e, count in enumerate(token_counts) if count]
+        self.policy.observe(layer, token_counts)
+        for slot in self.mechanism.finished():
+            self._landed(slot)
+        self._cancel_stale(layer, set(needed))
+        missing = []
+        for expert in needed:
+            key = (layer, expert)
+            slot = res.slot(key)
+            if slot is None:
+                missing.append(key)
+                continue
+            if key in res.prefetched:
+                res.prefetched.discard(key)
+                self.counters.add(prefetch_hits=1)
+                if res.state[slot] == SlotState.LOADING:
+                    self.mechanism.promote(key, slot)
+            else:
+                self.counters.add(hits=1)
+            res.pin(slot)
+        for key in missing:
+            slot = self._claim(key, wait=True)
+            res.pin(slot)
+            self.mechanism.start_load(key, slot, urgent=True)
+        self.counters.add(misses=len(missing))
+        for key in self.policy.prefetch(layer):
+            self._prefetch(key)
+        table = [-1] * self.num_experts
+        self._pinned = []
+        for expert in needed:
+            slot = res.slot((layer, expert))
+            if res.state[slot] == SlotState.LOADING:
+                self._wait(slot)
+            table[expert] = slot
+            self._pinned.append(slot)
+        return table
+
+    def release(self) -> list[int]:
+        """Unpins the current layer's slots; returns them."""
+        slots, self._pinned = self._pinned, []
+        for slot in slots:
+            self.residency.unpin(slot)
+        return slots
+
+    def _landed(self, slot: int) -> None:
+        if self.residency.state[slot] == SlotState.LOADING:
+            self.residency.mark_ready(slot)
+
+    def _wait(self, slot: int) -> None:
+        try:
+            self.mechanism.wait(slot)
+        except BaseException:
+            key = self.residency.key_in[slot]
+            self.residency.pins[slot] = 0
+            self.residency.evict(key)
+            raise
+        self._landed(slot)
+
+    def _cancel_stale(self, layer: int, needed: set[int]) -> None:
+        """Prefetches for this layer that it turned out not to need, and that have not started,
+        are dropped: their slots are better spent on what the next layers need."""
+        res = self.residency
+        for key in [k for k in res.prefetched if k[0] == layer and k[1] not in needed]:
+            slot = res.slot(key)
+            if res.state[slot] == SlotState.LOADING and self.mechanism.try_cancel(slot):
+                res.evict(key)
+                self.counters.add(prefetch_cancelled=1, prefetch_wasted=1)
+
+    def _claim(self, key: Key, wait: bool) -> int | None:
+        """A slot for `key`, evicting the policy's victim if none is free. With wait, blocks on
+        in-flight prefetches when every slot is busy; without, gives up (returns None)."""
+        res = self.residency
+        slot = res.free_slot()
+        while slot is None:
+            candidates = res.evictable()
+            if candidates:
+                victim = self.policy.victim(candidates)
+                if victim in res.prefetched:
+                    self.counters.add(prefetch_wasted=1)
+                slot = res.evict(victim)
+                self.counters.add(evictions=1)
+                break
+            loading = [s for s in res.loading() if res.pins[s] == 0]
+            if not wait:
+                return None
+            if not loading:
+                raise RuntimeError(f"all {res.num_slots} expert slots are pinned; the budget check should prevent this")
+            self._wait(loading[0])
+        res.assign(key, slot)
+        return slot
+
+    def _prefetch(self, key: Key) -> None:
+        if self.residency.slot(key) is not None:
+            return
+        slot = self._claim(key, wait=False)
+        if slot is None:
+            return
+        self.residency.prefetched.add(key)
+        self.counters.add(prefetches=1)
+        self.mechanism.start_load(key, slot, urgent=False)
+
+    def resident_experts(self) -> int:
+        return self.residency.resident()

@@ -1,0 +1,36 @@
+"""Expert traffic counters, shared by the cache controller (decisions) and the pool's I/O
+workers (bytes), so they are updated under a lock."""
+
+from __future__ import annotations
+
+import threading
+
+COUNTERS = (
+    "hits",  # needed experts already resident (not counting unused prefetches)
+    "misses",  # needed experts loaded on demand
+    "prefetches",  # prefetch loads issued
+    "prefetch_hits",  # needed experts that a prefetch had loaded or was loading
+    "prefetch_wasted",  # prefetched experts evicted or cancelled before any use
+    "prefetch_cancelled",  # prefetches dropped before they started
+    "evictions",
+    "host_hits",  # loads served from the host tier
+    "checksum_failures",  # store records that failed their checksum and were re-read from the checkpoint
+    "bytes_to_device",
+    "bytes_from_disk",
+    "stall_s",  # time the compute thread waited for loads
+)
+
+
+class TrafficCounters:
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._values: dict[str, float] = dict.fromkeys(COUNTERS, 0)
+
+    def add(self, **deltas: float) -> None:
+        with self._lock:
+            for name, delta in deltas.items():
+                self._values[name] += delta
+
+    def snapshot(self) -> dict[str, float]:
+        with self._lock:
+            return dict(self._values)

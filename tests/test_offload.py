@@ -186,3 +186,48 @@ def test_bad_budgets_are_named_errors(value):
 def test_unknown_policy_is_a_named_error(folder, tmp_path):
     with pytest.raises(OffloadConfigError, match="policy: expected one of lfu, lru"):
         LLM(folder, progress=False, expert_budget=E, policy="clairvoyant", offload_dir=tmp_path)
+
+
+class RecordingPolicy(LRUPolicy):
+    """Records the hooks the runtime calls, to check what a policy is told."""
+
+    name = "recording-test"
+    wants_lookahead = True
+
+    def __init__(self, num_layers, num_experts):
+        super().__init__(num_layers, num_experts)
+        self.events = []
+
+    def begin_batch(self):
+        self.events.append(("begin",))
+
+    def observe(self, layer, token_counts):
+        super().observe(layer, token_counts)
+        self.events.append(("observe", layer, sum(token_counts)))
+
+    def lookahead(self, layer, next_counts):
+        self.events.append(("lookahead", layer, sum(next_counts)))
+
+    def sequence_finished(self, eam):
+        self.events.append(("finished", eam.copy()))
+
+
+def test_policy_is_told_batches_routing_lookahead_and_finished_sequences(folder, resident, tmp_path):
+    policy = RecordingPolicy(L, E)
+    prompts, params = PROMPTS[:2], SamplingParams(max_new_tokens=4, ignore_eos=True)
+    with LLM(folder, progress=False, expert_budget=E, policy=policy, offload_dir=tmp_path) as llm:
+        llm.generate(prompts, params)
+    top_k = 2
+    assert policy.events[0] == ("begin",)
+    observed = [e for e in policy.events if e[0] == "observe"]
+    # prefill step (both prompts), then 3 decode steps of 2 tokens: every layer sees every token
+    steps = [sum(map(len, prompts))] + [2, 2, 2]
+    assert [(e[1], e[2]) for e in observed] == [(layer, t * top_k) for t in steps for layer in range(L)]
+    lookaheads = [e for e in policy.events if e[0] == "lookahead"]
+    assert [(e[1], e[2]) for e in lookaheads] == [(layer, t * top_k) for t in steps for layer in range(L - 1)]
+    finished = [e[1] for e in policy.events if e[0] == "finished"]
+    assert len(finished) == 2
+    for prompt, eam in zip(prompts, finished):
+        # every processed token (prompt + generated except the last) counted top_k times per layer
+        assert eam.shape == (L, E)
+        assert (eam.sum(axis=1) == (len(prompt) + 3) * top_k).all()

@@ -16,6 +16,7 @@ from moeinf.loaders.default_model import cache_dir
 from moeinf.loaders.expert_store import ExpertStore
 from moeinf.loaders.tokenizer import TextCodec
 from moeinf.runtime.budget import Budget, OffloadConfig, parse_budget
+from moeinf.runtime.eam import DECODE, PREFILL, SequenceEAM
 from moeinf.runtime.executor import Executor, ExpertSource, Span
 from moeinf.runtime.expert_pool import ExpertPool
 from moeinf.runtime.policies import CachePolicy, make_policy
@@ -68,15 +69,16 @@ def default_store_dir(checkpoint: Checkpoint) -> Path:
 
 def build_expert_source(
     checkpoint: Checkpoint, offload: OffloadConfig, device: torch.device, dtype: torch.dtype, progress: bool
-) -> ExpertSource:
-    """Every expert resident when the budget affords them all; else a pool of slots over the store."""
+) -> tuple[ExpertSource, CachePolicy | None]:
+    """Every expert resident when the budget affords them all; else a pool of slots over the store,
+    run by the configured policy (returned too: the engine and executor tell it what happens)."""
     spec = checkpoint.spec
     total = spec.num_layers * spec.num_experts
     expert_nbytes = spec.expert_params * torch.empty((), dtype=dtype).element_size()
     slots = parse_budget(offload.expert_budget, expert_nbytes, total, "expert_budget")
     policy = make_policy(offload.policy, spec.num_layers, spec.num_experts)
     if slots >= total:
-        return ResidentExperts(checkpoint, device, dtype, progress)
+        return ResidentExperts(checkpoint, device, dtype, progress), None
     # A prefill batch can route tokens to every expert of a layer, and a layer computes only
     # with all its routed experts resident at once.
     minimum = spec.num_experts
@@ -90,7 +92,7 @@ def build_expert_source(
         raise OffloadConfigError(f"io_threads: expected >= 1, found {offload.io_threads}")
     store_dir = Path(offload.offload_dir) if offload.offload_dir else default_store_dir(checkpoint)
     store = ExpertStore.open_or_build(checkpoint, store_dir, dtype, progress=progress)
-    return ExpertPool(store, slots, host_records, device, dtype, policy, offload.io_threads)
+    return ExpertPool(store, slots, host_records, device, dtype, policy, offload.io_threads), policy
 
 
 class LLM:
@@ -120,8 +122,10 @@ class LLM:
         self.dtype = resolve_dtype(dtype, self.spec.torch_dtype, self.device)
         tokenizer_file = self.checkpoint.tokenizer_file
         self.codec = TextCodec(tokenizer_file) if tokenizer_file else None
-        self.experts = build_expert_source(self.checkpoint, self.offload, self.device, self.dtype, progress)
-        self.executor = Executor(self.checkpoint, self.experts, self.device, self.dtype, progress)
+        self.experts, self.policy = build_expert_source(
+            self.checkpoint, self.offload, self.device, self.dtype, progress
+        )
+        self.executor = Executor(self.checkpoint, self.experts, self.policy, self.device, self.dtype, progress)
         self._stats = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
 
     def encode(self, text: str) -> list[int]:
@@ -159,7 +163,10 @@ class LLM:
                     f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
                     f"model's {self.spec.max_position} positions"
                 )
-            running.append(_Running(ids, Span(self.executor.new_cache(capacity), len(ids))))
+            eam = SequenceEAM(self.spec.num_layers, self.spec.num_experts)
+            running.append(_Running(ids, Span(self.executor.new_cache(capacity), len(ids), eam, PREFILL)))
+        if self.policy is not None:
+            self.policy.begin_batch()
 
         start = time.perf_counter()
         tokens = torch.tensor([t for r in running for t in r.prompt], device=self.device)
@@ -174,7 +181,7 @@ class LLM:
         active = [r for r in running if r.finish_reason is None]
         while active:
             for r in active:
-                r.span.count = 1
+                r.span.count, r.span.phase = 1, DECODE
             tokens = torch.tensor([r.generated[-1] for r in active], device=self.device)
             logits = self.executor.forward(tokens, [r.span for r in active]).cpu()
             self._accept(active, sample_next(logits, params, generator), params)
@@ -200,6 +207,8 @@ class LLM:
                 r.finish_reason = "eos"
             elif len(r.generated) >= params.max_new_tokens:
                 r.finish_reason = "length"
+            if r.finish_reason is not None and self.policy is not None:
+                self.policy.sequence_finished(r.span.eam.total())
 
     def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
         """Full-sequence forward from an empty cache: [T, vocab] float32 on the CPU."""

@@ -18,7 +18,9 @@ from moeinf.models.attention import attend
 from moeinf.models.rope import RotaryTable, apply_rope
 from moeinf.models.routing import softmax_topk
 from moeinf.runtime.dense_weights import DenseWeights
+from moeinf.runtime.eam import PREFILL, SequenceEAM
 from moeinf.runtime.kv_cache import SequenceKVCache
+from moeinf.runtime.policies import CachePolicy
 from moeinf.runtime.expert_pool import ExpertPool
 from moeinf.runtime.resident_experts import ResidentExperts
 
@@ -33,6 +35,8 @@ class Span:
 
     cache: SequenceKVCache
     count: int
+    eam: SequenceEAM | None = None  # where the routing of these tokens is counted, if anywhere
+    phase: int = PREFILL
 
 
 class Executor:
@@ -40,6 +44,7 @@ class Executor:
         self,
         checkpoint: Checkpoint,
         experts: ExpertSource,
+        policy: CachePolicy | None,
         device: torch.device,
         dtype: torch.dtype,
         progress: bool = True,
@@ -48,6 +53,7 @@ class Executor:
         self.device, self.dtype = device, dtype
         self.dense = DenseWeights.load(checkpoint, device, dtype, progress)
         self.experts = experts
+        self.policy = policy  # the offloading policy, told the next layer's routing if it asks
         self.rotary = RotaryTable(self.spec.rope, device)
 
     def new_cache(self, capacity: int) -> SequenceKVCache:
@@ -79,8 +85,11 @@ class Executor:
                 offset += span.count
             h = h + F.linear(attn, lw.o_proj)
 
+            if self.policy is not None and self.policy.wants_lookahead and layer + 1 < spec.num_layers:
+                self.policy.lookahead(layer, self._route_counts(h, layer + 1))
             x = ops.rms_norm(h, lw.moe_norm, spec.norm_eps)
             ids, weights = softmax_topk(F.linear(x, lw.router), spec.top_k, spec.renormalize_topk)
+            self._trace(layer, ids, spans)
             slots = self.experts.acquire(layer, ids)
             h = h + ops.moe_experts(x, ids, weights, self.experts.w13, self.experts.w2, slots)
             self.experts.release(layer)
@@ -90,3 +99,22 @@ class Executor:
             h = h[rows]
         h = ops.rms_norm(h, self.dense.final_norm, spec.norm_eps)
         return F.linear(h, self.dense.lm_head).to(torch.float32)
+
+    def _route_counts(self, h: torch.Tensor, layer: int) -> list[int]:
+        """[E] tokens that `layer`'s router would send to each expert, given hidden states h [T, D]."""
+        lw = self.dense.layers[layer]
+        x = ops.rms_norm(h, lw.moe_norm, self.spec.norm_eps)
+        ids, _ = softmax_topk(F.linear(x, lw.router), self.spec.top_k, self.spec.renormalize_topk)
+        return torch.bincount(ids.reshape(-1), minlength=self.spec.num_experts).tolist()
+
+    @staticmethod
+    def _trace(layer: int, ids: torch.Tensor, spans: list[Span]) -> None:
+        """Counts each span's routing at `layer` into its EAM. ids: [T, K]."""
+        if all(span.eam is None for span in spans):
+            return
+        ids_np = ids.cpu().numpy()
+        offset = 0
+        for span in spans:
+            if span.eam is not None:
+                span.eam.add(span.phase, layer, ids_np[offset : offset + span.count])
+            offset += span.count

@@ -10,6 +10,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Sequence
 
+import numpy as np
+
 from moeinf.errors import OffloadConfigError
 
 Key = tuple[int, int]  # (layer, expert)
@@ -20,15 +22,29 @@ class CachePolicy(ABC):
     loading only)."""
 
     name = "base"
+    # True: before each layer's experts are acquired, the executor applies the next layer's router
+    # to this layer's hidden state and reports the result through lookahead()
+    wants_lookahead = False
 
     def __init__(self, num_layers: int, num_experts: int):
         self.num_layers = num_layers
         self.num_experts = num_experts
         self.clock = 0  # advances once per observed layer
 
+    def begin_batch(self) -> None:
+        """A generate call starts: a new batch of sequences begins at layer 0."""
+
     def observe(self, layer: int, token_counts: Sequence[int]) -> None:
-        """token_counts: [E], tokens routed to each expert of `layer` in this step."""
+        """token_counts: [E], tokens routed to each expert of `layer` in this step (whole batch)."""
         self.clock += 1
+
+    def lookahead(self, layer: int, next_counts: Sequence[int]) -> None:
+        """next_counts: [E], tokens that layer + 1's router, applied to `layer`'s hidden state,
+        would send to each expert of layer + 1. Called before observe(layer) when wants_lookahead."""
+
+    def sequence_finished(self, eam: np.ndarray) -> None:
+        """A sequence of the batch ended. eam: [L, E] tokens it routed to each expert, prefill
+        and decode summed."""
 
     @abstractmethod
     def victim(self, candidates: Sequence[Key]) -> Key:

@@ -6,32 +6,87 @@ from pathlib import Path
 
 import torch
 
-TINY_MIXTRAL = dict(
+COMMON = dict(
     vocab_size=101,
     hidden_size=64,
-    intermediate_size=96,
     num_hidden_layers=2,
     num_attention_heads=4,
     num_key_value_heads=2,
-    num_local_experts=4,
     num_experts_per_tok=2,
     max_position_embeddings=512,
 )
+TINY_MIXTRAL = dict(COMMON, intermediate_size=96, num_local_experts=4)
+
+# family -> (transformers config class, model class, tiny config); each has at least 4 MoE layers,
+# so that a 30% expert budget still holds one layer's experts
+FAMILIES = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", TINY_MIXTRAL),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        # layer 0 dense (mlp_only_layers), a shared expert beside 6 routed ones, q/k/v biases
+        dict(
+            COMMON,
+            num_hidden_layers=5,
+            intermediate_size=80,
+            moe_intermediate_size=48,
+            shared_expert_intermediate_size=56,
+            num_experts=6,
+            mlp_only_layers=[0],
+        ),
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        # head_dim 24 != hidden / heads; per-head q/k norms; renormalised top-k; every 2nd layer MoE
+        dict(
+            COMMON,
+            num_hidden_layers=8,
+            head_dim=24,
+            intermediate_size=80,
+            moe_intermediate_size=48,
+            num_experts=5,
+            norm_topk_prob=True,
+            decoder_sparse_step=2,
+        ),
+    ),
+    "olmoe": (
+        "OlmoeConfig",
+        "OlmoeForCausalLM",
+        # full-width q/k norms and a q/k/v clamp that binds with the test's weights
+        dict(
+            COMMON,
+            num_hidden_layers=4,
+            intermediate_size=48,
+            num_experts=6,
+            clip_qkv=3.0,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),
+    ),
+}
 
 
-def save_tiny_mixtral(folder: Path, seed: int = 0, max_shard_size: str | None = None, **overrides):
-    """Builds a random MixtralForCausalLM, saves it to `folder`, returns it in eval mode (float32)."""
-    from transformers import MixtralConfig, MixtralForCausalLM
+def save_tiny(family: str, folder: Path, seed: int = 0, max_shard_size: str | None = None, **overrides):
+    """Builds a random model of `family`, saves it to `folder`, returns it in eval mode (float32)."""
+    import transformers
 
-    config = MixtralConfig(**{**TINY_MIXTRAL, **overrides})
+    config_name, model_name, tiny = FAMILIES[family]
+    config = getattr(transformers, config_name)(**{**tiny, **overrides})
     torch.manual_seed(seed)
-    model = MixtralForCausalLM(config).eval()
+    model = getattr(transformers, model_name)(config).eval()
     # transformers initialises with std 0.02; larger weights make logits less flat, so that greedy
     # comparisons test real choices rather than near-ties
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0.0, 0.2)
+            elif not torch.all(p == 1):  # biases; norms stay at one
+                p.normal_(0.0, 0.1)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(folder, **kwargs)
     return model
+
+
+def save_tiny_mixtral(folder: Path, seed: int = 0, max_shard_size: str | None = None, **overrides):
+    return save_tiny("mixtral", folder, seed, max_shard_size, **overrides)

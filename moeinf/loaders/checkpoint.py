@@ -58,7 +58,12 @@ class Checkpoint:
         return cls(path, family, spec, index)
 
     def read(self, role: str, layer: int | None = None, expert: int | None = None) -> torch.Tensor:
+        """A tensor by role; `layer` is the decoder layer."""
         return self.index.read(self.family.tensor_name(role, layer, expert))
+
+    def read_expert(self, role: str, moe_layer: int, expert: int) -> torch.Tensor:
+        """An expert tensor; `moe_layer` counts MoE layers only, as the expert stack does."""
+        return self.read(role, self.spec.moe_layers[moe_layer], expert)
 
     @property
     def tokenizer_file(self) -> Path | None:
@@ -69,7 +74,7 @@ class Checkpoint:
         """Bytes of all routed experts on disk."""
         return sum(
             self.index.info(self.family.tensor_name(role, layer, expert)).nbytes
-            for layer in range(self.spec.num_layers)
+            for layer in self.spec.moe_layers
             for expert in range(self.spec.num_experts)
             for role in ("expert_gate", "expert_up", "expert_down")
         )

@@ -85,7 +85,7 @@ def write_checkpoint(folder: Path, config: dict, seed: int, progress: bool) -> N
 
     tensors = {MIXTRAL_TENSOR_NAMES[r]: random(r) for r in ("embed", "final_norm", "lm_head")}
     for layer in tqdm(range(spec.num_layers), desc="building default model", unit="layer", disable=not progress):
-        for role in ("attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "moe_norm", "router"):
+        for role in ("attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "ffn_norm", "router"):
             tensors[MIXTRAL_TENSOR_NAMES[role].format(layer=layer)] = random(role)
         for expert in range(spec.num_experts):
             for role in ("expert_gate", "expert_up", "expert_down"):

@@ -285,8 +285,8 @@ class ExpertStore:
         layout = RecordLayout.of(spec.hidden_size, spec.expert_ffn, dtype)
         directory = Path(directory).expanduser()
         path = directory / f"experts-{dtype_name(dtype)}.moeinf"
-        num_records = spec.num_layers * spec.num_experts
-        expected = header_meta(checkpoint_fingerprint(checkpoint, dtype), spec.num_layers, spec.num_experts, layout)
+        num_records = spec.num_moe_layers * spec.num_experts
+        expected = header_meta(checkpoint_fingerprint(checkpoint, dtype), spec.num_moe_layers, spec.num_experts, layout)
         meta, reason = trusted_header(path, expected, num_records)
         if meta is not None:
             return cls(path, checkpoint, layout, meta, False, None, direct)
@@ -371,10 +371,11 @@ class ExpertStore:
 
 
 def pack_record(checkpoint: Checkpoint, layout: RecordLayout, layer: int, expert: int, out: np.ndarray) -> None:
-    """Writes the payload of record (layer, expert) into out[:payload_nbytes]."""
-    gate = checkpoint.read("expert_gate", layer, expert)  # [F, D]
-    up = checkpoint.read("expert_up", layer, expert)  # [F, D]
-    down = checkpoint.read("expert_down", layer, expert)  # [D, F]
+    """Writes the payload of record (layer, expert) into out[:payload_nbytes]; `layer` counts MoE
+    layers only (the store holds no dense layers)."""
+    gate = checkpoint.read_expert("expert_gate", layer, expert)  # [F, D]
+    up = checkpoint.read_expert("expert_up", layer, expert)  # [F, D]
+    down = checkpoint.read_expert("expert_down", layer, expert)  # [D, F]
     w13 = torch.cat([gate, up]).to(layout.dtype).contiguous()  # [2F, D]
     w2 = down.to(layout.dtype).contiguous()  # [D, F]
     if tuple(w13.shape) != layout.w13_shape or tuple(w2.shape) != layout.w2_shape:

@@ -13,10 +13,16 @@ from moeinf.models.spec import ModelSpec
 
 Shape = tuple[str | int, ...]
 
-# The roles every family names; the executor asks for weights by role, never by file name.
+# Roles the executor asks for; a family maps the ones it has to names on disk.
 GLOBAL_ROLES = ("embed", "final_norm", "lm_head")
-LAYER_ROLES = ("attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "moe_norm", "router")
+ATTENTION_ROLES = ("attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "ffn_norm")
+ATTENTION_BIAS_ROLES = ("q_bias", "k_bias", "v_bias")
+QK_NORM_ROLES = ("q_norm", "k_norm")
+ROUTER_ROLES = ("router",)
 EXPERT_ROLES = ("expert_gate", "expert_up", "expert_down")
+SHARED_EXPERT_ROLES = ("shared_gate", "shared_up", "shared_down")
+SHARED_EXPERT_GATE_ROLES = ("shared_expert_gate",)
+DENSE_MLP_ROLES = ("mlp_gate", "mlp_up", "mlp_down")
 
 
 @dataclass(frozen=True)
@@ -36,12 +42,26 @@ class Family:
     def global_roles(self, spec: ModelSpec) -> tuple[str, ...]:
         return tuple(r for r in GLOBAL_ROLES if not (r == "lm_head" and spec.tie_word_embeddings))
 
+    def layer_roles(self, spec: ModelSpec, layer: int) -> tuple[str, ...]:
+        """The per-layer (not per-expert) roles of decoder layer `layer` under this spec."""
+        roles = ATTENTION_ROLES
+        roles += ATTENTION_BIAS_ROLES if spec.attention_bias else ()
+        roles += QK_NORM_ROLES if spec.qk_norm else ()
+        if layer in spec.moe_layers:
+            roles += ROUTER_ROLES
+            roles += SHARED_EXPERT_ROLES if spec.shared_expert_ffn else ()
+            roles += SHARED_EXPERT_GATE_ROLES if spec.shared_expert_gated else ()
+        else:
+            roles += DENSE_MLP_ROLES
+        return roles
+
     def expected_tensors(self, spec: ModelSpec) -> dict[str, tuple[int, ...]]:
         """Every tensor name the model reads -> the shape it must have on disk."""
         expected = {self.tensor_name(r): self.tensor_shape(spec, r) for r in self.global_roles(spec)}
         for layer in range(spec.num_layers):
-            for role in LAYER_ROLES:
+            for role in self.layer_roles(spec, layer):
                 expected[self.tensor_name(role, layer)] = self.tensor_shape(spec, role)
+        for layer in spec.moe_layers:
             for expert in range(spec.num_experts):
                 for role in EXPERT_ROLES:
                     expected[self.tensor_name(role, layer, expert)] = self.tensor_shape(spec, role)

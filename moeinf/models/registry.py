@@ -7,9 +7,11 @@ from typing import Any
 from moeinf.errors import ConfigError, UnsupportedArchitectureError
 from moeinf.models.family import Family
 from moeinf.models.mixtral import MIXTRAL
+from moeinf.models.olmoe import OLMOE
+from moeinf.models.qwen_moe import QWEN2_MOE, QWEN3_MOE
 from moeinf.models.spec import ModelSpec
 
-FAMILIES: tuple[Family, ...] = (MIXTRAL,)
+FAMILIES: tuple[Family, ...] = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE)
 _BY_ARCHITECTURE = {arch: family for family in FAMILIES for arch in family.architectures}
 
 

@@ -49,6 +49,19 @@ class ModelSpec:
     torch_dtype: str  # dtype the checkpoint was saved in, e.g. "bfloat16"
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    # Decoder layers with routed experts, in order; the others run a dense SwiGLU MLP of dense_ffn.
+    # Expert storage, offloading, policies and traces index MoE layers by position in this tuple.
+    moe_layers: tuple[int, ...] = ()
+    dense_ffn: int | None = None
+    attention_bias: bool = False  # q, k and v projections carry biases (Qwen2-MoE)
+    qk_norm: str | None = None  # "head": RMSNorm over each head (Qwen3-MoE); "full": over all q/k dims (OLMoE)
+    clip_qkv: float | None = None  # q, k, v clamped to [-clip, clip] after projection (OLMoE)
+    shared_expert_ffn: int | None = None  # an always-on expert beside the routed ones (Qwen2-MoE)
+    shared_expert_gated: bool = False  # the shared expert's output is scaled by sigmoid(gate(x))
+    # Mixtral multiplies expert outputs by float32 routing weights; Qwen and OLMoE cast them to the
+    # hidden dtype first (the same in float32, not in bfloat16)
+    router_weights_fp32: bool = True
+    layer_windows: tuple[int | None, ...] = ()  # per-layer sliding window; () = sliding_window everywhere
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -63,6 +76,13 @@ class ModelSpec:
     def expert_params(self) -> int:
         """Parameters of one expert: gate, up and down projections."""
         return 3 * self.hidden_size * self.expert_ffn
+
+    @property
+    def num_moe_layers(self) -> int:
+        return len(self.moe_layers)
+
+    def window(self, layer: int) -> int | None:
+        return self.layer_windows[layer] if self.layer_windows else self.sliding_window
 
 
 class ConfigReader:

@@ -1,4 +1,4 @@
-"""The dense (non-expert) weights, resident on the compute device for the whole run."""
+"""The dense (non-routed) weights, resident on the compute device for the whole run."""
 
 from __future__ import annotations
 
@@ -15,8 +15,17 @@ class LayerWeights:
     attn_norm: torch.Tensor  # [D]
     qkv: torch.Tensor  # [q_dim + 2 kv_dim, D]: q, k, v projections in one GEMM
     o_proj: torch.Tensor  # [D, q_dim]
-    moe_norm: torch.Tensor  # [D]
-    router: torch.Tensor  # [E, D]
+    ffn_norm: torch.Tensor  # [D]
+    qkv_bias: torch.Tensor | None = None  # [q_dim + 2 kv_dim]
+    q_norm: torch.Tensor | None = None  # [head_dim] or [q_dim], as spec.qk_norm says
+    k_norm: torch.Tensor | None = None  # [head_dim] or [kv_dim]
+    moe_index: int | None = None  # position among the MoE layers; None: a dense MLP layer
+    router: torch.Tensor | None = None  # [E, D]
+    shared_w13: torch.Tensor | None = None  # [2 Fs, D]: the shared expert's gate, up
+    shared_w2: torch.Tensor | None = None  # [D, Fs]
+    shared_gate: torch.Tensor | None = None  # [1, D]
+    mlp_w13: torch.Tensor | None = None  # [2 Fd, D]: a dense layer's gate, up
+    mlp_w2: torch.Tensor | None = None  # [D, Fd]
 
 
 @dataclass
@@ -30,26 +39,47 @@ class DenseWeights:
     def load(
         cls, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, progress: bool = True
     ) -> DenseWeights:
+        spec = checkpoint.spec
+
         def read(role: str, layer: int | None = None) -> torch.Tensor:
             return checkpoint.read(role, layer).to(device=device, dtype=dtype)
 
+        def cat(roles: tuple[str, ...], layer: int) -> torch.Tensor:
+            return torch.cat([read(role, layer) for role in roles])
+
         layers = []
-        for layer in tqdm(range(checkpoint.spec.num_layers), desc="dense weights", unit="layer", disable=not progress):
-            layers.append(
-                LayerWeights(
-                    attn_norm=read("attn_norm", layer),
-                    qkv=torch.cat([read(r, layer) for r in ("q_proj", "k_proj", "v_proj")]),
-                    o_proj=read("o_proj", layer),
-                    moe_norm=read("moe_norm", layer),
-                    router=read("router", layer),
-                )
+        for layer in tqdm(range(spec.num_layers), desc="dense weights", unit="layer", disable=not progress):
+            roles = set(checkpoint.family.layer_roles(spec, layer))
+            lw = LayerWeights(
+                attn_norm=read("attn_norm", layer),
+                qkv=cat(("q_proj", "k_proj", "v_proj"), layer),
+                o_proj=read("o_proj", layer),
+                ffn_norm=read("ffn_norm", layer),
             )
+            if "q_bias" in roles:
+                lw.qkv_bias = cat(("q_bias", "k_bias", "v_bias"), layer)
+            if "q_norm" in roles:
+                lw.q_norm, lw.k_norm = read("q_norm", layer), read("k_norm", layer)
+            if "router" in roles:
+                lw.moe_index = spec.moe_layers.index(layer)
+                lw.router = read("router", layer)
+            if "shared_gate" in roles:
+                lw.shared_w13 = cat(("shared_gate", "shared_up"), layer)
+                lw.shared_w2 = read("shared_down", layer)
+            if "shared_expert_gate" in roles:
+                lw.shared_gate = read("shared_expert_gate", layer)
+            if "mlp_gate" in roles:
+                lw.mlp_w13 = cat(("mlp_gate", "mlp_up"), layer)
+                lw.mlp_w2 = read("mlp_down", layer)
+            layers.append(lw)
         embed = read("embed")
-        lm_head = embed if checkpoint.spec.tie_word_embeddings else read("lm_head")
+        lm_head = embed if spec.tie_word_embeddings else read("lm_head")
         return cls(embed=embed, final_norm=read("final_norm"), lm_head=lm_head, layers=layers)
 
     def nbytes(self) -> int:
-        tensors = [self.embed, self.final_norm] + [t for lw in self.layers for t in vars(lw).values()]
+        tensors = [self.embed, self.final_norm] + [
+            t for lw in self.layers for t in vars(lw).values() if isinstance(t, torch.Tensor)
+        ]
         if self.lm_head is not self.embed:
             tensors.append(self.lm_head)
         return sum(t.numel() * t.element_size() for t in tensors)

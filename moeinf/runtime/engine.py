@@ -73,10 +73,10 @@ def build_expert_source(
     """Every expert resident when the budget affords them all; else a pool of slots over the store,
     run by the configured policy (returned too: the engine and executor tell it what happens)."""
     spec = checkpoint.spec
-    total = spec.num_layers * spec.num_experts
+    total = spec.num_moe_layers * spec.num_experts
     expert_nbytes = spec.expert_params * torch.empty((), dtype=dtype).element_size()
     slots = parse_budget(offload.expert_budget, expert_nbytes, total, "expert_budget")
-    policy = make_policy(offload.policy, spec.num_layers, spec.num_experts)
+    policy = make_policy(offload.policy, spec.num_moe_layers, spec.num_experts)
     if slots >= total:
         return ResidentExperts(checkpoint, device, dtype, progress), None
     # A prefill batch can route tokens to every expert of a layer, and a layer computes only
@@ -163,7 +163,7 @@ class LLM:
                     f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
                     f"model's {self.spec.max_position} positions"
                 )
-            eam = SequenceEAM(self.spec.num_layers, self.spec.num_experts)
+            eam = SequenceEAM(self.spec.num_moe_layers, self.spec.num_experts)
             running.append(_Running(ids, Span(self.executor.new_cache(capacity), len(ids), eam, PREFILL)))
         if self.policy is not None:
             self.policy.begin_batch()

@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from moeinf.kernels import ops
 from moeinf.loaders.checkpoint import Checkpoint
 from moeinf.models.attention import attend
+from moeinf.models.mlp import swiglu
 from moeinf.models.rope import RotaryTable, apply_rope
 from moeinf.models.routing import softmax_topk
-from moeinf.runtime.dense_weights import DenseWeights
+from moeinf.runtime.dense_weights import DenseWeights, LayerWeights
 from moeinf.runtime.eam import PREFILL, SequenceEAM
 from moeinf.runtime.kv_cache import SequenceKVCache
 from moeinf.runtime.policies import CachePolicy
@@ -69,30 +70,13 @@ class Executor:
         )  # [T]
         cos, sin = self.rotary.cos_sin(positions, self.dtype)  # [T, rotary_dim]
         h = self.dense.embed[tokens]  # [T, D]
-        T = h.shape[0]
         for layer, lw in enumerate(self.dense.layers):
-            x = ops.rms_norm(h, lw.attn_norm, spec.norm_eps)
-            q, k, v = F.linear(x, lw.qkv).split([spec.q_dim, spec.kv_dim, spec.kv_dim], dim=-1)
-            q = apply_rope(q.view(T, spec.num_heads, spec.head_dim), cos, sin)  # [T, H, Dh]
-            k = apply_rope(k.view(T, spec.num_kv_heads, spec.head_dim), cos, sin)  # [T, Hkv, Dh]
-            v = v.view(T, spec.num_kv_heads, spec.head_dim)
-            attn = torch.empty((T, spec.q_dim), device=self.device, dtype=self.dtype)
-            offset = 0
-            for span in spans:
-                r = slice(offset, offset + span.count)
-                k_all, v_all = span.cache.write(layer, k[r], v[r])
-                attn[r] = attend(q[r], k_all, v_all, span.cache.length, spec.sliding_window)
-                offset += span.count
-            h = h + F.linear(attn, lw.o_proj)
-
-            if self.policy is not None and self.policy.wants_lookahead and layer + 1 < spec.num_layers:
-                self.policy.lookahead(layer, self._route_counts(h, layer + 1))
-            x = ops.rms_norm(h, lw.moe_norm, spec.norm_eps)
-            ids, weights = softmax_topk(F.linear(x, lw.router), spec.top_k, spec.renormalize_topk)
-            self._trace(layer, ids, spans)
-            slots = self.experts.acquire(layer, ids)
-            h = h + ops.moe_experts(x, ids, weights, self.experts.w13, self.experts.w2, slots)
-            self.experts.release(layer)
+            h = h + self._attention(layer, lw, ops.rms_norm(h, lw.attn_norm, spec.norm_eps), cos, sin, spans)
+            x = ops.rms_norm(h, lw.ffn_norm, spec.norm_eps)
+            if lw.moe_index is None:
+                h = h + swiglu(x, lw.mlp_w13, lw.mlp_w2)
+            else:
+                h = h + self._moe(lw, h, x, spans)
         for span in spans:
             span.cache.advance(span.count)
         if rows is not None:
@@ -100,21 +84,69 @@ class Executor:
         h = ops.rms_norm(h, self.dense.final_norm, spec.norm_eps)
         return F.linear(h, self.dense.lm_head).to(torch.float32)
 
-    def _route_counts(self, h: torch.Tensor, layer: int) -> list[int]:
-        """[E] tokens that `layer`'s router would send to each expert, given hidden states h [T, D]."""
-        lw = self.dense.layers[layer]
-        x = ops.rms_norm(h, lw.moe_norm, self.spec.norm_eps)
-        ids, _ = softmax_topk(F.linear(x, lw.router), self.spec.top_k, self.spec.renormalize_topk)
+    def _attention(
+        self, layer: int, lw: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spans: list[Span]
+    ) -> torch.Tensor:
+        """x: [T, D] normed hidden states -> attention output projected back to [T, D]."""
+        spec, T = self.spec, x.shape[0]
+        q, k, v = F.linear(x, lw.qkv, lw.qkv_bias).split([spec.q_dim, spec.kv_dim, spec.kv_dim], dim=-1)
+        if spec.qk_norm == "full":
+            q, k = ops.rms_norm(q, lw.q_norm, spec.norm_eps), ops.rms_norm(k, lw.k_norm, spec.norm_eps)
+        if spec.clip_qkv is not None:
+            q, k, v = (t.clamp(-spec.clip_qkv, spec.clip_qkv) for t in (q, k, v))
+        q = q.view(T, spec.num_heads, spec.head_dim)  # [T, H, Dh]
+        k = k.view(T, spec.num_kv_heads, spec.head_dim)  # [T, Hkv, Dh]
+        v = v.view(T, spec.num_kv_heads, spec.head_dim)
+        if spec.qk_norm == "head":
+            q, k = ops.rms_norm(q, lw.q_norm, spec.norm_eps), ops.rms_norm(k, lw.k_norm, spec.norm_eps)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        attn = torch.empty((T, spec.q_dim), device=self.device, dtype=self.dtype)
+        offset = 0
+        for span in spans:
+            r = slice(offset, offset + span.count)
+            k_all, v_all = span.cache.write(layer, k[r], v[r])
+            attn[r] = attend(q[r], k_all, v_all, span.cache.length, spec.window(layer))
+            offset += span.count
+        return F.linear(attn, lw.o_proj)
+
+    def _moe(self, lw: LayerWeights, h: torch.Tensor, x: torch.Tensor, spans: list[Span]) -> torch.Tensor:
+        """Routed experts (+ the shared expert) of one MoE layer. h: [T, D] residual stream after
+        attention (what the next MoE layer's router is applied to for lookahead); x: [T, D] normed."""
+        spec, m = self.spec, lw.moe_index
+        if self.policy is not None and self.policy.wants_lookahead and m + 1 < spec.num_moe_layers:
+            self.policy.lookahead(m, self._route_counts(h, m + 1))
+        ids, weights = self._route(self.dense.layers[spec.moe_layers[m]], x)
+        if not spec.router_weights_fp32:
+            weights = weights.to(self.dtype)
+        self._trace(m, ids, spans)
+        slots = self.experts.acquire(m, ids)
+        y = ops.moe_experts(x, ids, weights, self.experts.w13, self.experts.w2, slots)
+        self.experts.release(m)
+        if lw.shared_w13 is not None:
+            shared = swiglu(x, lw.shared_w13, lw.shared_w2)
+            if lw.shared_gate is not None:
+                shared = torch.sigmoid(F.linear(x, lw.shared_gate)) * shared
+            y = y + shared
+        return y
+
+    def _route(self, lw: LayerWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return softmax_topk(F.linear(x, lw.router), self.spec.top_k, self.spec.renormalize_topk)
+
+    def _route_counts(self, h: torch.Tensor, moe_index: int) -> list[int]:
+        """[E] tokens that MoE layer `moe_index`'s router would send to each expert, given the
+        residual stream h [T, D] of an earlier layer."""
+        lw = self.dense.layers[self.spec.moe_layers[moe_index]]
+        ids, _ = self._route(lw, ops.rms_norm(h, lw.ffn_norm, self.spec.norm_eps))
         return torch.bincount(ids.reshape(-1), minlength=self.spec.num_experts).tolist()
 
     @staticmethod
-    def _trace(layer: int, ids: torch.Tensor, spans: list[Span]) -> None:
-        """Counts each span's routing at `layer` into its EAM. ids: [T, K]."""
+    def _trace(moe_index: int, ids: torch.Tensor, spans: list[Span]) -> None:
+        """Counts each span's routing at MoE layer `moe_index` into its EAM. ids: [T, K]."""
         if all(span.eam is None for span in spans):
             return
         ids_np = ids.cpu().numpy()
         offset = 0
         for span in spans:
             if span.eam is not None:
-                span.eam.add(span.phase, layer, ids_np[offset : offset + span.count])
+                span.eam.add(span.phase, moe_index, ids_np[offset : offset + span.count])
             offset += span.count

@@ -17,7 +17,7 @@ from moeinf.runtime.counters import TrafficCounters
 class ResidentExperts:
     def __init__(self, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, progress: bool = True):
         spec = checkpoint.spec
-        L, E, D, F = spec.num_layers, spec.num_experts, spec.hidden_size, spec.expert_ffn
+        L, E, D, F = spec.num_moe_layers, spec.num_experts, spec.hidden_size, spec.expert_ffn
         self.w13 = torch.empty((L * E, 2 * F, D), device=device, dtype=dtype)  # [S, 2F, D]: gate, up
         self.w2 = torch.empty((L * E, D, F), device=device, dtype=dtype)  # [S, D, F]: down
         # slot_table: [L, E] slot of each (layer, expert); slot = layer * E + expert
@@ -26,9 +26,9 @@ class ResidentExperts:
         for layer in range(L):
             for expert in range(E):
                 slot = layer * E + expert
-                self.w13[slot, :F].copy_(checkpoint.read("expert_gate", layer, expert))
-                self.w13[slot, F:].copy_(checkpoint.read("expert_up", layer, expert))
-                self.w2[slot].copy_(checkpoint.read("expert_down", layer, expert))
+                self.w13[slot, :F].copy_(checkpoint.read_expert("expert_gate", layer, expert))
+                self.w13[slot, F:].copy_(checkpoint.read_expert("expert_up", layer, expert))
+                self.w2[slot].copy_(checkpoint.read_expert("expert_down", layer, expert))
                 bar.update()
         bar.close()
         self.stats = TrafficCounters()

@@ -1,0 +1,97 @@
+"""Reading the config.json fields that every decoder-only MoE family shares into a ModelSpec.
+
+Families differ in a few key names and defaults (which key counts experts, which holds the
+expert's intermediate size, whether top-k weights are renormalised); each passes those in, and
+everything else is read and checked the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moeinf.errors import ConfigError
+from moeinf.models.spec import ConfigReader, ModelSpec, read_rope
+
+
+def first_key(read: ConfigReader, keys: tuple[str, ...]) -> str:
+    """The first of `keys` present in the config (families renamed some keys across versions)."""
+    for key in keys:
+        if read.config.get(key) is not None:
+            return key
+    raise ConfigError(f"{read.source}: missing required key {keys[0]!r} (a positive integer)")
+
+
+def sparse_layers(read: ConfigReader, num_layers: int) -> tuple[int, ...]:
+    """Qwen's rule: a layer is MoE unless listed in mlp_only_layers, every decoder_sparse_step-th."""
+    step = read.positive_int("decoder_sparse_step", 1)
+    dense = read.config.get("mlp_only_layers") or []
+    if not isinstance(dense, list) or not all(isinstance(i, int) and 0 <= i < num_layers for i in dense):
+        raise ConfigError(f"{read.source}: expected 'mlp_only_layers' to list layer indices, found {dense!r}")
+    return tuple(i for i in range(num_layers) if i not in dense and (i + 1) % step == 0)
+
+
+def read_moe_spec(
+    config: dict[str, Any],
+    source: str,
+    *,
+    architecture: str,
+    family: str,
+    experts_keys: tuple[str, ...],
+    expert_ffn_key: str,
+    renormalize_key: str | None,
+    renormalize_default: bool,
+    default_theta: float,
+    default_eps: float = 1e-6,
+    default_max_position: int = 4096,
+    moe_layers: str = "all",  # "all", or "sparse_step" for Qwen's decoder_sparse_step / mlp_only_layers
+    **features: Any,
+) -> ModelSpec:
+    """Defaults are transformers' config defaults for the family, used when a key is absent.
+    features: ModelSpec fields a family sets itself (attention_bias, qk_norm, shared experts...)."""
+    read = ConfigReader(config, source)
+    hidden = read.positive_int("hidden_size")
+    heads = read.positive_int("num_attention_heads")
+    kv_heads = read.positive_int("num_key_value_heads", heads)
+    if heads % kv_heads:
+        raise ConfigError(
+            f"{source}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})"
+        )
+    head_dim = read.optional_positive_int("head_dim") or hidden // heads
+    experts_key = first_key(read, experts_keys)
+    experts = read.positive_int(experts_key)
+    top_k = read.positive_int("num_experts_per_tok")
+    if top_k > experts:
+        raise ConfigError(f"{source}: num_experts_per_tok ({top_k}) exceeds {experts_key} ({experts})")
+    act = read.string("hidden_act", "silu")
+    if act != "silu":
+        raise ConfigError(f"{source}: expected hidden_act 'silu' for SwiGLU experts, found {act!r}")
+    num_layers = read.positive_int("num_hidden_layers")
+    layers = tuple(range(num_layers)) if moe_layers == "all" else sparse_layers(read, num_layers)
+    if not layers:
+        raise ConfigError(f"{source}: no layer has experts (decoder_sparse_step / mlp_only_layers leave none)")
+    renormalize = read.boolean(renormalize_key, renormalize_default) if renormalize_key else renormalize_default
+    if "sliding_window" not in features:
+        features["sliding_window"] = read.optional_positive_int("sliding_window")
+    return ModelSpec(
+        architecture=architecture,
+        family=family,
+        num_layers=num_layers,
+        hidden_size=hidden,
+        vocab_size=read.positive_int("vocab_size"),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        num_experts=experts,
+        top_k=top_k,
+        expert_ffn=read.positive_int(expert_ffn_key),
+        norm_eps=read.positive_float("rms_norm_eps", default_eps),
+        rope=read_rope(read, head_dim, default_theta=default_theta),
+        max_position=read.positive_int("max_position_embeddings", default_max_position),
+        tie_word_embeddings=read.boolean("tie_word_embeddings", False),
+        renormalize_topk=renormalize,
+        torch_dtype=read.string("dtype", read.string("torch_dtype", "float32")),
+        bos_token_id=(read.token_ids("bos_token_id") or (None,))[0],
+        eos_token_ids=read.token_ids("eos_token_id"),
+        moe_layers=layers,
+        **features,
+    )

@@ -1,0 +1,54 @@
+"""Every supported family against transformers, resident and with 30% of its experts on device:
+float32 logits within 1e-4 relative error and 20 identical greedy tokens."""
+
+import pytest
+import torch
+
+from checkpoints import FAMILIES, save_tiny
+from moeinf import LLM, SamplingParams
+
+PROMPT = [7, 3, 55, 21, 9, 14, 80, 33, 3, 61, 47, 12, 5, 90, 28, 16, 72, 4, 39, 11, 50, 23]
+
+
+@pytest.fixture(scope="module", params=[f for f in FAMILIES if f != "mixtral"])  # Mixtral: test_conformance
+def family(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    model = save_tiny(request.param, folder, seed=7)
+    return request.param, folder, model
+
+
+def hf_greedy(model, ids, n):
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
+    return out[0, len(ids) :].tolist()
+
+
+@pytest.mark.parametrize("budget", [None, 0.3])
+def test_family_matches_transformers(family, budget, tmp_path):
+    name, folder, model = family
+    with LLM(folder, progress=False, expert_budget=budget, offload_dir=tmp_path) as llm:
+        assert llm.spec.family == name
+        with torch.no_grad():
+            expected = model(torch.tensor([PROMPT])).logits[0]
+        got = llm.logits(PROMPT)
+        assert ((got - expected).norm() / expected.norm()).item() < 1e-4
+        (out,) = llm.generate([PROMPT], SamplingParams(max_new_tokens=20))
+        assert out.token_ids == hf_greedy(model, PROMPT, 20)
+        prompts = [PROMPT[:4], PROMPT, [9]]
+        for prompt, o in zip(prompts, llm.generate(prompts, SamplingParams(max_new_tokens=8))):
+            assert o.token_ids == hf_greedy(model, prompt, 8)
+        if budget is not None:
+            assert llm.stats()["misses"] > 0
+
+
+def test_unsupported_encoder_decoder_moe_is_refused(tmp_path):
+    from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+
+    from moeinf.errors import UnsupportedArchitectureError
+
+    config = SwitchTransformersConfig(
+        vocab_size=64, d_model=32, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=2, num_heads=2, num_experts=2
+    )
+    SwitchTransformersForConditionalGeneration(config).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedArchitectureError, match="SwitchTransformersForConditionalGeneration.*supported"):
+        LLM(tmp_path, progress=False)

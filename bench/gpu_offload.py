@@ -1,0 +1,188 @@
+"""GPU offloading figures: host-to-device bandwidth on CuPy streams against torch's copy of the
+same pinned buffer, and decode speed of a synthetic Mixtral-shaped model at 25/50/100% expert
+budget, all in one run on one machine.
+
+Run on a CUDA machine:  python bench/gpu_offload.py [--layers 4] [--new-tokens 32] [--out bench/results]
+Smoke test anywhere:    python bench/gpu_offload.py --smoke   (tiny model, CPU, no bandwidth part)
+
+The synthetic model has Mixtral-8x7B's expert shape (hidden 4096, expert ffn 14336, 8 experts,
+top-2, bf16: 352 MB an expert) but only --layers layers, so its experts (layers x 2.8 GB) and its
+store fit the machine's disk while a 25% budget still forces real traffic. Its weights are random:
+the figures are about bytes and time, not text.
+Units: GB/s = 1e9 bytes per second; decode tok/s = generated tokens after the first / seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from moeinf import LLM, SamplingParams
+from moeinf.loaders.default_model import DEFAULT_CONFIG, write_checkpoint
+
+FULL_SHAPE = dict(
+    hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, head_dim=128
+)
+SMOKE_SHAPE = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+
+
+def machine() -> dict:
+    info = {
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "timestamp_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
+    return info
+
+
+def time_cuda(fn, repeats: int) -> float:
+    """Median seconds of fn() measured with CUDA events on the current stream."""
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def h2d_bandwidth(nbytes: int, repeats: int) -> dict:
+    """GB/s of one pinned host buffer copied to the device: CuPy memcpyAsync on its own stream
+    against torch's non_blocking copy_, same buffers, interleaved."""
+    import cupy
+
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    stream = cupy.cuda.Stream(non_blocking=True)
+
+    def cupy_copy() -> float:
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record(stream)
+        cupy.cuda.runtime.memcpyAsync(
+            dst.data_ptr(), src.data_ptr(), nbytes, cupy.cuda.runtime.memcpyHostToDevice, stream.ptr
+        )
+        end.record(stream)
+        end.synchronize()
+        return cupy.cuda.get_elapsed_time(start, end) / 1e3
+
+    def torch_copy() -> float:
+        return time_cuda(lambda: dst.copy_(src, non_blocking=True), 1)
+
+    cupy_times, torch_times = [], []
+    for _ in range(repeats):
+        cupy_times.append(cupy_copy())
+        torch_times.append(torch_copy())
+    cupy_s, torch_s = sorted(cupy_times)[repeats // 2], sorted(torch_times)[repeats // 2]
+    return {
+        "bytes": nbytes,
+        "cupy_gbps": nbytes / cupy_s / 1e9,
+        "torch_gbps": nbytes / torch_s / 1e9,
+        "cupy_over_torch": torch_s / cupy_s,
+    }
+
+
+def build_model(folder: Path, layers: int, smoke: bool) -> Path:
+    config = dict(DEFAULT_CONFIG, num_hidden_layers=layers, **(SMOKE_SHAPE if smoke else FULL_SHAPE))
+    folder.mkdir(parents=True, exist_ok=True)
+    write_checkpoint(folder, config, seed=0, progress=True)
+    return folder
+
+
+def decode_run(model: Path, budget: float, device: str, store: Path, new_tokens: int) -> dict:
+    """One budget: load, warm up, then a timed greedy generation of new_tokens."""
+    load_start = time.perf_counter()
+    llm = LLM(model, device=device, dtype="bfloat16", expert_budget=budget, offload_dir=store, progress=False)
+    load_s = time.perf_counter() - load_start
+    prompt = list(range(3, 35))
+    llm.generate([prompt], SamplingParams(max_new_tokens=4, ignore_eos=True))
+    before = llm.stats()
+    llm.generate([prompt], SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+    after = llm.stats()
+    llm.close()
+    delta = {k: after[k] - before[k] for k in after if k != "resident_experts"}
+    total = delta["hits"] + delta["prefetch_hits"] + delta["misses"]
+    return {
+        "budget": budget,
+        "load_s": load_s,
+        "decode_tok_s": delta["decode_tokens"] / delta["decode_s"],
+        "prefill_s": delta["prefill_s"],
+        "hit_rate": (delta["hits"] + delta["prefetch_hits"]) / total if total else 1.0,
+        "bytes_to_device": delta["bytes_to_device"],
+        "bytes_from_disk": delta["bytes_from_disk"],
+        "stall_s": delta["stall_s"],
+        "resident_experts": after["resident_experts"],
+    }
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--budgets", default="0.25,0.5,1.0")
+    parser.add_argument("--copy-mib", type=int, default=352, help="size of the bandwidth test buffer")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--workdir", default=None, help="where the model and store are written (default: ./.gpu-bench)")
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU, to test this script")
+    args = parser.parse_args()
+
+    cuda = torch.cuda.is_available() and not args.smoke
+    device = "cuda" if cuda else "cpu"
+    info = machine()
+    results = {"machine": info, "parameters": vars(args), "device": device}
+    if cuda:
+        results["h2d"] = h2d_bandwidth(args.copy_mib * 2**20, args.repeats)
+        h = results["h2d"]
+        print(
+            f"H2D {args.copy_mib} MiB pinned: CuPy {h['cupy_gbps']:.1f} GB/s, torch {h['torch_gbps']:.1f} GB/s "
+            f"(CuPy/torch {h['cupy_over_torch']:.2f}x)"
+        )
+    work = Path(args.workdir or ".gpu-bench")
+    try:
+        model = build_model(work / "model", args.layers, args.smoke)
+        runs = []
+        for budget in tqdm([float(b) for b in args.budgets.split(",")], desc="budgets"):
+            runs.append(decode_run(model, budget, device, work / "store", args.new_tokens))
+        base = next((r for r in runs if r["budget"] == 1.0), runs[-1])
+        for r in runs:
+            r["decode_vs_resident"] = r["decode_tok_s"] / base["decode_tok_s"]
+            print(
+                f"budget {r['budget']:.2f}: decode {r['decode_tok_s']:.2f} tok/s ({r['decode_vs_resident']:.2f}x "
+                f"resident), hit rate {r['hit_rate']:.2f}, {r['bytes_to_device'] / 1e9:.2f} GB to device, "
+                f"stall {r['stall_s']:.2f} s"
+            )
+        results["decode"] = runs
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    name = info.get("gpu", "cpu-smoke").lower().replace(" ", "-")
+    out = Path(args.out) / f"gpu-offload-{name}.json"
+    write_atomic(out, json.dumps(results, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

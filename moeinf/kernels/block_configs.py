@@ -36,7 +36,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, fields
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -76,7 +76,7 @@ def device_name(device: torch.device) -> str:
     return _cuda_device_name(device.index if device.index is not None else torch.cuda.current_device())
 
 
-@lru_cache(maxsize=None)
+@cache
 def _cuda_device_name(index: int) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", torch.cuda.get_device_name(index))
 
@@ -113,8 +113,7 @@ def read_config_file(path: Path) -> tuple[bool, dict[int, BlockConfig]]:
     for key, entry in data["configs"].items():
         if not key.isdigit() or not isinstance(entry, dict) or set(entry) != names:
             raise ValueError(
-                f"block config {path}: expected entries '<M>': {{{', '.join(sorted(names))}}}, "
-                f"found {key!r}: {entry!r}"
+                f"block config {path}: expected entries '<M>': {{{', '.join(sorted(names))}}}, found {key!r}: {entry!r}"
             )
         if not all(isinstance(v, int) for v in entry.values()):
             raise ValueError(f"block config {path}, M={key}: expected integer values, found {entry!r}")
@@ -122,7 +121,7 @@ def read_config_file(path: Path) -> tuple[bool, dict[int, BlockConfig]]:
     return data["tuned"], table
 
 
-@lru_cache(maxsize=None)
+@cache
 def _tuned_table(path: Path) -> dict[int, BlockConfig] | None:
     if not path.is_file():
         return None

@@ -1,15 +1,52 @@
-"""The ops the runtime calls. Each picks its implementation by device; today every device runs
-the torch reference, and the Triton kernels plug in here for CUDA."""
+"""The ops the runtime calls. Each picks its implementation by device: the Triton kernels on CUDA,
+their torch references elsewhere (on the CPU the references are the fast path; the kernels run
+there only in the Triton interpreter, for tests). The Triton modules are imported on first CUDA
+use: importing triton takes about a second, and nothing on a CPU run needs it."""
 
 from __future__ import annotations
 
 import torch
 
-from moeinf.kernels.reference import moe_experts_reference, rms_norm_reference
+from moeinf.kernels.reference import (
+    grouped_sigmoid_topk_reference,
+    moe_experts_reference,
+    rms_norm_reference,
+    softmax_topk_reference,
+)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # x: [..., D]
+    if x.is_cuda:
+        from moeinf.kernels import norm
+
+        return norm.rms_norm(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
+
+
+def softmax_topk(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    # logits: [T, E] -> ids [T, K] int64, weights [T, K] float32
+    if logits.is_cuda:
+        from moeinf.kernels import routing
+
+        return routing.softmax_topk(logits, top_k, renormalize)
+    return softmax_topk_reference(logits, top_k, renormalize)
+
+
+def grouped_sigmoid_topk(
+    logits: torch.Tensor,
+    bias: torch.Tensor,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    renormalize: bool,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if logits.is_cuda:
+        from moeinf.kernels import routing
+
+        return routing.grouped_sigmoid_topk(logits, bias, top_k, n_group, topk_group, renormalize, scaling)
+    return grouped_sigmoid_topk_reference(logits, bias, top_k, n_group, topk_group, renormalize, scaling)
 
 
 def moe_experts(
@@ -20,4 +57,9 @@ def moe_experts(
     w2: torch.Tensor,
     expert_slots: torch.Tensor,
 ) -> torch.Tensor:
+    # x: [T, D]; w13: [S, 2F, D]; w2: [S, D, F]; expert_slots: [E] -> [T, D]
+    if x.is_cuda:
+        from moeinf.kernels import moe
+
+        return moe.fused_moe(x, topk_ids, topk_weights, w13, w2, expert_slots)
     return moe_experts_reference(x, topk_ids, topk_weights, w13, w2, expert_slots)

@@ -50,3 +50,56 @@ def moe_experts_reference(
         y = y * flat_weights[pairs, None]
         out.index_add_(0, tokens, y.to(x.dtype))
     return out
+
+
+def rms_norm_residual_reference(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pre-norm block's residual add, then RMSNorm: returns (normed, new residual).
+
+    x, residual: [T, D]; the sum is rounded to x's dtype before its statistics are taken, as in
+    the unfused `h = h + x; rms_norm(h)`."""
+    h = x + residual
+    return rms_norm_reference(h, weight, eps), h
+
+
+def softmax_topk_reference(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixtral, Qwen-MoE, OLMoE routing. logits: [T, E] -> (ids [T, K] int64, weights [T, K] float32),
+    sorted by weight, descending. Softmax over all experts in float32, then the top k, renormalised
+    to sum to one where the family does so (Mixtral; Qwen with norm_topk_prob)."""
+    probs = torch.softmax(logits.to(torch.float32), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return ids, weights
+
+
+def grouped_sigmoid_topk_reference(
+    logits: torch.Tensor,
+    bias: torch.Tensor,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    renormalize: bool,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3 routing, as transformers' DeepseekV3TopkRouter computes it.
+
+    logits: [T, E]; bias: [E] e_score_correction_bias. Choice scores are sigmoid(logits) + bias;
+    a group's score is the sum of its two best choice scores; the topk_group best groups are kept
+    and the top k experts among them chosen. Their weights are the sigmoid scores without the bias,
+    renormalised (norm_topk_prob) and times routed_scaling_factor. Returns (ids [T, K] int64,
+    weights [T, K] float32) sorted by choice score, descending (transformers leaves them unsorted).
+    """
+    T, E = logits.shape
+    scores = torch.sigmoid(logits.to(torch.float32))  # [T, E]
+    choice = scores + bias.to(torch.float32)  # [T, E]
+    group_scores = choice.view(T, n_group, E // n_group).topk(2, dim=-1)[0].sum(dim=-1)  # [T, n_group]
+    group_idx = torch.topk(group_scores, k=topk_group, dim=-1)[1]  # [T, topk_group]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)  # [T, n_group]
+    expert_mask = group_mask.unsqueeze(-1).expand(T, n_group, E // n_group).reshape(T, E)
+    ids = torch.topk(choice.masked_fill(expert_mask == 0, float("-inf")), k=top_k, dim=-1)[1]  # [T, K]
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return ids, weights * scaling

@@ -70,3 +70,14 @@ class StoreRecordError(StoreError, IndexError):
 class OffloadConfigError(MoeinfError, ValueError):
     """An offloading setting is malformed: a budget (or one too small for a layer's active
     experts), a policy name, a store folder."""
+
+
+class TraceFormatError(MoeinfError, ValueError):
+    """A trace file (or a trace being built) is malformed: a missing array or meta key, a shape
+    or dtype that disagrees with the others, sequence offsets out of order, an expert id out of
+    range."""
+
+
+class ReplayConfigError(MoeinfError, ValueError):
+    """A trace replay is set up wrongly: an unknown link profile or model, a capacity too small
+    for one layer's experts, a policy built for another model shape or another trace."""

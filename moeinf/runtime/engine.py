@@ -68,7 +68,12 @@ def default_store_dir(checkpoint: Checkpoint) -> Path:
 
 
 def build_expert_source(
-    checkpoint: Checkpoint, offload: OffloadConfig, device: torch.device, dtype: torch.dtype, progress: bool
+    checkpoint: Checkpoint,
+    offload: OffloadConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: bool,
+    max_batch_tokens: int | None,
 ) -> tuple[ExpertSource, CachePolicy | None]:
     """Every expert resident when the budget affords them all; else a pool of slots over the store,
     run by the configured policy (returned too: the engine and executor tell it what happens)."""
@@ -79,13 +84,16 @@ def build_expert_source(
     policy = make_policy(offload.policy, spec.num_moe_layers, spec.num_experts)
     if slots >= total:
         return ResidentExperts(checkpoint, device, dtype, progress), None
-    # A prefill batch can route tokens to every expert of a layer, and a layer computes only
-    # with all its routed experts resident at once.
+    # A layer computes only with all its routed experts resident at once: one step's tokens route
+    # to at most top_k each, and without max_batch_tokens a prefill can reach every expert.
     minimum = spec.num_experts
+    if max_batch_tokens is not None:
+        minimum = min(minimum, spec.top_k * max_batch_tokens)
     if slots < minimum:
         raise OffloadConfigError(
             f"expert_budget {offload.expert_budget!r} affords {slots} expert slots; the minimum is {minimum} "
-            f"(all experts of one layer, {minimum * expert_nbytes / 2**20:.1f} MiB in {str(dtype).split('.')[-1]})"
+            f"(one layer's experts for a step of {max_batch_tokens or 'any number of'} tokens, "
+            f"{minimum * expert_nbytes / 2**20:.1f} MiB in {str(dtype).split('.')[-1]})"
         )
     host_records = parse_budget(offload.host_budget, expert_nbytes, total, "host_budget")
     if offload.io_threads < 1:
@@ -111,11 +119,17 @@ class LLM:
         offload_dir: str | Path | None = None,
         policy: str | CachePolicy = "lru",
         offload: OffloadConfig | None = None,
+        max_batch_tokens: int | None = None,
     ):
         keywords = OffloadConfig(expert_budget, host_budget, offload_dir, policy)
         if offload is not None and keywords != OffloadConfig():
             raise OffloadConfigError("pass offloading settings either as keywords or as offload=OffloadConfig(...)")
         self.offload = offload or keywords
+        if max_batch_tokens is not None and (isinstance(max_batch_tokens, bool) or max_batch_tokens < 1):
+            raise RequestError(f"max_batch_tokens: expected a positive token count or None, found {max_batch_tokens!r}")
+        # tokens one forward step may carry: prompts are prefilled in chunks and decode batches
+        # split to fit, which bounds activations and how many experts one layer can need at once
+        self.max_batch_tokens = max_batch_tokens
         self.checkpoint = Checkpoint.open(model)
         self.spec = self.checkpoint.spec
         self.device = resolve_device(device)
@@ -123,7 +137,7 @@ class LLM:
         tokenizer_file = self.checkpoint.tokenizer_file
         self.codec = TextCodec(tokenizer_file) if tokenizer_file else None
         self.experts, self.policy = build_expert_source(
-            self.checkpoint, self.offload, self.device, self.dtype, progress
+            self.checkpoint, self.offload, self.device, self.dtype, progress, max_batch_tokens
         )
         self.executor = Executor(self.checkpoint, self.experts, self.policy, self.device, self.dtype, progress)
         self._stats = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
@@ -169,23 +183,31 @@ class LLM:
             self.policy.begin_batch()
 
         start = time.perf_counter()
-        tokens = torch.tensor([t for r in running for t in r.prompt], device=self.device)
-        last_rows = torch.tensor([len(r.prompt) for r in running]).cumsum(0).sub(1).to(self.device)
-        logits = self.executor.forward(tokens, [r.span for r in running], last_rows).cpu()
-        self._accept(running, sample_next(logits, params, generator), params)
-        self._stats["prefill_tokens"] += int(tokens.numel())
+        for step in self._prefill_steps(running):
+            tokens = torch.tensor([t for r, begin in step for t in r.prompt[begin : begin + r.span.count]])
+            ends = [
+                (r, int(row))
+                for (r, begin), row in zip(step, self._last_rows(step))
+                if begin + r.span.count == len(r.prompt)
+            ]
+            rows = torch.tensor([row for _, row in ends], dtype=torch.int64, device=self.device)
+            logits = self.executor.forward(tokens.to(self.device), [r.span for r, _ in step], rows).cpu()
+            if ends:  # a step that only feeds the middle of prompts samples nothing
+                self._accept([r for r, _ in ends], sample_next(logits, params, generator), params)
+        self._stats["prefill_tokens"] += sum(len(r.prompt) for r in running)
         self._stats["prefill_s"] += time.perf_counter() - start
 
         start = time.perf_counter()
         decoded = 0
         active = [r for r in running if r.finish_reason is None]
         while active:
-            for r in active:
-                r.span.count, r.span.phase = 1, DECODE
-            tokens = torch.tensor([r.generated[-1] for r in active], device=self.device)
-            logits = self.executor.forward(tokens, [r.span for r in active]).cpu()
-            self._accept(active, sample_next(logits, params, generator), params)
-            decoded += len(active)
+            for group in self._groups(active):
+                for r in group:
+                    r.span.count, r.span.phase = 1, DECODE
+                tokens = torch.tensor([r.generated[-1] for r in group], device=self.device)
+                logits = self.executor.forward(tokens, [r.span for r in group]).cpu()
+                self._accept(group, sample_next(logits, params, generator), params)
+                decoded += len(group)
             active = [r for r in active if r.finish_reason is None]
         self._stats["decode_tokens"] += decoded
         self._stats["decode_s"] += time.perf_counter() - start
@@ -199,6 +221,35 @@ class LLM:
             )
             for r in running
         ]
+
+    def _prefill_steps(self, running: list[_Running]):
+        """Yields prefill steps, each [(sequence, first prompt position)] with span.count set to
+        how many prompt tokens it feeds, at most max_batch_tokens in all."""
+        limit = self.max_batch_tokens or sum(len(r.prompt) for r in running)
+        done = {id(r): 0 for r in running}
+        while True:
+            step, room = [], limit
+            for r in running:
+                left = len(r.prompt) - done[id(r)]
+                if left and room:
+                    r.span.count = min(left, room)
+                    step.append((r, done[id(r)]))
+                    room -= r.span.count
+            if not step:
+                return
+            yield step
+            for r, begin in step:
+                done[id(r)] = begin + r.span.count
+
+    @staticmethod
+    def _last_rows(step) -> list[int]:
+        """Row of each span's last token on the step's flat token axis."""
+        return torch.tensor([r.span.count for r, _ in step]).cumsum(0).sub(1).tolist()
+
+    def _groups(self, active: list[_Running]) -> list[list[_Running]]:
+        """Decode batches of at most max_batch_tokens sequences."""
+        size = self.max_batch_tokens or len(active)
+        return [active[i : i + size] for i in range(0, len(active), size)]
 
     def _accept(self, running: list[_Running], next_tokens: list[int], params: SamplingParams) -> None:
         for r, token in zip(running, next_tokens):

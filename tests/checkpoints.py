@@ -64,6 +64,22 @@ FAMILIES = {
             pad_token_id=0,
         ),
     ),
+    "phimoe": (
+        "PhimoeConfig",
+        "PhimoeForCausalLM",
+        # LayerNorm, biases on q/k/v/o and the lm head, a sliding window the 22-token prompt passes,
+        # and a jitter eps large enough that sparsemixer's softmax often keeps more than the pick
+        dict(
+            COMMON,
+            num_hidden_layers=4,
+            intermediate_size=48,
+            num_local_experts=6,
+            attention_bias=True,
+            lm_head_bias=True,
+            sliding_window=16,
+            router_jitter_noise=0.2,
+        ),
+    ),
 }
 
 
@@ -83,6 +99,11 @@ def save_tiny(family: str, folder: Path, seed: int = 0, max_shard_size: str | No
                 p.normal_(0.0, 0.2)
             elif not torch.all(p == 1):  # biases; norms stay at one
                 p.normal_(0.0, 0.1)
+        # LayerNorm weights too, or a runtime that ignored them would pass; RMSNorm weights stay at
+        # one so that the other families' checkpoints keep the weights their tests were tuned on
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.normal_(1.0, 0.1)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(folder, **kwargs)
     return model

@@ -15,8 +15,12 @@ Shape = tuple[str | int, ...]
 
 # Roles the executor asks for; a family maps the ones it has to names on disk.
 GLOBAL_ROLES = ("embed", "final_norm", "lm_head")
+FINAL_NORM_BIAS_ROLES = ("final_norm_bias",)
+LM_HEAD_BIAS_ROLES = ("lm_head_bias",)
 ATTENTION_ROLES = ("attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "ffn_norm")
+NORM_BIAS_ROLES = ("attn_norm_bias", "ffn_norm_bias")
 ATTENTION_BIAS_ROLES = ("q_bias", "k_bias", "v_bias")
+ATTENTION_OUT_BIAS_ROLES = ("o_bias",)
 QK_NORM_ROLES = ("q_norm", "k_norm")
 ROUTER_ROLES = ("router",)
 EXPERT_ROLES = ("expert_gate", "expert_up", "expert_down")
@@ -40,12 +44,18 @@ class Family:
         return tuple(dim if isinstance(dim, int) else getattr(spec, dim) for dim in self.tensor_shapes[role])
 
     def global_roles(self, spec: ModelSpec) -> tuple[str, ...]:
-        return tuple(r for r in GLOBAL_ROLES if not (r == "lm_head" and spec.tie_word_embeddings))
+        roles = tuple(r for r in GLOBAL_ROLES if not (r == "lm_head" and spec.tie_word_embeddings))
+        roles += FINAL_NORM_BIAS_ROLES if spec.norm_type == "layer" else ()
+        # a tied head shares the embedding's weight, never a bias: the bias is its own tensor
+        roles += LM_HEAD_BIAS_ROLES if spec.lm_head_bias else ()
+        return roles
 
     def layer_roles(self, spec: ModelSpec, layer: int) -> tuple[str, ...]:
         """The per-layer (not per-expert) roles of decoder layer `layer` under this spec."""
         roles = ATTENTION_ROLES
+        roles += NORM_BIAS_ROLES if spec.norm_type == "layer" else ()
         roles += ATTENTION_BIAS_ROLES if spec.attention_bias else ()
+        roles += ATTENTION_OUT_BIAS_ROLES if spec.attention_out_bias else ()
         roles += QK_NORM_ROLES if spec.qk_norm else ()
         if layer in spec.moe_layers:
             roles += ROUTER_ROLES

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from moeinf.errors import ConfigError
-from moeinf.models.spec import ConfigReader, ModelSpec, read_rope
+from moeinf.models.spec import ROPE_TYPES, ConfigReader, ModelSpec, read_rope
 
 
 def first_key(read: ConfigReader, keys: tuple[str, ...]) -> str:
@@ -44,6 +44,7 @@ def read_moe_spec(
     default_eps: float = 1e-6,
     default_max_position: int = 4096,
     moe_layers: str = "all",  # "all", or "sparse_step" for Qwen's decoder_sparse_step / mlp_only_layers
+    rope_types: tuple[str, ...] = ROPE_TYPES,  # the rope types this family computes like transformers
     **features: Any,
 ) -> ModelSpec:
     """Defaults are transformers' config defaults for the family, used when a key is absent.
@@ -85,7 +86,7 @@ def read_moe_spec(
         top_k=top_k,
         expert_ffn=read.positive_int(expert_ffn_key),
         norm_eps=read.positive_float("rms_norm_eps", default_eps),
-        rope=read_rope(read, head_dim, default_theta=default_theta),
+        rope=read_rope(read, head_dim, default_theta=default_theta, rope_types=rope_types),
         max_position=read.positive_int("max_position_embeddings", default_max_position),
         tie_word_embeddings=read.boolean("tie_word_embeddings", False),
         renormalize_topk=renormalize,

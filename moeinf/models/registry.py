@@ -8,10 +8,11 @@ from moeinf.errors import ConfigError, UnsupportedArchitectureError
 from moeinf.models.family import Family
 from moeinf.models.mixtral import MIXTRAL
 from moeinf.models.olmoe import OLMOE
+from moeinf.models.phimoe import PHIMOE
 from moeinf.models.qwen_moe import QWEN2_MOE, QWEN3_MOE
 from moeinf.models.spec import ModelSpec
 
-FAMILIES: tuple[Family, ...] = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE)
+FAMILIES: tuple[Family, ...] = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, PHIMOE)
 _BY_ARCHITECTURE = {arch: family for family in FAMILIES for arch in family.architectures}
 
 

@@ -53,7 +53,10 @@ class ModelSpec:
     # Expert storage, offloading, policies and traces index MoE layers by position in this tuple.
     moe_layers: tuple[int, ...] = ()
     dense_ffn: int | None = None
-    attention_bias: bool = False  # q, k and v projections carry biases (Qwen2-MoE)
+    attention_bias: bool = False  # q, k and v projections carry biases (Qwen2-MoE, PhiMoE)
+    attention_out_bias: bool = False  # o_proj carries a bias too (PhiMoE)
+    lm_head_bias: bool = False  # the lm head adds a bias to the logits (PhiMoE)
+    norm_type: str = "rms"  # "rms": RMSNorm (weight only); "layer": LayerNorm with weight and bias (PhiMoE)
     qk_norm: str | None = None  # "head": RMSNorm over each head (Qwen3-MoE); "full": over all q/k dims (OLMoE)
     clip_qkv: float | None = None  # q, k, v clamped to [-clip, clip] after projection (OLMoE)
     shared_expert_ffn: int | None = None  # an always-on expert beside the routed ones (Qwen2-MoE)
@@ -61,6 +64,8 @@ class ModelSpec:
     # Mixtral multiplies expert outputs by float32 routing weights; Qwen and OLMoE cast them to the
     # hidden dtype first (the same in float32, not in bfloat16)
     router_weights_fp32: bool = True
+    routing: str = "softmax_topk"  # the rule in models/routing.py that turns router logits into experts
+    router_jitter_eps: float = 0.0  # sparsemixer's mask threshold is 2 * this (PhiMoE's router_jitter_noise)
     layer_windows: tuple[int | None, ...] = ()  # per-layer sliding window; () = sliding_window everywhere
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
@@ -117,6 +122,14 @@ class ConfigReader:
             raise self._fail(key, "a positive number", value)
         return float(value)
 
+    def non_negative_float(self, key: str, default: Any = ...) -> float:
+        value = self.config.get(key, default)
+        if value is ...:
+            raise ConfigError(f"{self.source}: missing required key {key!r} (a number >= 0)")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise self._fail(key, "a number >= 0", value)
+        return float(value)
+
     def boolean(self, key: str, default: bool) -> bool:
         value = self.config.get(key, default)
         if not isinstance(value, bool):
@@ -141,11 +154,14 @@ class ConfigReader:
         return value
 
 
-def read_rope(reader: ConfigReader, head_dim: int, default_theta: float) -> RopeSpec:
+def read_rope(
+    reader: ConfigReader, head_dim: int, default_theta: float, rope_types: tuple[str, ...] = ROPE_TYPES
+) -> RopeSpec:
     """RoPE settings from either layout transformers writes.
 
     transformers >= 5 writes `rope_parameters` {rope_type, rope_theta, factor, ...}; older files carry
     `rope_theta` at the top level and an optional `rope_scaling` {type | rope_type, factor, ...}.
+    rope_types: the subset of ROPE_TYPES the family computes like transformers does.
     """
     config = reader.config
     key = "rope_parameters" if config.get("rope_parameters") is not None else "rope_scaling"
@@ -157,9 +173,9 @@ def read_rope(reader: ConfigReader, head_dim: int, default_theta: float) -> Rope
         params.setdefault("rope_theta", config.get("rope_theta", default_theta))
     rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
     params.pop("type", None)
-    if rope_type not in ROPE_TYPES:
+    if rope_type not in rope_types:
         raise ConfigError(
-            f"{reader.source}: rope type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}"
+            f"{reader.source}: rope type {rope_type!r} is not supported; supported: {', '.join(rope_types)}"
         )
     sub = ConfigReader(params, f"{reader.source} rope parameters")
     theta = sub.positive_float("rope_theta", default_theta)

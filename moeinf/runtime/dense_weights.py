@@ -16,7 +16,10 @@ class LayerWeights:
     qkv: torch.Tensor  # [q_dim + 2 kv_dim, D]: q, k, v projections in one GEMM
     o_proj: torch.Tensor  # [D, q_dim]
     ffn_norm: torch.Tensor  # [D]
+    attn_norm_bias: torch.Tensor | None = None  # [D]; LayerNorm families only
+    ffn_norm_bias: torch.Tensor | None = None  # [D]
     qkv_bias: torch.Tensor | None = None  # [q_dim + 2 kv_dim]
+    o_bias: torch.Tensor | None = None  # [D]
     q_norm: torch.Tensor | None = None  # [head_dim] or [q_dim], as spec.qk_norm says
     k_norm: torch.Tensor | None = None  # [head_dim] or [kv_dim]
     moe_index: int | None = None  # position among the MoE layers; None: a dense MLP layer
@@ -34,6 +37,8 @@ class DenseWeights:
     final_norm: torch.Tensor  # [D]
     lm_head: torch.Tensor  # [V, D]; the embedding itself when tied
     layers: list[LayerWeights]
+    final_norm_bias: torch.Tensor | None = None  # [D]; LayerNorm families only
+    lm_head_bias: torch.Tensor | None = None  # [V]
 
     @classmethod
     def load(
@@ -56,8 +61,12 @@ class DenseWeights:
                 o_proj=read("o_proj", layer),
                 ffn_norm=read("ffn_norm", layer),
             )
+            if "attn_norm_bias" in roles:
+                lw.attn_norm_bias, lw.ffn_norm_bias = read("attn_norm_bias", layer), read("ffn_norm_bias", layer)
             if "q_bias" in roles:
                 lw.qkv_bias = cat(("q_bias", "k_bias", "v_bias"), layer)
+            if "o_bias" in roles:
+                lw.o_bias = read("o_bias", layer)
             if "q_norm" in roles:
                 lw.q_norm, lw.k_norm = read("q_norm", layer), read("k_norm", layer)
             if "router" in roles:
@@ -74,12 +83,21 @@ class DenseWeights:
             layers.append(lw)
         embed = read("embed")
         lm_head = embed if spec.tie_word_embeddings else read("lm_head")
-        return cls(embed=embed, final_norm=read("final_norm"), lm_head=lm_head, layers=layers)
+        global_roles = set(checkpoint.family.global_roles(spec))
+        return cls(
+            embed=embed,
+            final_norm=read("final_norm"),
+            lm_head=lm_head,
+            layers=layers,
+            final_norm_bias=read("final_norm_bias") if "final_norm_bias" in global_roles else None,
+            lm_head_bias=read("lm_head_bias") if "lm_head_bias" in global_roles else None,
+        )
 
     def nbytes(self) -> int:
         tensors = [self.embed, self.final_norm] + [
             t for lw in self.layers for t in vars(lw).values() if isinstance(t, torch.Tensor)
         ]
+        tensors += [t for t in (self.final_norm_bias, self.lm_head_bias) if t is not None]
         if self.lm_head is not self.embed:
             tensors.append(self.lm_head)
         return sum(t.numel() * t.element_size() for t in tensors)

@@ -17,7 +17,7 @@ from moeinf.loaders.checkpoint import Checkpoint
 from moeinf.models.attention import attend
 from moeinf.models.mlp import swiglu
 from moeinf.models.rope import RotaryTable, apply_rope
-from moeinf.models.routing import softmax_topk
+from moeinf.models.routing import route
 from moeinf.runtime.dense_weights import DenseWeights, LayerWeights
 from moeinf.runtime.eam import PREFILL, SequenceEAM
 from moeinf.runtime.kv_cache import SequenceKVCache
@@ -64,15 +64,14 @@ class Executor:
     def forward(self, tokens: torch.Tensor, spans: list[Span], rows: torch.Tensor | None = None) -> torch.Tensor:
         """tokens: [T] int64, the spans' new tokens back to back; rows: [R] which of the T rows
         need logits (None = all). Returns logits [R, V] float32. Advances every span's cache."""
-        spec = self.spec
         positions = torch.cat(
             [torch.arange(s.cache.length, s.cache.length + s.count, device=self.device) for s in spans]
         )  # [T]
         cos, sin = self.rotary.cos_sin(positions, self.dtype)  # [T, rotary_dim]
         h = self.dense.embed[tokens]  # [T, D]
         for layer, lw in enumerate(self.dense.layers):
-            h = h + self._attention(layer, lw, ops.rms_norm(h, lw.attn_norm, spec.norm_eps), cos, sin, spans)
-            x = ops.rms_norm(h, lw.ffn_norm, spec.norm_eps)
+            h = h + self._attention(layer, lw, self._norm(h, lw.attn_norm, lw.attn_norm_bias), cos, sin, spans)
+            x = self._norm(h, lw.ffn_norm, lw.ffn_norm_bias)
             if lw.moe_index is None:
                 h = h + swiglu(x, lw.mlp_w13, lw.mlp_w2)
             else:
@@ -81,8 +80,15 @@ class Executor:
             span.cache.advance(span.count)
         if rows is not None:
             h = h[rows]
-        h = ops.rms_norm(h, self.dense.final_norm, spec.norm_eps)
-        return F.linear(h, self.dense.lm_head).to(torch.float32)
+        h = self._norm(h, self.dense.final_norm, self.dense.final_norm_bias)
+        return F.linear(h, self.dense.lm_head, self.dense.lm_head_bias).to(torch.float32)
+
+    def _norm(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """h: [T, D] -> [T, D] through the family's norm: RMSNorm, or LayerNorm with a bias (PhiMoE),
+        which runs in the model dtype as torch's nn.LayerNorm does."""
+        if self.spec.norm_type == "layer":
+            return F.layer_norm(h, (h.shape[-1],), weight, bias, self.spec.norm_eps)
+        return ops.rms_norm(h, weight, self.spec.norm_eps)
 
     def _attention(
         self, layer: int, lw: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spans: list[Span]
@@ -107,7 +113,7 @@ class Executor:
             k_all, v_all = span.cache.write(layer, k[r], v[r])
             attn[r] = attend(q[r], k_all, v_all, span.cache.length, spec.window(layer))
             offset += span.count
-        return F.linear(attn, lw.o_proj)
+        return F.linear(attn, lw.o_proj, lw.o_bias)
 
     def _moe(self, lw: LayerWeights, h: torch.Tensor, x: torch.Tensor, spans: list[Span]) -> torch.Tensor:
         """Routed experts (+ the shared expert) of one MoE layer. h: [T, D] residual stream after
@@ -130,13 +136,13 @@ class Executor:
         return y
 
     def _route(self, lw: LayerWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return softmax_topk(F.linear(x, lw.router), self.spec.top_k, self.spec.renormalize_topk)
+        return route(F.linear(x, lw.router), self.spec)  # x: [T, D] -> ids, weights [T, K]
 
     def _route_counts(self, h: torch.Tensor, moe_index: int) -> list[int]:
         """[E] tokens that MoE layer `moe_index`'s router would send to each expert, given the
         residual stream h [T, D] of an earlier layer."""
         lw = self.dense.layers[self.spec.moe_layers[moe_index]]
-        ids, _ = self._route(lw, ops.rms_norm(h, lw.ffn_norm, self.spec.norm_eps))
+        ids, _ = self._route(lw, self._norm(h, lw.ffn_norm, lw.ffn_norm_bias))
         return torch.bincount(ids.reshape(-1), minlength=self.spec.num_experts).tolist()
 
     @staticmethod

@@ -1,18 +1,22 @@
-"""`moeinf run ...`: the standalone run script. argparse lives only here."""
+"""`moeinf run ...` (the standalone run script) and `moeinf trace ...`. argparse lives only here."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import sys
+from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from moeinf.errors import MoeinfError, RequestError
 from moeinf.loaders.default_model import ensure_default_model
 from moeinf.runtime.engine import LLM
 from moeinf.runtime.policies import POLICIES
 from moeinf.runtime.sampling import SamplingParams
+from moeinf.runtime.traces import TraceBuilder, write_trace
 
 DEFAULT_PROMPT = "The expert said"
 
@@ -84,6 +88,49 @@ def parse_budget_arg(text: str | None) -> int | float | str | None:
     return text
 
 
+def read_prompts(path: str) -> list[str]:
+    """Prompts from a file: one per line, or JSON lines each with a "prompt" string."""
+    try:
+        lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    except OSError as e:
+        raise RequestError(f"--prompts: expected a readable text file, found {e}") from None
+    if not lines:
+        raise RequestError(f"--prompts: expected at least one prompt in {path}, found an empty file")
+    if not lines[0].lstrip().startswith("{"):
+        return lines
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        try:
+            prompt = json.loads(line)["prompt"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            prompt = None
+        if not isinstance(prompt, str):
+            raise RequestError(f'{path}:{number}: expected a JSON object with a "prompt" string, found {line[:80]!r}')
+        prompts.append(prompt)
+    return prompts
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    prompts = read_prompts(args.prompts)
+    llm = LLM(args.model or ensure_default_model(), device=args.device, dtype=args.dtype)
+    spec = llm.spec
+    builder = TraceBuilder(
+        spec.num_moe_layers,
+        spec.num_experts,
+        spec.top_k,
+        model=str(llm.checkpoint.path.name),
+        source=f"moeinf trace --prompts {Path(args.prompts).name}",
+    )
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
+    batches = range(0, len(prompts), args.batch_size)
+    for start in tqdm(batches, desc="tracing", unit="batch"):
+        llm.generate(prompts[start : start + args.batch_size], params, trace=builder)
+    write_trace(args.out, builder.build())
+    print(f"wrote {args.out}: {len(prompts)} sequences, {builder.num_tokens} tokens, {spec.num_moe_layers} MoE layers")
+    llm.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeinf", description="Serve Mixture-of-Experts models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -106,6 +153,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--offload-dir", help="folder of the packed expert store (default: under the cache dir)")
     run.add_argument("--policy", default="lru", choices=sorted(POLICIES), help="expert eviction policy")
     run.set_defaults(handler=cmd_run)
+
+    trace = sub.add_parser("trace", help="record expert routing traces (.npz) from real runs")
+    trace.add_argument("--model", help="Hugging Face checkpoint folder (default: the built-in default model)")
+    trace.add_argument("--prompts", required=True, help='text file: one prompt per line, or JSON lines with "prompt"')
+    trace.add_argument("--out", required=True, help="trace file to write (.npz)")
+    trace.add_argument("--max-new-tokens", type=int, default=64)
+    trace.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
+    trace.add_argument("--temperature", type=float, default=0.0)
+    trace.add_argument("--seed", type=int, default=None)
+    trace.add_argument("--device", default="cpu")
+    trace.add_argument("--dtype", default="auto")
+    trace.set_defaults(handler=cmd_trace)
     return parser
 
 

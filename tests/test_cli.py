@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 from moeinf.cli import main
 from moeinf.loaders.checkpoint import Checkpoint
 from moeinf.loaders.default_model import DEFAULT_CONFIG, DEFAULT_MODEL_NAME, cache_dir, ensure_default_model
@@ -64,3 +66,39 @@ def test_run_with_an_expert_budget_offloads_and_reports_traffic(tiny_mixtral, ca
     assert "4 resident" in out and "MiB from disk" in out  # 2 layers x 4 experts, half of them
     assert main(base + ["--budget", "1"]) == 2  # one slot: below one layer's 4 experts
     assert "the minimum is 4" in capsys.readouterr().err
+
+
+def test_trace_records_every_token_of_every_prompt(tmp_path, capsys):
+    from checkpoints import save_tiny_mixtral
+
+    from moeinf.loaders.default_model import build_byte_tokenizer
+    from moeinf.runtime.traces import read_trace
+
+    folder = tmp_path / "model"
+    save_tiny_mixtral(folder, seed=4, vocab_size=259, bos_token_id=1, eos_token_id=2)
+    build_byte_tokenizer().save(str(folder / "tokenizer.json"))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "first one"}\n{"prompt": "a second, longer prompt"}\n{"prompt": "x"}\n')
+    out = tmp_path / "trace.npz"
+    args = ["trace", "--model", str(folder), "--prompts", str(prompts), "--out", str(out), "--max-new-tokens", "4"]
+    assert main(args + ["--batch-size", "2"]) == 0
+    trace = read_trace(out)
+    # prompt tokens (with <s>) are prefill; the 4 generated tokens but the last are decode
+    prompt_lengths = [1 + len(p) for p in ("first one", "a second, longer prompt", "x")]
+    lengths = [length + 3 for length in prompt_lengths]
+    assert trace.seq_starts.tolist() == [0] + list(np.cumsum(lengths))
+    assert trace.phase.tolist() == sum(([0] * p + [1] * 3 for p in prompt_lengths), [])
+    assert trace.experts.shape == (sum(lengths), 2, 2) and trace.lookahead is not None
+    assert (trace.lookahead[:, -1] == -1).all() and (trace.lookahead[:, 0] >= 0).all()
+    assert np.allclose(trace.weights.astype(np.float32).sum(-1), 1.0, atol=1e-2)  # Mixtral renormalises
+    # recorded routing is the routing the runtime used: batch size does not change it
+    assert main(args + ["--batch-size", "1", "--out", str(tmp_path / "one.npz")]) == 0
+    assert np.array_equal(read_trace(tmp_path / "one.npz").experts, trace.experts)
+
+
+def test_trace_rejects_a_malformed_prompts_file(tiny_mixtral, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"text": "no prompt key"}\n')
+    args = ["trace", "--model", str(tiny_mixtral[0]), "--prompts", str(bad), "--out", str(tmp_path / "t.npz")]
+    assert main(args) == 2
+    assert 'bad.jsonl:2: expected a JSON object with a "prompt" string' in capsys.readouterr().err

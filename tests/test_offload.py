@@ -184,7 +184,7 @@ def test_bad_budgets_are_named_errors(value):
 
 
 def test_unknown_policy_is_a_named_error(folder, tmp_path):
-    with pytest.raises(OffloadConfigError, match="policy: expected one of .*lfu, lru.*found .clairvoyant."):
+    with pytest.raises(OffloadConfigError, match="policy: expected one of .*lfu, .*lru.*found .clairvoyant."):
         LLM(folder, progress=False, expert_budget=E, policy="clairvoyant", offload_dir=tmp_path)
 
 

@@ -21,9 +21,13 @@ from moeinf.runtime.executor import Executor, ExpertSource, Span
 from moeinf.runtime.expert_pool import ExpertPool
 from moeinf.runtime.policies import CachePolicy, make_policy
 from moeinf.runtime.resident_experts import ResidentExperts
+from moeinf.runtime.routing_record import RoutingRecord
 from moeinf.runtime.sampling import SamplingParams, sample_next
+from moeinf.runtime.traces import TraceBuilder
 
 Prompt = Union[str, Sequence[int]]
+# expert traffic also counted per phase in stats(), e.g. decode_stall_s
+PHASE_COUNTERS = ("hits", "misses", "prefetch_hits", "stall_s", "bytes_to_device", "bytes_from_disk")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -37,6 +41,7 @@ class RequestOutput:
 
 @dataclass
 class _Running:
+    key: int  # names the sequence in a recorded trace
     prompt: list[int]
     span: Span
     generated: list[int] = field(default_factory=list)
@@ -140,7 +145,10 @@ class LLM:
             self.checkpoint, self.offload, self.device, self.dtype, progress, max_batch_tokens
         )
         self.executor = Executor(self.checkpoint, self.experts, self.policy, self.device, self.dtype, progress)
+        self._sequences_started = 0
         self._stats = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
+        self._stats.update({f"{phase}_{key}": 0 for phase in ("prefill", "decode") for key in PHASE_COUNTERS})
+        self._traffic_mark = self.experts.stats.snapshot()
 
     def encode(self, text: str) -> list[int]:
         if self.codec is None:
@@ -156,8 +164,15 @@ class LLM:
             raise RequestError(f"prompt token ids must lie in [0, {self.spec.vocab_size}), found {bad[:5]}")
         return ids
 
-    def generate(self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | None = None) -> list[RequestOutput]:
-        """Generates for every prompt (text, or a list of token ids) in one batch."""
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | None = None,
+        trace: TraceBuilder | None = None,
+    ) -> list[RequestOutput]:
+        """Generates for every prompt (text, or a list of token ids) in one batch. With `trace`,
+        every token's routing (experts, weights, next-layer lookahead) goes into it, one trace
+        sequence per prompt."""
         params = params or SamplingParams()
         if isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -178,7 +193,12 @@ class LLM:
                     f"model's {self.spec.max_position} positions"
                 )
             eam = SequenceEAM(self.spec.num_moe_layers, self.spec.num_experts)
-            running.append(_Running(ids, Span(self.executor.new_cache(capacity), len(ids), eam, PREFILL)))
+            self._sequences_started += 1
+            running.append(
+                _Running(
+                    self._sequences_started - 1, ids, Span(self.executor.new_cache(capacity), len(ids), eam, PREFILL)
+                )
+            )
         if self.policy is not None:
             self.policy.begin_batch()
 
@@ -191,11 +211,14 @@ class LLM:
                 if begin + r.span.count == len(r.prompt)
             ]
             rows = torch.tensor([row for _, row in ends], dtype=torch.int64, device=self.device)
+            self._start_records(trace, [r for r, _ in step])
             logits = self.executor.forward(tokens.to(self.device), [r.span for r, _ in step], rows).cpu()
+            self._keep_records(trace, [r for r, _ in step])
             if ends:  # a step that only feeds the middle of prompts samples nothing
                 self._accept([r for r, _ in ends], sample_next(logits, params, generator), params)
         self._stats["prefill_tokens"] += sum(len(r.prompt) for r in running)
         self._stats["prefill_s"] += time.perf_counter() - start
+        self._count_phase_traffic("prefill")
 
         start = time.perf_counter()
         decoded = 0
@@ -205,12 +228,18 @@ class LLM:
                 for r in group:
                     r.span.count, r.span.phase = 1, DECODE
                 tokens = torch.tensor([r.generated[-1] for r in group], device=self.device)
+                self._start_records(trace, group)
                 logits = self.executor.forward(tokens, [r.span for r in group]).cpu()
+                self._keep_records(trace, group)
                 self._accept(group, sample_next(logits, params, generator), params)
                 decoded += len(group)
             active = [r for r in active if r.finish_reason is None]
         self._stats["decode_tokens"] += decoded
         self._stats["decode_s"] += time.perf_counter() - start
+        self._count_phase_traffic("decode")
+        if trace is not None:
+            for r in running:
+                trace.finish(r.key)
 
         return [
             RequestOutput(
@@ -246,6 +275,28 @@ class LLM:
         """Row of each span's last token on the step's flat token axis."""
         return torch.tensor([r.span.count for r, _ in step]).cumsum(0).sub(1).tolist()
 
+    def _count_phase_traffic(self, phase: str) -> None:
+        """Adds the expert traffic since the last call to `phase`'s counters (prefill_misses, ...)."""
+        now = self.experts.stats.snapshot()
+        for key in PHASE_COUNTERS:
+            self._stats[f"{phase}_{key}"] += now[key] - self._traffic_mark[key]
+        self._traffic_mark = now
+
+    def _start_records(self, trace: TraceBuilder | None, step: list[_Running]) -> None:
+        for r in step:
+            r.span.record = (
+                None if trace is None else RoutingRecord(r.span.count, self.spec.num_moe_layers, self.spec.top_k)
+            )
+
+    @staticmethod
+    def _keep_records(trace: TraceBuilder | None, step: list[_Running]) -> None:
+        if trace is None:
+            return
+        for r in step:
+            record = r.span.record
+            trace.add_tokens(r.key, record.experts, record.weights, r.span.phase, record.lookahead)
+            r.span.record = None
+
     def _groups(self, active: list[_Running]) -> list[list[_Running]]:
         """Decode batches of at most max_batch_tokens sequences."""
         size = self.max_batch_tokens or len(active)
@@ -270,7 +321,8 @@ class LLM:
     def stats(self) -> dict[str, float]:
         """Counters since this LLM was built: tokens and seconds in prefill and decode, and the
         expert traffic (hits, misses, prefetch_hits, prefetch_wasted, bytes_to_device,
-        bytes_from_disk, stall_s, ...) with the number of experts resident now."""
+        bytes_from_disk, stall_s, ...), the main ones also per phase (prefill_misses,
+        decode_stall_s, ...). resident_experts is not a counter: the experts resident now."""
         return {**self._stats, **self.experts.stats.snapshot(), "resident_experts": self.experts.resident_experts()}
 
     def close(self) -> None:

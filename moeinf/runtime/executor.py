@@ -22,6 +22,7 @@ from moeinf.runtime.dense_weights import DenseWeights, LayerWeights
 from moeinf.runtime.eam import PREFILL, SequenceEAM
 from moeinf.runtime.kv_cache import SequenceKVCache
 from moeinf.runtime.policies import CachePolicy
+from moeinf.runtime.routing_record import RoutingRecord
 from moeinf.runtime.expert_pool import ExpertPool
 from moeinf.runtime.resident_experts import ResidentExperts
 
@@ -38,6 +39,7 @@ class Span:
     count: int
     eam: SequenceEAM | None = None  # where the routing of these tokens is counted, if anywhere
     phase: int = PREFILL
+    record: RoutingRecord | None = None  # per-token routing of this step, when traces are recorded
 
 
 class Executor:
@@ -119,12 +121,17 @@ class Executor:
         """Routed experts (+ the shared expert) of one MoE layer. h: [T, D] residual stream after
         attention (what the next MoE layer's router is applied to for lookahead); x: [T, D] normed."""
         spec, m = self.spec, lw.moe_index
-        if self.policy is not None and self.policy.wants_lookahead and m + 1 < spec.num_moe_layers:
-            self.policy.lookahead(m, self._route_counts(h, m + 1))
+        wants_lookahead = self.policy is not None and self.policy.wants_lookahead
+        recording = any(span.record is not None for span in spans)
+        next_ids = None
+        if m + 1 < spec.num_moe_layers and (wants_lookahead or recording):
+            next_ids = self._route_next(h, m + 1)
+            if wants_lookahead:
+                self.policy.lookahead(m, torch.bincount(next_ids.reshape(-1), minlength=spec.num_experts).tolist())
         ids, weights = self._route(self.dense.layers[spec.moe_layers[m]], x)
         if not spec.router_weights_fp32:
             weights = weights.to(self.dtype)
-        self._trace(m, ids, spans)
+        self._trace(m, ids, weights, next_ids, spans)
         slots = self.experts.acquire(m, ids)
         y = ops.moe_experts(x, ids, weights, self.experts.w13, self.experts.w2, slots)
         self.experts.release(m)
@@ -138,21 +145,30 @@ class Executor:
     def _route(self, lw: LayerWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return route(F.linear(x, lw.router), self.spec)  # x: [T, D] -> ids, weights [T, K]
 
-    def _route_counts(self, h: torch.Tensor, moe_index: int) -> list[int]:
-        """[E] tokens that MoE layer `moe_index`'s router would send to each expert, given the
-        residual stream h [T, D] of an earlier layer."""
+    def _route_next(self, h: torch.Tensor, moe_index: int) -> torch.Tensor:
+        """[T, K] experts that MoE layer `moe_index`'s router would pick from the residual stream
+        h [T, D] of an earlier layer (the next layer's routing, guessed a layer ahead)."""
         lw = self.dense.layers[self.spec.moe_layers[moe_index]]
         ids, _ = self._route(lw, self._norm(h, lw.ffn_norm, lw.ffn_norm_bias))
-        return torch.bincount(ids.reshape(-1), minlength=self.spec.num_experts).tolist()
+        return ids
 
     @staticmethod
-    def _trace(moe_index: int, ids: torch.Tensor, spans: list[Span]) -> None:
-        """Counts each span's routing at MoE layer `moe_index` into its EAM. ids: [T, K]."""
-        if all(span.eam is None for span in spans):
+    def _trace(
+        moe_index: int, ids: torch.Tensor, weights: torch.Tensor, next_ids: torch.Tensor | None, spans: list[Span]
+    ) -> None:
+        """Counts each span's routing at MoE layer `moe_index` into its EAM and, when recording,
+        keeps it per token. ids, weights: [T, K]; next_ids: [T, K] the next MoE layer's guess."""
+        if all(span.eam is None and span.record is None for span in spans):
             return
         ids_np = ids.cpu().numpy()
         offset = 0
         for span in spans:
+            rows = slice(offset, offset + span.count)
             if span.eam is not None:
-                span.eam.add(span.phase, moe_index, ids_np[offset : offset + span.count])
+                span.eam.add(span.phase, moe_index, ids_np[rows])
+            if span.record is not None:
+                span.record.experts[:, moe_index] = ids_np[rows]
+                span.record.weights[:, moe_index] = weights[rows].float().cpu().numpy()
+                if next_ids is not None:
+                    span.record.lookahead[:, moe_index] = next_ids[rows].cpu().numpy()
             offset += span.count

@@ -14,7 +14,7 @@ from tqdm import tqdm
 from moeinf.errors import MoeinfError, RequestError
 from moeinf.loaders.default_model import ensure_default_model
 from moeinf.runtime.engine import LLM
-from moeinf.runtime.policies import POLICIES
+from moeinf.runtime.policies import DEFAULT_POLICY, POLICIES
 from moeinf.runtime.sampling import SamplingParams
 from moeinf.runtime.traces import TraceBuilder, write_trace
 
@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--host-budget", default="0", help="host-memory expert cache in front of the disk store")
     run.add_argument("--offload-dir", help="folder of the packed expert store (default: under the cache dir)")
-    run.add_argument("--policy", default="lru", choices=sorted(POLICIES), help="expert eviction policy")
+    run.add_argument("--policy", default=DEFAULT_POLICY, choices=sorted(POLICIES), help="expert eviction policy")
     run.set_defaults(handler=cmd_run)
 
     trace = sub.add_parser("trace", help="record expert routing traces (.npz) from real runs")

@@ -81,3 +81,7 @@ class TraceFormatError(MoeinfError, ValueError):
 class ReplayConfigError(MoeinfError, ValueError):
     """A trace replay is set up wrongly: an unknown link profile or model, a capacity too small
     for one layer's experts, a policy built for another model shape or another trace."""
+
+
+class EAMCError(MoeinfError, ValueError):
+    """An EAM, an EAM collection file or a routing trace does not have the shape or content expected."""

@@ -3,8 +3,8 @@ relative error and identical greedy tokens, single prompts and batches of differ
 
 import pytest
 import torch
-
 from checkpoints import save_tiny_mixtral
+
 from moeinf import LLM, SamplingParams
 
 # Each variant stresses one thing the executor must get right.

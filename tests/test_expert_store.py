@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from checkpoints import save_tiny_mixtral
+
 from moeinf.errors import MoeinfError, StoreBufferError, StoreChecksumError, StoreError, StoreRecordError
 from moeinf.loaders import expert_store
 from moeinf.loaders.checkpoint import Checkpoint

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoints import save_tiny_mixtral
 from safetensors.torch import load_file, save_file
 
-from checkpoints import save_tiny_mixtral
 from moeinf import LLM
 from moeinf.errors import (
     CheckpointError,

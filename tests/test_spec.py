@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
-
 from checkpoints import TINY_MIXTRAL, save_tiny_mixtral
+
 from moeinf import LLM
 from moeinf.errors import ConfigError
 from moeinf.models.registry import spec_from_config

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 
 from moeinf.errors import OffloadConfigError
+from moeinf.runtime.policies import DEFAULT_POLICY
 
 Budget = int | float | str | None
 
@@ -60,5 +61,5 @@ class OffloadConfig:
     expert_budget: Budget = None  # device slots
     host_budget: Budget = 0  # host-memory cache of expert records in front of the disk store
     offload_dir: str | None = None  # packed expert store; default: under the cache directory
-    policy: str = "lru"  # which experts to evict (and prefetch); see runtime/policies.py
+    policy: str = DEFAULT_POLICY  # which experts to evict and prefetch; see runtime/policies.py
     io_threads: int = 2  # store reads in flight at once

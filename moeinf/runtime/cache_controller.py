@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Protocol, Sequence
 
+from moeinf.runtime.cache_policy import CachePolicy
 from moeinf.runtime.counters import TrafficCounters
-from moeinf.runtime.policies import CachePolicy
 from moeinf.runtime.residency import Key, Residency, SlotState
 
 

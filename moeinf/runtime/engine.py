@@ -19,7 +19,7 @@ from moeinf.runtime.budget import Budget, OffloadConfig, parse_budget
 from moeinf.runtime.eam import DECODE, PREFILL, SequenceEAM
 from moeinf.runtime.executor import Executor, ExpertSource, Span
 from moeinf.runtime.expert_pool import ExpertPool
-from moeinf.runtime.policies import CachePolicy, make_policy
+from moeinf.runtime.policies import DEFAULT_POLICY, CachePolicy, make_policy
 from moeinf.runtime.resident_experts import ResidentExperts
 from moeinf.runtime.routing_record import RoutingRecord
 from moeinf.runtime.sampling import SamplingParams, sample_next
@@ -122,7 +122,7 @@ class LLM:
         expert_budget: Budget = None,
         host_budget: Budget = 0,
         offload_dir: str | Path | None = None,
-        policy: str | CachePolicy = "lru",
+        policy: str | CachePolicy = DEFAULT_POLICY,
         offload: OffloadConfig | None = None,
         max_batch_tokens: int | None = None,
     ):

@@ -18,13 +18,13 @@ from moeinf.models.attention import attend
 from moeinf.models.mlp import swiglu
 from moeinf.models.rope import RotaryTable, apply_rope
 from moeinf.models.routing import route
+from moeinf.runtime.cache_policy import CachePolicy
 from moeinf.runtime.dense_weights import DenseWeights, LayerWeights
 from moeinf.runtime.eam import PREFILL, SequenceEAM
-from moeinf.runtime.kv_cache import SequenceKVCache
-from moeinf.runtime.policies import CachePolicy
-from moeinf.runtime.routing_record import RoutingRecord
 from moeinf.runtime.expert_pool import ExpertPool
+from moeinf.runtime.kv_cache import SequenceKVCache
 from moeinf.runtime.resident_experts import ResidentExperts
+from moeinf.runtime.routing_record import RoutingRecord
 
 # Where the executor finds experts: all resident, or a pool of fewer slots fed from host and disk.
 # Both expose w13 [S, 2F, D], w2 [S, D, F] and acquire(layer, topk_ids) -> [E] slots / release(layer).

@@ -19,10 +19,10 @@ import torch
 from moeinf.errors import StoreChecksumError
 from moeinf.loaders.expert_store import ExpertStore, aligned_buffer
 from moeinf.runtime.cache_controller import CacheController
+from moeinf.runtime.cache_policy import CachePolicy
 from moeinf.runtime.counters import TrafficCounters
 from moeinf.runtime.cuda_copy import CudaSlotCopier, cuda_copies_available
 from moeinf.runtime.host_cache import HostCache
-from moeinf.runtime.policies import CachePolicy
 from moeinf.runtime.residency import Key
 from moeinf.runtime.transfer import TransferQueue
 

@@ -21,7 +21,7 @@ class LoadMechanism(Protocol):
         """Queues a copy of `key` into `slot`; urgent (on-demand) loads go before prefetches."""
 
     def promote(self, key: Key, slot: int) -> None:
-        """A queued prefetch into `slot` is needed now: move it to the front."""
+        """A queued prefetch into `slot` is needed now: queue it with the on-demand loads."""
 
     def try_cancel(self, slot: int) -> bool:
         """Drops the load into `slot` if it has not started."""

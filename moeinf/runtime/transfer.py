@@ -36,8 +36,8 @@ class TransferQueue:
         return ticket
 
     def promote(self, ticket: Future, key: tuple[int, int], slot: int) -> None:
-        """A queued prefetch became needed now: queue it again at the front. The entry left
-        behind is skipped when a worker reaches it."""
+        """A queued prefetch became needed now: queue it again behind the on-demand loads already
+        waiting, ahead of every prefetch. The entry left behind is skipped when a worker reaches it."""
         self._push(ticket, key, slot, URGENT)
 
     def cancel(self, ticket: Future) -> bool:

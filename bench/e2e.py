@@ -32,7 +32,6 @@ import platform
 import random
 import statistics
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,6 +39,7 @@ from typing import Callable
 
 import torch
 import transformers
+from machine import cpu_model, load_average, write_atomic  # bench/machine.py, beside this script
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
@@ -51,25 +51,6 @@ MATCH_TOKENS = 8  # greedy tokens compared between the engines
 
 
 # ----------------------------------------------------------------------------- machine and model
-
-
-def cpu_model() -> str:
-    """The CPU's 'model name' from /proc/cpuinfo, else platform.processor(), else 'unknown'."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def load_average() -> list[float] | None:
-    """1, 5 and 15 minute load averages (other work on the machine skews the timings)."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def machine_info() -> dict:
@@ -244,19 +225,6 @@ def check_tokens(runners: list, prompt: list[int]) -> dict:
 
 
 # ----------------------------------------------------------------------------- output
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Writes `text` to a temp file beside `path`, then renames it over `path` in one step."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be read by others
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def csv_text(results: dict) -> str:

@@ -19,12 +19,12 @@ import json
 import os
 import platform
 import shutil
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from machine import write_atomic  # bench/machine.py, beside this script
 from tqdm import tqdm
 
 from moeinf import LLM, SamplingParams
@@ -128,14 +128,6 @@ def decode_run(model: Path, budget: float, device: str, store: Path, new_tokens:
         "stall_s": delta["stall_s"],
         "resident_experts": after["resident_experts"],
     }
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def main() -> None:

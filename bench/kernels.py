@@ -45,7 +45,6 @@ import math
 import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -54,6 +53,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton.testing
+from machine import write_atomic  # bench/machine.py, beside this script
 
 from moeinf.kernels.block_configs import device_name
 from moeinf.kernels.moe import fused_moe
@@ -271,18 +271,6 @@ def print_row(row: dict) -> None:
         f"{row['tflops']:>8} TFLOP/s  {row['gbs']:>8} GB/s{roof}  rel_rms {row['rel_rms']}",
         flush=True,
     )
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def csv_text(rows: list[dict]) -> str:

@@ -60,6 +60,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import cpu_model, load_average, write_atomic  # bench/machine.py, beside this script
 from tqdm import tqdm
 
 from moeinf import LLM, SamplingParams, ensure_default_model
@@ -77,25 +78,6 @@ PHASES = ("prefill", "decode")
 
 
 # ----------------------------------------------------------------------------- machine
-
-
-def cpu_model() -> str:
-    """The CPU's 'model name' from /proc/cpuinfo, else platform.processor(), else 'unknown'."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def load_average() -> list[float] | None:
-    """1, 5 and 15 minute load averages (other work on the machine skews the timings)."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def filesystem_of(path: Path) -> dict:
@@ -373,19 +355,6 @@ def measure_reads(store: ExpertStore, repeats: int, workers: int, seed: int) -> 
 
 
 # ----------------------------------------------------------------------------- output
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Writes `text` to a temp file beside `path`, then renames it over `path` in one step."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be read by others
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def csv_text(results: dict) -> str:

@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
 
-from moeinf.models.mixtral import MIXTRAL_TENSOR_NAMES, MIXTRAL_TENSOR_SHAPES, parse_mixtral_config
+from moeinf.models.family import ROLE_SHAPES
+from moeinf.models.mixtral import MIXTRAL_TENSOR_NAMES, parse_mixtral_config
 
 DEFAULT_MODEL_NAME = "default-mixtral-v1"
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2; the 256 byte tokens follow
@@ -78,7 +79,7 @@ def write_checkpoint(folder: Path, config: dict, seed: int, progress: bool) -> N
     std = config["initializer_range"]
 
     def random(role: str) -> torch.Tensor:
-        shape = tuple(getattr(spec, dim) for dim in MIXTRAL_TENSOR_SHAPES[role])
+        shape = tuple(getattr(spec, dim) for dim in ROLE_SHAPES[role])
         if role.endswith("norm"):
             return torch.ones(shape, dtype=dtype)
         return (torch.randn(shape, generator=generator) * std).to(dtype)

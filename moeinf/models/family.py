@@ -13,6 +13,41 @@ from moeinf.models.spec import ModelSpec
 
 Shape = tuple[str | int, ...]
 
+# The shape of every role, in ModelSpec attribute names; families whose tensors differ override
+# entries (OLMoE's full-width q/k norms).
+ROLE_SHAPES: dict[str, Shape] = {
+    "embed": ("vocab_size", "hidden_size"),
+    "final_norm": ("hidden_size",),
+    "lm_head": ("vocab_size", "hidden_size"),
+    "attn_norm": ("hidden_size",),
+    "q_proj": ("q_dim", "hidden_size"),
+    "k_proj": ("kv_dim", "hidden_size"),
+    "v_proj": ("kv_dim", "hidden_size"),
+    "o_proj": ("hidden_size", "q_dim"),
+    "q_bias": ("q_dim",),
+    "k_bias": ("kv_dim",),
+    "v_bias": ("kv_dim",),
+    "q_norm": ("head_dim",),  # per-head norms (Qwen3)
+    "k_norm": ("head_dim",),
+    "ffn_norm": ("hidden_size",),
+    "router": ("num_experts", "hidden_size"),
+    "expert_gate": ("expert_ffn", "hidden_size"),
+    "expert_up": ("expert_ffn", "hidden_size"),
+    "expert_down": ("hidden_size", "expert_ffn"),
+    "shared_gate": ("shared_expert_ffn", "hidden_size"),
+    "shared_up": ("shared_expert_ffn", "hidden_size"),
+    "shared_down": ("hidden_size", "shared_expert_ffn"),
+    "shared_expert_gate": (1, "hidden_size"),
+    "mlp_gate": ("dense_ffn", "hidden_size"),
+    "mlp_up": ("dense_ffn", "hidden_size"),
+    "mlp_down": ("hidden_size", "dense_ffn"),
+    "final_norm_bias": ("hidden_size",),
+    "lm_head_bias": ("vocab_size",),
+    "attn_norm_bias": ("hidden_size",),
+    "ffn_norm_bias": ("hidden_size",),
+    "o_bias": ("hidden_size",),
+}
+
 # Roles the executor asks for; a family maps the ones it has to names on disk.
 GLOBAL_ROLES = ("embed", "final_norm", "lm_head")
 FINAL_NORM_BIAS_ROLES = ("final_norm_bias",)

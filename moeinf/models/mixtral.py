@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from moeinf.models.family import Family
+from moeinf.models.family import ROLE_SHAPES, Family
 from moeinf.models.moe_config import read_moe_spec
 from moeinf.models.spec import ModelSpec
 
@@ -24,23 +24,6 @@ MIXTRAL_TENSOR_NAMES = {
     "expert_up": "model.layers.{layer}.block_sparse_moe.experts.{expert}.w3.weight",
     "expert_down": "model.layers.{layer}.block_sparse_moe.experts.{expert}.w2.weight",
 }
-
-MIXTRAL_TENSOR_SHAPES = {
-    "embed": ("vocab_size", "hidden_size"),
-    "final_norm": ("hidden_size",),
-    "lm_head": ("vocab_size", "hidden_size"),
-    "attn_norm": ("hidden_size",),
-    "q_proj": ("q_dim", "hidden_size"),
-    "k_proj": ("kv_dim", "hidden_size"),
-    "v_proj": ("kv_dim", "hidden_size"),
-    "o_proj": ("hidden_size", "q_dim"),
-    "ffn_norm": ("hidden_size",),
-    "router": ("num_experts", "hidden_size"),
-    "expert_gate": ("expert_ffn", "hidden_size"),
-    "expert_up": ("expert_ffn", "hidden_size"),
-    "expert_down": ("hidden_size", "expert_ffn"),
-}
-
 
 def parse_mixtral_config(config: dict[str, Any], source: str = "config.json") -> ModelSpec:
     return read_moe_spec(
@@ -62,6 +45,6 @@ MIXTRAL = Family(
     name="mixtral",
     architectures=("MixtralForCausalLM",),
     tensor_names=MIXTRAL_TENSOR_NAMES,
-    tensor_shapes=MIXTRAL_TENSOR_SHAPES,
+    tensor_shapes=ROLE_SHAPES,
     parse_config=parse_mixtral_config,
 )

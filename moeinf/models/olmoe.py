@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from moeinf.models.family import Family
+from moeinf.models.family import ROLE_SHAPES, Family
 from moeinf.models.moe_config import read_moe_spec
-from moeinf.models.qwen_moe import QWEN_TENSOR_NAMES, QWEN_TENSOR_SHAPES
+from moeinf.models.qwen_moe import QWEN_TENSOR_NAMES
 from moeinf.models.spec import ConfigReader, ModelSpec
 
 # OLMoE stores its tensors under the same names as Qwen's MoE models; only its q/k norms differ
-OLMOE_TENSOR_SHAPES = {**QWEN_TENSOR_SHAPES, "q_norm": ("q_dim",), "k_norm": ("kv_dim",)}
+OLMOE_TENSOR_SHAPES = {**ROLE_SHAPES, "q_norm": ("q_dim",), "k_norm": ("kv_dim",)}
 
 
 def parse_olmoe_config(config: dict[str, Any], source: str = "config.json") -> ModelSpec:

@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from moeinf.errors import ConfigError
-from moeinf.models.family import Family
-from moeinf.models.mixtral import MIXTRAL_TENSOR_NAMES, MIXTRAL_TENSOR_SHAPES
+from moeinf.models.family import ROLE_SHAPES, Family
+from moeinf.models.mixtral import MIXTRAL_TENSOR_NAMES
 from moeinf.models.moe_config import read_moe_spec
 from moeinf.models.spec import ConfigReader, ModelSpec
 
@@ -26,18 +26,6 @@ PHIMOE_TENSOR_NAMES = {
     "k_bias": f"{_LAYER}.self_attn.k_proj.bias",
     "v_bias": f"{_LAYER}.self_attn.v_proj.bias",
     "o_bias": f"{_LAYER}.self_attn.o_proj.bias",
-}
-
-PHIMOE_TENSOR_SHAPES = {
-    **MIXTRAL_TENSOR_SHAPES,
-    "final_norm_bias": ("hidden_size",),
-    "lm_head_bias": ("vocab_size",),
-    "attn_norm_bias": ("hidden_size",),
-    "ffn_norm_bias": ("hidden_size",),
-    "q_bias": ("q_dim",),
-    "k_bias": ("kv_dim",),
-    "v_bias": ("kv_dim",),
-    "o_bias": ("hidden_size",),
 }
 
 # Under any other rope type transformers' PhiMoE replaces the rope's attention scaling by
@@ -85,6 +73,6 @@ PHIMOE = Family(
     name="phimoe",
     architectures=("PhimoeForCausalLM",),
     tensor_names=PHIMOE_TENSOR_NAMES,
-    tensor_shapes=PHIMOE_TENSOR_SHAPES,
+    tensor_shapes=ROLE_SHAPES,
     parse_config=parse_phimoe_config,
 )

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from moeinf.errors import ConfigError
-from moeinf.models.family import Family
+from moeinf.models.family import ROLE_SHAPES, Family
 from moeinf.models.moe_config import read_moe_spec
 from moeinf.models.spec import ConfigReader, ModelSpec
 
@@ -44,35 +44,6 @@ QWEN_TENSOR_NAMES = {
     "mlp_up": f"{_LAYER}.mlp.up_proj.weight",
     "mlp_down": f"{_LAYER}.mlp.down_proj.weight",
 }
-
-QWEN_TENSOR_SHAPES = {
-    "embed": ("vocab_size", "hidden_size"),
-    "final_norm": ("hidden_size",),
-    "lm_head": ("vocab_size", "hidden_size"),
-    "attn_norm": ("hidden_size",),
-    "q_proj": ("q_dim", "hidden_size"),
-    "k_proj": ("kv_dim", "hidden_size"),
-    "v_proj": ("kv_dim", "hidden_size"),
-    "o_proj": ("hidden_size", "q_dim"),
-    "q_bias": ("q_dim",),
-    "k_bias": ("kv_dim",),
-    "v_bias": ("kv_dim",),
-    "q_norm": ("head_dim",),  # Qwen3 normalises each head
-    "k_norm": ("head_dim",),
-    "ffn_norm": ("hidden_size",),
-    "router": ("num_experts", "hidden_size"),
-    "expert_gate": ("expert_ffn", "hidden_size"),
-    "expert_up": ("expert_ffn", "hidden_size"),
-    "expert_down": ("hidden_size", "expert_ffn"),
-    "shared_gate": ("shared_expert_ffn", "hidden_size"),
-    "shared_up": ("shared_expert_ffn", "hidden_size"),
-    "shared_down": ("hidden_size", "shared_expert_ffn"),
-    "shared_expert_gate": (1, "hidden_size"),
-    "mlp_gate": ("dense_ffn", "hidden_size"),
-    "mlp_up": ("dense_ffn", "hidden_size"),
-    "mlp_down": ("hidden_size", "dense_ffn"),
-}
-
 
 def layer_windows(read: ConfigReader, num_layers: int) -> tuple[int | None, ...]:
     """Qwen applies its sliding window only with use_sliding_window, and then only to the layers
@@ -143,7 +114,7 @@ QWEN2_MOE = Family(
     name="qwen2_moe",
     architectures=("Qwen2MoeForCausalLM",),
     tensor_names=QWEN_TENSOR_NAMES,
-    tensor_shapes=QWEN_TENSOR_SHAPES,
+    tensor_shapes=ROLE_SHAPES,
     parse_config=parse_qwen2_moe_config,
 )
 
@@ -151,6 +122,6 @@ QWEN3_MOE = Family(
     name="qwen3_moe",
     architectures=("Qwen3MoeForCausalLM",),
     tensor_names=QWEN_TENSOR_NAMES,
-    tensor_shapes=QWEN_TENSOR_SHAPES,
+    tensor_shapes=ROLE_SHAPES,
     parse_config=parse_qwen3_moe_config,
 )

@@ -226,7 +226,8 @@ def run(models: dict, tokens: tuple, on_gpu: bool, min_time: float) -> list[dict
             timings = {}
             for name, fn in impls.items():
                 row = {"device": device_label, "model": model, "M": M, "D": D, "F": FF, "E": E, "K": K,
-                       "dtype": str(dtype).removeprefix("torch."), "impl": name, "timestamp_utc": stamp, "note": ""}  # fmt: skip
+                       "dtype": str(dtype).removeprefix("torch."), "impl": name, "timestamp_utc": stamp,
+                       "note": ""}  # fmt: skip
                 call = functools.partial(fn, *args)
                 try:
                     row["rel_rms"] = f"{rel_rms(call(), expected):.2e}"

@@ -22,6 +22,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkR
 
 from moeinf.kernels import block_configs, moe, norm, reference, routing
 from moeinf.kernels.block_configs import BlockConfig
+from moeinf.kernels.expert_activation import SILU, ExpertActivation
 from moeinf.models.routing import softmax_topk as model_softmax_topk
 
 DEVICE = torch.device("cpu" if block_configs.interpreting() or not torch.cuda.is_available() else "cuda")
@@ -46,19 +47,24 @@ def poisoned(*shape, dtype) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------- experts
 
 
-def slot_records(S: int, D: int, F: int, dtype, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """w13 [S, 2F, D] and w2 [S, D, F] as strided views into one NaN-filled record buffer, each slot
-    a record of w13 then w2 followed by `pad` unused elements, as the offload pool lays slots out.
-    Reading anything outside a routed expert's weights shows as NaN."""
-    R = 2 * F * D + D * F + pad
+def slot_records(S: int, D: int, F: int, dtype, pad: int) -> tuple[torch.Tensor, ...]:
+    """w13 [S, 2F, D], w2 [S, D, F], b13 [S, 2F] and b2 [S, D] as strided views into one NaN-filled
+    record buffer, each slot a record of w13, w2, b13, then b2 at every other element, followed by
+    `pad` unused elements, as the offload pool lays slots out. Reading anything outside a routed
+    expert's weights and biases (a wrong slot, offset or stride) shows as NaN."""
+    R = 2 * F * D + D * F + 2 * F + 2 * D + pad
     flat = torch.full((S * R,), float("nan"), dtype=dtype, device=DEVICE)
     w13 = flat.as_strided((S, 2 * F, D), (R, D, 1))
     w2 = flat.as_strided((S, D, F), (R, F, 1), 2 * F * D)
-    return w13, w2
+    b13 = flat.as_strided((S, 2 * F), (R, 1), 3 * F * D)
+    b2 = flat.as_strided((S, D), (R, 2), 3 * F * D + 2 * F)  # column stride 2: NaN between elements
+    return w13, w2, b13, b2
 
 
-def moe_case(T, D, F, E, K, dtype, seed, ids=None):
-    """Inputs of one fused_moe call: experts in a permuted slot table of S = E + 3 padded records."""
+def biased_moe_case(T, D, F, E, K, dtype, seed, ids=None, gate_up_scale=1.0):
+    """Inputs of one fused_moe call with biases: (x, ids, weights, w13, w2, slots, b13, b2), experts
+    in a permuted slot table of S = E + 3 padded records. gate_up_scale: the std of the gate and up
+    pre-activations (about), to push them past a clamp."""
     g = torch.Generator().manual_seed(seed)
     S = E + 3
     x = torch.randn(T, D, generator=g).to(dtype)
@@ -66,16 +72,27 @@ def moe_case(T, D, F, E, K, dtype, seed, ids=None):
         ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
     weights = torch.softmax(torch.randn(T, ids.shape[1], generator=g), dim=-1)
     slots = torch.randperm(S, generator=g)[:E]  # expert e lives in slot slots[e]
-    w13, w2 = slot_records(S, D, F, dtype, pad=13)
+    w13, w2, b13, b2 = slot_records(S, D, F, dtype, pad=13)
     # scaled so activations stay O(1) and the relative error measures rounding, not cancellation
-    w13[slots] = (torch.randn(E, 2 * F, D, generator=g) / math.sqrt(D)).to(dtype).to(DEVICE)
+    w13[slots] = (gate_up_scale * torch.randn(E, 2 * F, D, generator=g) / math.sqrt(D)).to(dtype).to(DEVICE)
     w2[slots] = (torch.randn(E, D, F, generator=g) / math.sqrt(F)).to(dtype).to(DEVICE)
-    return [t.to(DEVICE) for t in (x, ids, weights)] + [w13, w2, slots.to(DEVICE)]
+    # drawn last, so the unbiased cases below see the same weights as before biases existed
+    b13[slots] = (0.5 * gate_up_scale * torch.randn(E, 2 * F, generator=g)).to(dtype).to(DEVICE)
+    b2[slots] = (0.5 * torch.randn(E, D, generator=g)).to(dtype).to(DEVICE)
+    return [t.to(DEVICE) for t in (x, ids, weights)] + [w13, w2, slots.to(DEVICE), b13, b2]
 
 
-def moe_expected(x, ids, weights, w13, w2, slots) -> torch.Tensor:
-    double = [t.cpu().double() for t in (x, weights, w13, w2)]
-    return reference.moe_experts_reference(double[0], ids.cpu(), double[1], double[2], double[3], slots.cpu())
+def moe_case(T, D, F, E, K, dtype, seed, ids=None):
+    """Inputs of one fused_moe call without biases: (x, ids, weights, w13, w2, slots)."""
+    return biased_moe_case(T, D, F, E, K, dtype, seed, ids)[:6]
+
+
+def moe_expected(x, ids, weights, w13, w2, slots, b13=None, b2=None, activation=SILU) -> torch.Tensor:
+    x, weights, w13, w2 = (t.cpu().double() for t in (x, weights, w13, w2))
+    b13, b2 = (None if b is None else b.cpu().double() for b in (b13, b2))
+    return reference.moe_experts_reference(
+        x, ids.cpu(), weights, w13, w2, slots.cpu(), b13=b13, b2=b2, activation=activation
+    )
 
 
 MOE_CASES = {
@@ -134,7 +151,7 @@ def test_moe_stages_write_every_element(case):
         assert (slot == -1) == (len(valid) == 0)
         assert all(slots[ids.view(-1)[valid]].cpu() == slot)
     act = poisoned(T * K, F, dtype=torch.float32)
-    moe.gate_up_silu(x, w13, blocks, K, act, config, upcast=False)
+    moe.gate_up_act(x, w13, blocks, K, act, config, upcast=False)
     gate_up = torch.einsum("pd,pfd->pf", x.repeat_interleave(K, 0), w13[slots[ids.view(-1)]])  # [T*K, 2F]
     assert rel_rms(act, nnf.silu(gate_up[:, :F]) * gate_up[:, F:]) < TOLERANCE[torch.float32]
     y = poisoned(T * K, D, dtype=torch.float32)
@@ -147,6 +164,69 @@ def test_moe_stages_write_every_element(case):
     for k in range(1, K):
         in_order += y.view(T, K, D)[:, k]
     assert torch.equal(out, in_order)  # k = 0 .. K-1, in float32, bit for bit
+
+
+CLAMPED = ExpertActivation("clamped_swiglu", alpha=1.702, limit=7.0)  # GPT-OSS's values
+
+BIAS_CASES = {
+    # name: (T, D, F, E, K, gate_up_scale, activation, biases)
+    "biases, silu": (37, 72, 40, 5, 2, 1.0, SILU, True),  # several row blocks and column tiles
+    "biases, clamped": (37, 72, 40, 5, 2, 4.0, CLAMPED, True),  # GPT-OSS: pre-activations past the limit
+    "clamped, no biases": (9, 33, 19, 4, 3, 4.0, CLAMPED, False),  # odd D and F: masked tile edges
+    "odd sizes, biases, clamped": (9, 33, 19, 4, 3, 4.0, CLAMPED, True),  # masked bias loads
+}
+
+
+def clamp_binds(x, ids, w13, slots, b13, limit) -> bool:
+    """Whether some routed pair's gate exceeds the limit and its up leaves [-limit, limit] both ways."""
+    F = w13.shape[1] // 2
+    pair_w13 = w13[slots[ids.reshape(-1)]].cpu().double()  # [T*K, 2F, D]
+    h = torch.einsum("pd,pfd->pf", x.repeat_interleave(ids.shape[1], 0).cpu().double(), pair_w13)  # [T*K, 2F]
+    if b13 is not None:
+        h += b13[slots[ids.reshape(-1)]].cpu().double()
+    gate, up = h[:, :F], h[:, F:]
+    return bool((gate > limit).any() and (up > limit).any() and (up < -limit).any())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", BIAS_CASES)
+def test_fused_moe_biases_and_activation_match_reference(case, dtype):
+    T, D, F, E, K, scale, activation, biases = BIAS_CASES[case]
+    args = biased_moe_case(T, D, F, E, K, dtype, seed=len(case), gate_up_scale=scale)
+    x, ids, weights, w13, w2, slots, b13, b2 = args
+    if not biases:
+        b13 = b2 = None
+    config = BlockConfig(block_m=32, block_n=32, block_k=64, group_m=2)  # 2 column tiles of F = 40
+    out = moe.fused_moe(
+        x, ids, weights, w13, w2, slots, b13=b13, b2=b2, activation=activation, config=config,
+        out=poisoned(T, D, dtype=dtype),
+    )  # fmt: skip
+    expected = moe_expected(x, ids, weights, w13, w2, slots, b13, b2, activation)
+    assert out.dtype == dtype and out.shape == (T, D)
+    assert rel_rms(out, expected) < TOLERANCE[dtype]
+    if activation.kind == "clamped_swiglu":
+        # the clamp binds, and the comparison would see an unclamped kernel
+        assert clamp_binds(x, ids, w13, slots, b13, activation.limit)
+        unclamped = ExpertActivation("clamped_swiglu", alpha=activation.alpha, limit=1e6)
+        assert rel_rms(moe_expected(x, ids, weights, w13, w2, slots, b13, b2, unclamped), expected) > 0.05
+
+
+def test_moe_stages_add_biases_before_activation_and_routing_weight():
+    # the stages alone, against einsums: gate/up biases inside the activation, the down bias times
+    # the routing weight
+    x, ids, weights, w13, w2, slots, b13, b2 = biased_moe_case(12, 32, 24, 4, 2, torch.float32, seed=4)
+    T, K, F, D = 12, 2, 24, 32
+    config = BlockConfig(block_m=32, block_n=32, block_k=32, group_m=1)
+    blocks = moe.align_by_expert(ids, slots, config.block_m)
+    pair_slots = slots[ids.view(-1)]  # [T*K]
+    act = poisoned(T * K, F, dtype=torch.float32)
+    moe.gate_up_act(x, w13, blocks, K, act, config, upcast=False, b13=b13, activation=CLAMPED)
+    h = torch.einsum("pd,pfd->pf", x.repeat_interleave(K, 0), w13[pair_slots]) + b13[pair_slots]  # [T*K, 2F]
+    assert rel_rms(act, CLAMPED(h[:, :F], h[:, F:])) < TOLERANCE[torch.float32]
+    y = poisoned(T * K, D, dtype=torch.float32)
+    moe.down_weighted(act, w2, weights, blocks, y, config, upcast=False, b2=b2)
+    expected_y = (torch.einsum("pf,pdf->pd", act, w2[pair_slots]) + b2[pair_slots]) * weights.view(-1, 1)
+    assert rel_rms(y, expected_y) < TOLERANCE[torch.float32]
 
 
 def test_fused_moe_is_deterministic():
@@ -188,7 +268,7 @@ def test_routed_expert_without_a_slot():
     config = block_configs.heuristic_config(6, 4, block_configs.device_name(DEVICE))
     blocks = moe.align_by_expert(ids, slots, config.block_m)
     act, y = poisoned(12, 24, dtype=torch.float32), poisoned(12, 32, dtype=torch.float32)
-    moe.gate_up_silu(x, w13, blocks, 2, act, config, upcast=False)
+    moe.gate_up_act(x, w13, blocks, 2, act, config, upcast=False)
     moe.down_weighted(act, w2, weights, blocks, y, config, upcast=False)
     unslotted = (ids.view(-1) == ids[0, 0]).cpu()
     assert y[unslotted].isnan().all() and not y[~unslotted].isnan().any()
@@ -212,6 +292,41 @@ def test_fused_moe_rejects_bad_input(change, message):
     change(args)
     with pytest.raises(ValueError, match=message):
         moe.fused_moe(args["x"], args["ids"], args["weights"], args["w13"], args["w2"], args["slots"])
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: a.update(b2=None), "b13 and b2"),
+        (lambda a: a.update(b13=None), "b13 and b2"),
+        (lambda a: a.update(b13=a["b13"][:, :-1]), "b13 shape"),
+        (lambda a: a.update(b13=a["b13"][:-1]), "b13 shape"),
+        (lambda a: a.update(b2=a["b2"].half()), "b2 dtype"),
+        (lambda a: a.update(b2=torch.zeros(a["b2"].shape, device="meta")), "b2 device"),
+        (lambda a: a.update(b2=a["b2"][:, :, None]), "b2 shape"),
+        (lambda a: a.update(activation="clamped_swiglu"), "activation"),
+    ],
+    ids=["b13 alone", "b2 alone", "b13 columns", "b13 slots", "b2 dtype", "b2 device", "b2 3-d", "activation"],
+)
+def test_fused_moe_rejects_bad_biases(change, message):
+    x, ids, weights, w13, w2, slots, b13, b2 = biased_moe_case(6, 32, 24, 4, 2, torch.float32, seed=2)
+    args = dict(b13=b13, b2=b2, activation=CLAMPED)
+    change(args)
+    with pytest.raises(ValueError, match=message):
+        moe.fused_moe(x, ids, weights, w13, w2, slots, **args)
+
+
+def test_moe_stages_reject_bad_biases():
+    x, ids, weights, w13, w2, slots, b13, b2 = biased_moe_case(6, 32, 24, 4, 2, torch.float32, seed=2)
+    config = block_configs.heuristic_config(6, 4, block_configs.device_name(DEVICE))
+    blocks = moe.align_by_expert(ids, slots, config.block_m)
+    act, y = poisoned(12, 24, dtype=torch.float32), poisoned(12, 32, dtype=torch.float32)
+    with pytest.raises(ValueError, match="b13 shape"):
+        moe.gate_up_act(x, w13, blocks, 2, act, config, upcast=False, b13=b2)
+    with pytest.raises(ValueError, match="b2 dtype"):
+        moe.down_weighted(act, w2, weights, blocks, y, config, upcast=False, b2=b2.double())
+    with pytest.raises(ValueError, match="moe_experts_reference b13 and b2"):
+        reference.moe_experts_reference(x, ids, weights, w13, w2, slots, b13=b13)
 
 
 def test_fused_moe_no_tokens():
@@ -453,16 +568,25 @@ def build(kernel, types, constexprs):
     options = {"num_warps": 4, "num_stages": 3}
     triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32), options=options)
 
-for dt, upcast, precision in (("bf16", False, None), ("fp32", False, "ieee"), ("bf16", True, "ieee")):
-    blocks = dict(TOP_K=2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, UPCAST=upcast, DOT_PRECISION=precision)
-    index = dict(pairs_ptr="*i32", block_slots_ptr="*i32", stride_ws="i64")
-    build(moe._gate_up_silu_kernel, dict(x_ptr=f"*{dt}", w13_ptr=f"*{dt}", act_ptr=f"*{dt}", **index), blocks)
-    build(moe._down_weighted_kernel, dict(act_ptr=f"*{dt}", w2_ptr=f"*{dt}", weights_ptr="*fp32", y_ptr="*fp32", **index), blocks)
+# (dtype, upcast, dot precision, biases, activation): Mixtral and GPT-OSS in bf16, then the other paths
+for dt, upcast, precision, bias, activation in (
+    ("bf16", False, None, False, 0), ("bf16", False, None, True, 1),
+    ("fp32", False, "ieee", True, 0), ("bf16", True, "ieee", False, 1),
+):
+    blocks = dict(TOP_K=2, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, HAS_BIAS=bias, UPCAST=upcast)
+    blocks["DOT_PRECISION"] = precision
+    index = dict(pairs_ptr="*i32", block_slots_ptr="*i32", stride_ws="i64", alpha="fp32", limit="fp32")
+    gate_up = dict(x_ptr=f"*{dt}", w13_ptr=f"*{dt}", b13_ptr=f"*{dt}", act_ptr=f"*{dt}", **index)
+    down = dict(act_ptr=f"*{dt}", w2_ptr=f"*{dt}", b2_ptr=f"*{dt}", weights_ptr="*fp32", y_ptr="*fp32", **index)
+    # without biases the launchers pass None for the bias pointers, which Triton makes constexprs
+    build(moe._gate_up_act_kernel, gate_up, dict(blocks, ACTIVATION=activation, **({} if bias else dict(b13_ptr=None))))
+    build(moe._down_weighted_kernel, down, dict(blocks, **({} if bias else dict(b2_ptr=None))))
 build(moe._combine_kernel, dict(y_ptr="*fp32", out_ptr="*bf16"), dict(TOP_K=8, BLOCK_T=16, BLOCK_D=256))
 pointers = dict(x_ptr="*bf16", residual_ptr="*bf16", weight_ptr="*bf16", out_ptr="*bf16", h_ptr="*bf16", eps="fp32")
 build(norm._rms_norm_kernel, pointers, dict(HAS_RESIDUAL=True, BLOCK_T=1, BLOCK_D=4096))
 outputs = dict(ids_ptr="*i64", weights_ptr="*fp32")
-build(routing._softmax_topk_kernel, dict(logits_ptr="*bf16", **outputs), dict(TOP_K=2, RENORMALIZE=True, BLOCK_T=32, BLOCK_E=8, BLOCK_K=2))
+build(routing._softmax_topk_kernel, dict(logits_ptr="*bf16", **outputs),
+      dict(TOP_K=2, RENORMALIZE=True, BLOCK_T=32, BLOCK_E=8, BLOCK_K=2))
 build(routing._grouped_sigmoid_topk_kernel, dict(logits_ptr="*fp32", bias_ptr="*fp32", scaling="fp32", **outputs),
       dict(TOP_K=8, N_GROUP=8, TOPK_GROUP=4, RENORMALIZE=True, BLOCK_T=16, BLOCK_E=256, BLOCK_G=8, BLOCK_K=8))
 """

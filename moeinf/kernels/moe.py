@@ -1,24 +1,31 @@
-"""Fused SwiGLU experts read through a slot table (vLLM fused_moe / scattermoe style).
+"""Fused gated-MLP experts read through a slot table (vLLM fused_moe / scattermoe style).
 
 The T * K (token, expert) pairs are sorted by expert and each expert's run is padded to BLOCK_M,
 so every row block belongs to one expert and reads one slot's weights:
 
     align_by_expert  topk_ids [T, K] -> sorted pair ids [P] (padding = T*K), a slot per row block
-    gate_up_silu     act[p] = silu(x[t] @ gate^T) * (x[t] @ up^T)             act: [T*K, F]
-    down_weighted    y[p] = topk_weight[p] * (act[p] @ w2^T), float32          y:   [T*K, D]
-    combine_topk     out[t] = y[t*K + 0] + ... + y[t*K + K-1], float32 sums    out: [T, D]
+    gate_up_act      act[p] = activation(x[t] @ gate^T + b_gate, x[t] @ up^T + b_up)   act: [T*K, F]
+    down_weighted    y[p] = topk_weight[p] * (act[p] @ w2^T + b2), float32              y:   [T*K, D]
+    combine_topk     out[t] = y[t*K + 0] + ... + y[t*K + K-1], float32 sums             out: [T, D]
 
 with p = t * K + k. Each pair's row is written by exactly one program and the combine sums a
 token's K rows in a fixed order, so results are bitwise reproducible (no atomics).
+
+Biases and activation: b13 [S, 2F] (gate biases then up biases) and b2 [S, D] are optional,
+slot-indexed like the weights (GPT-OSS has them, the other families none); without them the
+kernels compile without the bias loads (HAS_BIAS). The biases are added to the float32
+accumulators, the gate/up ones before the activation, the down one before the routing weight.
+The activation (kernels/expert_activation.py) is compiled in as the constant ACTIVATION: SwiGLU,
+silu(gate) * up, or GPT-OSS's clamped SwiGLU, evaluated in float32 on the accumulators.
 
 Shared experts: a shared expert is an always-routed expert. Callers append it as extra columns of
 (topk_ids, topk_weights) with ids past the routed experts, and its slot at the end of the slot table
 (see with_shared_experts). A shared MLP wider than F (DeepSeek: n_shared * F, Qwen2-MoE: 4 * F)
 is split into F-wide experts, since a SwiGLU's ffn splits into a sum over column blocks.
 
-Weights are strided views: w13 [S, 2F, D] and w2 [S, D, F] may have a slot stride larger than
-their slot's size (the offload pool packs each slot as an aligned record), so every kernel takes
-all strides and computes slot offsets in int64.
+Weights and biases are strided views: w13 [S, 2F, D], w2 [S, D, F], b13 [S, 2F] and b2 [S, D]
+may have a slot stride larger than their slot's size (the offload pool packs each slot as an
+aligned record), so every kernel takes all strides and computes slot offsets in int64.
 """
 
 from __future__ import annotations
@@ -30,8 +37,10 @@ import triton
 import triton.language as tl
 
 from moeinf.kernels.block_configs import BlockConfig, device_name, interpreting, moe_block_config
+from moeinf.kernels.expert_activation import SILU, ExpertActivation
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_ACTIVATION_CODES = {"silu": 0, "clamped_swiglu": 1}  # ExpertActivation.kind -> the ACTIVATION constexpr
 
 
 @triton.jit
@@ -47,9 +56,24 @@ def _block_ids(pid, num_blocks_m, num_blocks_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _gate_up_silu_kernel(
+def _activation(gate, up, alpha, limit, ACTIVATION: tl.constexpr):
+    # gate, up: [BLOCK_M, BLOCK_N] float32 -> [BLOCK_M, BLOCK_N] float32; ExpertActivation's formulas
+    if ACTIVATION == 0:
+        # silu(gate) * up
+        act = gate * tl.sigmoid(gate) * up
+    else:
+        # clamped swiglu: gate = min(gate, limit); up = clamp(up, -limit, limit)
+        gate = tl.minimum(gate, limit)
+        up = tl.minimum(tl.maximum(up, -limit), limit)
+        act = (up + 1.0) * (gate * tl.sigmoid(gate * alpha))
+    return act
+
+
+@triton.jit
+def _gate_up_act_kernel(
     x_ptr,  # x: [T, D]
     w13_ptr,  # w13: [S, 2F, D], gate rows then up rows
+    b13_ptr,  # b13: [S, 2F], gate biases then up biases; None without biases
     act_ptr,  # act: [T*K, F]
     pairs_ptr,  # sorted_pairs: [P] int32
     block_slots_ptr,  # block_slots: [P / BLOCK_M] int32, -1 for blocks of padding only
@@ -57,11 +81,15 @@ def _gate_up_silu_kernel(
     num_blocks_m,
     ffn,
     hidden,
+    alpha,  # clamped swiglu: the sigmoid's gain (unused by silu)
+    limit,  # clamped swiglu: the clamp bound (unused by silu)
     stride_xt,
     stride_xd,
     stride_ws,
     stride_wf,
     stride_wd,
+    stride_bs,
+    stride_bf,
     stride_ap,
     stride_af,
     TOP_K: tl.constexpr,
@@ -69,6 +97,8 @@ def _gate_up_silu_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,  # 0: silu, 1: clamped swiglu
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -103,7 +133,11 @@ def _gate_up_silu_kernel(
         x_ptrs += BLOCK_K * stride_xd
         gate_ptrs += BLOCK_K * stride_wd
         up_ptrs += BLOCK_K * stride_wd
-    act = acc_gate * tl.sigmoid(acc_gate) * acc_up
+    if HAS_BIAS:
+        gate_bias_ptrs = b13_ptr + slot * stride_bs + offs_n * stride_bf  # [BLOCK_N]
+        acc_gate += tl.load(gate_bias_ptrs, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        acc_up += tl.load(gate_bias_ptrs + ffn * stride_bf, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    act = _activation(acc_gate, acc_up, alpha, limit, ACTIVATION)
     act_ptrs = act_ptr + pairs[:, None] * stride_ap + offs_n[None, :] * stride_af
     tl.store(act_ptrs, act.to(act_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -112,6 +146,7 @@ def _gate_up_silu_kernel(
 def _down_weighted_kernel(
     act_ptr,  # act: [T*K, F]
     w2_ptr,  # w2: [S, D, F]
+    b2_ptr,  # b2: [S, D]; None without biases
     weights_ptr,  # topk_weights: [T, K] float32
     y_ptr,  # y: [T*K, D] float32
     pairs_ptr,  # sorted_pairs: [P] int32
@@ -125,6 +160,8 @@ def _down_weighted_kernel(
     stride_ws,
     stride_wd,
     stride_wf,
+    stride_bs,
+    stride_bd,
     stride_rt,
     stride_rk,
     stride_yp,
@@ -134,6 +171,7 @@ def _down_weighted_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -163,6 +201,9 @@ def _down_weighted_kernel(
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
         act_ptrs += BLOCK_K * stride_af
         w_ptrs += BLOCK_K * stride_wf
+    if HAS_BIAS:
+        # the bias belongs to the expert's output, before the routing weight scales it
+        acc += tl.load(b2_ptr + slot * stride_bs + offs_n * stride_bd, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     route = tl.load(weights_ptr + (pairs // TOP_K) * stride_rt + (pairs % TOP_K) * stride_rk, mask=row_ok, other=0.0)
     tl.store(y_ptrs, acc * route.to(tl.float32)[:, None], mask=row_ok[:, None] & col_ok[None, :])
 
@@ -264,7 +305,13 @@ def align_by_expert(topk_ids: torch.Tensor, expert_slots: torch.Tensor, block_m:
     return ExpertBlocks(sorted_pairs, block_slots, num_pairs, block_m)
 
 
-def gate_up_silu(
+def _expect_activation(activation: ExpertActivation) -> None:
+    _expect(isinstance(activation, ExpertActivation), "activation", "an ExpertActivation", type(activation).__name__)
+    kinds = ", ".join(_ACTIVATION_CODES)
+    _expect(activation.kind in _ACTIVATION_CODES, "activation kind", f"one of {kinds}", activation.kind)
+
+
+def gate_up_act(
     x: torch.Tensor,
     w13: torch.Tensor,
     blocks: ExpertBlocks,
@@ -272,8 +319,12 @@ def gate_up_silu(
     act: torch.Tensor,
     config: BlockConfig,
     upcast: bool,
+    *,
+    b13: torch.Tensor | None = None,
+    activation: ExpertActivation = SILU,
 ) -> None:
-    """act[p] = silu(x[t] @ gate^T) * (x[t] @ up^T) for every pair p = t*K + k, into act [T*K, F]."""
+    """act[p] = activation(x[t] @ gate^T + b_gate, x[t] @ up^T + b_up) for every pair p = t*K + k,
+    into act [T*K, F]. b13: [S, 2F] gate biases then up biases (any strides, x's dtype), or None."""
     T, D = x.shape
     _expect(x.dtype in _DTYPES, "x dtype", "float16, bfloat16 or float32", x.dtype)
     _expect(
@@ -288,14 +339,20 @@ def gate_up_silu(
     )
     _expect(blocks.num_pairs == T * top_k, "blocks.num_pairs", f"T * K = {T * top_k}", blocks.num_pairs)
     _expect_matrix(act, "act", (T * top_k, F), x.dtype, x.device)
+    if b13 is not None:
+        _expect_matrix(b13, "b13", (w13.shape[0], 2 * F), x.dtype, x.device)
+    _expect_activation(activation)
+    bias_strides = (0, 0) if b13 is None else (b13.stride(0), b13.stride(1))
     num_blocks_m = blocks.block_slots.shape[0]
     grid = (num_blocks_m * triton.cdiv(F, config.block_n),)
-    _gate_up_silu_kernel[grid](
-        x, w13, act, blocks.sorted_pairs, blocks.block_slots,
-        blocks.num_pairs, num_blocks_m, F, D,
-        x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2), act.stride(0), act.stride(1),
+    _gate_up_act_kernel[grid](
+        x, w13, b13, act, blocks.sorted_pairs, blocks.block_slots,
+        blocks.num_pairs, num_blocks_m, F, D, float(activation.alpha), float(activation.limit),
+        x.stride(0), x.stride(1), w13.stride(0), w13.stride(1), w13.stride(2), *bias_strides,
+        act.stride(0), act.stride(1),
         TOP_K=top_k, BLOCK_M=blocks.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        GROUP_M=config.group_m, UPCAST=upcast, DOT_PRECISION=_dot_precision(x.dtype, upcast),
+        GROUP_M=config.group_m, HAS_BIAS=b13 is not None, ACTIVATION=_ACTIVATION_CODES[activation.kind],
+        UPCAST=upcast, DOT_PRECISION=_dot_precision(x.dtype, upcast),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
 
@@ -308,8 +365,11 @@ def down_weighted(
     y: torch.Tensor,
     config: BlockConfig,
     upcast: bool,
+    *,
+    b2: torch.Tensor | None = None,
 ) -> None:
-    """y[p] = topk_weights[t, k] * (act[p] @ down^T) in float32, into y [T*K, D]."""
+    """y[p] = topk_weights[t, k] * (act[p] @ down^T + b2) in float32, into y [T*K, D].
+    b2: [S, D] (any strides, act's dtype), or None."""
     P, F = act.shape
     T, K = topk_weights.shape
     _expect(w2.dim() == 3 and w2.shape[2] == F, "w2 shape", f"[S, D, {F}]", list(w2.shape))
@@ -325,15 +385,19 @@ def down_weighted(
         P == blocks.num_pairs == T * K, "act rows", f"T * K = {T * K} = blocks.num_pairs", f"{P} and {blocks.num_pairs}"
     )
     _expect_matrix(y, "y", (P, D), torch.float32, act.device)
+    if b2 is not None:
+        _expect_matrix(b2, "b2", (w2.shape[0], D), act.dtype, act.device)
+    bias_strides = (0, 0) if b2 is None else (b2.stride(0), b2.stride(1))
     num_blocks_m = blocks.block_slots.shape[0]
     grid = (num_blocks_m * triton.cdiv(D, config.block_n),)
     _down_weighted_kernel[grid](
-        act, w2, topk_weights, y, blocks.sorted_pairs, blocks.block_slots,
+        act, w2, b2, topk_weights, y, blocks.sorted_pairs, blocks.block_slots,
         blocks.num_pairs, num_blocks_m, D, F,
-        act.stride(0), act.stride(1), w2.stride(0), w2.stride(1), w2.stride(2),
+        act.stride(0), act.stride(1), w2.stride(0), w2.stride(1), w2.stride(2), *bias_strides,
         topk_weights.stride(0), topk_weights.stride(1), y.stride(0), y.stride(1),
         TOP_K=K, BLOCK_M=blocks.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        GROUP_M=config.group_m, UPCAST=upcast, DOT_PRECISION=_dot_precision(act.dtype, upcast),
+        GROUP_M=config.group_m, HAS_BIAS=b2 is not None, UPCAST=upcast,
+        DOT_PRECISION=_dot_precision(act.dtype, upcast),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
 
@@ -406,15 +470,20 @@ def fused_moe(
     w2: torch.Tensor,
     expert_slots: torch.Tensor,
     *,
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    activation: ExpertActivation = SILU,
     upcast: bool | None = None,
     config: BlockConfig | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Routed SwiGLU experts through a slot table; the contract of moe_experts_reference.
+    """Routed gated-MLP experts through a slot table; the contract of moe_experts_reference.
 
     x: [T, D] float16/bfloat16/float32; topk_ids: [T, K] int64; topk_weights: [T, K] float32;
     w13: [S, 2F, D]; w2: [S, D, F] (any strides, x's dtype); expert_slots: [E] int64, -1 for
     experts not resident (every routed expert must have a slot). Returns out [T, D] in x's dtype.
+    b13: [S, 2F] gate then up biases, b2: [S, D] down biases (any strides, x's dtype; both or
+    neither); activation: SwiGLU (SILU) or GPT-OSS's clamped SwiGLU.
     upcast: multiply in float32 (None: only bfloat16 under the interpreter); config: block sizes
     (None: the tuned file for this shape and device, else the heuristic); out: where to write.
     """
@@ -427,6 +496,16 @@ def fused_moe(
     _expect(w13.dim() == 3 and w13.shape[1] % 2 == 0, "w13", "an [S, 2F, D] tensor", list(w13.shape))
     S, F = w13.shape[0], w13.shape[1] // 2
     _expect(tuple(w2.shape) == (S, D, F), "w2 shape", str([S, D, F]), list(w2.shape))
+    _expect(
+        (b13 is None) == (b2 is None),
+        "b13 and b2",
+        "both or neither",
+        f"b13 {'None' if b13 is None else 'given'}, b2 {'None' if b2 is None else 'given'}",
+    )
+    if b13 is not None:
+        _expect_matrix(b13, "b13", (S, 2 * F), x.dtype, x.device)
+        _expect_matrix(b2, "b2", (S, D), x.dtype, x.device)
+    _expect_activation(activation)
     if out is None:
         out = torch.empty_like(x)
     _expect_matrix(out, "out", (T, D), x.dtype, x.device)
@@ -439,8 +518,8 @@ def fused_moe(
         config = moe_block_config(expert_slots.shape[0], F, D, x.dtype, T, device_name(x.device))
     blocks = align_by_expert(topk_ids, expert_slots, config.block_m)
     act = torch.empty((T * K, F), dtype=x.dtype, device=x.device)  # [T*K, F]
-    gate_up_silu(x, w13, blocks, K, act, config, upcast)
+    gate_up_act(x, w13, blocks, K, act, config, upcast, b13=b13, activation=activation)
     y = torch.empty((T * K, D), dtype=torch.float32, device=x.device)  # [T*K, D]
-    down_weighted(act, w2, topk_weights, blocks, y, config, upcast)
+    down_weighted(act, w2, topk_weights, blocks, y, config, upcast, b2=b2)
     combine_topk(y, K, out)
     return out

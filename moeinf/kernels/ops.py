@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from moeinf.kernels.expert_activation import SILU, ExpertActivation
 from moeinf.kernels.reference import (
     grouped_sigmoid_topk_reference,
     moe_experts_reference,
@@ -56,10 +57,16 @@ def moe_experts(
     w13: torch.Tensor,
     w2: torch.Tensor,
     expert_slots: torch.Tensor,
+    *,
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    activation: ExpertActivation = SILU,
 ) -> torch.Tensor:
     # x: [T, D]; w13: [S, 2F, D]; w2: [S, D, F]; expert_slots: [E] -> [T, D]
+    # b13: [S, 2F], b2: [S, D] per-slot biases (both or neither); activation of (gate, up)
+    extras = dict(b13=b13, b2=b2, activation=activation)
     if x.is_cuda:
         from moeinf.kernels import moe
 
-        return moe.fused_moe(x, topk_ids, topk_weights, w13, w2, expert_slots)
-    return moe_experts_reference(x, topk_ids, topk_weights, w13, w2, expert_slots)
+        return moe.fused_moe(x, topk_ids, topk_weights, w13, w2, expert_slots, **extras)
+    return moe_experts_reference(x, topk_ids, topk_weights, w13, w2, expert_slots, **extras)

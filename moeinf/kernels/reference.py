@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moeinf.kernels.expert_activation import SILU, ExpertActivation
+
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # x: [T, D], weight: [D]; statistics in float32 whatever the input dtype
@@ -21,14 +23,26 @@ def moe_experts_reference(
     w13: torch.Tensor,
     w2: torch.Tensor,
     expert_slots: torch.Tensor,
+    *,
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    activation: ExpertActivation = SILU,
 ) -> torch.Tensor:
-    """Routed SwiGLU experts read through a slot table, combined with the routing weights.
+    """Routed gated-MLP experts read through a slot table, combined with the routing weights.
 
     x: [T, D]; topk_ids: [T, K] expert ids; topk_weights: [T, K] (float32 from the router);
     w13: [S, 2F, D] gate rows then up rows; w2: [S, D, F]; expert_slots: [E] slot of each expert
     (only the routed ones need be valid). Returns [T, D] in x's dtype.
+    b13: [S, 2F] gate biases then up biases, b2: [S, D] down biases, slot-indexed like the weights
+    (GPT-OSS; both or neither); activation: of (gate, up), SwiGLU unless given.
+    Per expert: y = weight * (activation(gate, up) @ w2^T + b2) with (gate, up) = x @ w13^T + b13.
     Experts are visited in ascending id and summed with index_add_, the order transformers uses.
     """
+    if (b13 is None) != (b2 is None):
+        raise ValueError(
+            f"moe_experts_reference b13 and b2: expected both or neither, found "
+            f"b13 {'None' if b13 is None else 'given'}, b2 {'None' if b2 is None else 'given'}"
+        )
     T, K = topk_ids.shape
     out = torch.zeros_like(x)
     flat_ids = topk_ids.reshape(-1)
@@ -45,8 +59,8 @@ def moe_experts_reference(
         start += count
         tokens = pairs // K
         slot = slots[expert]
-        gate, up = F.linear(x[tokens], w13[slot]).split(ffn, dim=-1)
-        y = F.linear(F.silu(gate) * up, w2[slot])
+        gate, up = F.linear(x[tokens], w13[slot], None if b13 is None else b13[slot]).split(ffn, dim=-1)
+        y = F.linear(activation(gate, up), w2[slot], None if b2 is None else b2[slot])  # [count, D]
         y = y * flat_weights[pairs, None]
         out.index_add_(0, tokens, y.to(x.dtype))
     return out

@@ -80,6 +80,78 @@ FAMILIES = {
             router_jitter_noise=0.2,
         ),
     ),
+    "deepseek_v2": (
+        "DeepseekV2Config",
+        "DeepseekV2ForCausalLM",
+        # MLA without a q bottleneck (V2-Lite), layer 0 dense, two shared experts, group-limited
+        # routing that binds (3 experts from the better of 2 groups of 4), weights scaled
+        dict(
+            COMMON,
+            num_hidden_layers=5,
+            num_key_value_heads=4,
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            n_routed_experts=8,
+            n_shared_experts=2,
+            first_k_dense_replace=1,
+            kv_lora_rank=24,
+            q_lora_rank=None,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=12,
+            num_experts_per_tok=3,
+            topk_method="group_limited_greedy",
+            n_group=2,
+            topk_group=1,
+            routed_scaling_factor=1.5,
+        ),
+    ),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        # MLA with a q bottleneck, yarn rope with mscale_all_dim (scales the softmax too), sigmoid
+        # routing with a correction bias over 4 groups of 2
+        dict(
+            COMMON,
+            num_hidden_layers=5,
+            num_key_value_heads=4,
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            kv_lora_rank=24,
+            q_lora_rank=20,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=12,
+            n_group=4,
+            topk_group=2,
+            rope_parameters=dict(
+                rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=128,
+                mscale=1.0, mscale_all_dim=1.0, beta_fast=32.0, beta_slow=1.0,
+            ),
+        ),
+    ),
+    "gpt_oss": (
+        "GptOssConfig",
+        "GptOssForCausalLM",
+        # fused experts with biases, clamped SwiGLU (a limit of 2 that binds with these weights), router
+        # bias, sinks, sliding (8) and full layers alternating, yarn rope
+        dict(
+            COMMON,
+            num_hidden_layers=4,
+            head_dim=16,
+            intermediate_size=48,
+            num_local_experts=6,
+            sliding_window=8,
+            swiglu_limit=2.0,
+            rope_parameters=dict(
+                rope_type="yarn", rope_theta=150000.0, factor=4.0, original_max_position_embeddings=128,
+                beta_fast=32.0, beta_slow=1.0, truncate=False,
+            ),
+        ),
+    ),
 }
 
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from moeinf.errors import ConfigError, TensorDtypeError, TensorShapeError
 from moeinf.loaders.safetensors_index import TensorIndex
-from moeinf.models.family import Family
+from moeinf.models.family import EXPERT_ROLES, Family
 from moeinf.models.registry import spec_from_config
 from moeinf.models.spec import ModelSpec
 
@@ -32,6 +32,15 @@ def read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data
+
+
+class ExpertWeights(NamedTuple):
+    """One routed expert in the slot layout, in the checkpoint's dtype, on the CPU."""
+
+    w13: torch.Tensor  # [2F, D]: gate rows, then up rows
+    w2: torch.Tensor  # [D, F]: down
+    b13: torch.Tensor | None  # [2F]: gate then up biases (GPT-OSS); None without biases
+    b2: torch.Tensor | None  # [D]
 
 
 @dataclass
@@ -65,6 +74,24 @@ class Checkpoint:
         """An expert tensor; `moe_layer` counts MoE layers only, as the expert stack does."""
         return self.read(role, self.spec.moe_layers[moe_layer], expert)
 
+    def expert_weights(self, moe_layer: int, expert: int) -> ExpertWeights:
+        """One routed expert, from per-expert tensors or from one row of the fused ones."""
+        if not self.family.fused_experts:
+            gate, up, down = (self.read_expert(role, moe_layer, expert) for role in EXPERT_ROLES)
+            return ExpertWeights(torch.cat([gate, up]), down, None, None)
+        layer = self.spec.moe_layers[moe_layer]
+
+        def row(role: str) -> torch.Tensor:
+            return self.index.read_row(self.family.tensor_name(role, layer), expert)
+
+        gate_up = row("experts_gate_up")  # [D, 2F], gate and up interleaved: columns 2i gate, 2i+1 up
+        w13 = torch.cat([gate_up[:, 0::2].T, gate_up[:, 1::2].T])  # [2F, D]
+        w2 = row("experts_down").T  # [F, D] -> [D, F]
+        if not self.spec.expert_bias:
+            return ExpertWeights(w13, w2, None, None)
+        b = row("experts_gate_up_bias")  # [2F] interleaved as gate_up's columns
+        return ExpertWeights(w13, w2, torch.cat([b[0::2], b[1::2]]), row("experts_down_bias"))
+
     @property
     def tokenizer_file(self) -> Path | None:
         candidate = self.path / "tokenizer.json"
@@ -73,10 +100,9 @@ class Checkpoint:
     def expert_bytes(self) -> int:
         """Bytes of all routed experts on disk."""
         return sum(
-            self.index.info(self.family.tensor_name(role, layer, expert)).nbytes
+            self.index.info(name).nbytes
             for layer in self.spec.moe_layers
-            for expert in range(self.spec.num_experts)
-            for role in ("expert_gate", "expert_up", "expert_down")
+            for name in self.family.expert_tensor_names(self.spec, layer)
         )
 
 

@@ -11,9 +11,10 @@ plain byte copies.
 File layout:
     [0, 24)                 magic b"MOEINFXS", u32 version, u32 reserved, u64 JSON length (little-endian)
     [24, 24 + JSON length)  UTF-8 JSON: fingerprint, num_layers, num_experts, dtype, w13_shape,
-                            w2_shape, record_nbytes, data_offset, crc32 (one per record)
+                            w2_shape, biases, record_nbytes, data_offset, crc32 (one per record)
     [data_offset, ...)      records; record (l, e) is number l * E + e, record_nbytes each
-    record                  w13 [2F, D] (gate rows, then up rows), w2 [D, F], zero padding
+    record                  w13 [2F, D] (gate rows, then up rows), w2 [D, F], for families with
+                            expert biases b13 [2F] and b2 [D], then zero padding
 
 The fingerprint covers the checkpoint's config.json and the name, size and mtime of each weight
 file, so a changed checkpoint makes the old store untrusted and it is rebuilt. A build writes to a
@@ -43,7 +44,7 @@ from moeinf.errors import StoreBufferError, StoreChecksumError, StoreError, Stor
 from moeinf.loaders.checkpoint import Checkpoint
 
 ALIGN = 4096
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: records may end with expert biases
 MAGIC = b"MOEINFXS"
 PREFIX = struct.Struct("<8sIIQ")  # magic, version, reserved, JSON length
 MAX_CRC = 0xFFFFFFFF
@@ -65,16 +66,31 @@ class RecordLayout:
     dtype: torch.dtype  # compute dtype the bytes are stored in
     w13_nbytes: int
     w2_nbytes: int
-    payload_nbytes: int  # w13_nbytes + w2_nbytes
+    payload_nbytes: int  # w13_nbytes + w2_nbytes (+ b13_nbytes + b2_nbytes)
     record_nbytes: int  # payload rounded up to ALIGN
+    b13_nbytes: int = 0  # biases (GPT-OSS): b13 [2F] then b2 [D], after w2; 0 without
+    b2_nbytes: int = 0
 
     @classmethod
-    def of(cls, hidden_size: int, expert_ffn: int, dtype: torch.dtype) -> RecordLayout:
+    def of(cls, hidden_size: int, expert_ffn: int, dtype: torch.dtype, biases: bool = False) -> RecordLayout:
         D, F, itemsize = hidden_size, expert_ffn, dtype.itemsize
         w13_nbytes = 2 * F * D * itemsize
         w2_nbytes = D * F * itemsize
-        payload = w13_nbytes + w2_nbytes
-        return cls((2 * F, D), (D, F), dtype, w13_nbytes, w2_nbytes, payload, round_up(payload))
+        b13_nbytes, b2_nbytes = (2 * F * itemsize, D * itemsize) if biases else (0, 0)
+        payload = w13_nbytes + w2_nbytes + b13_nbytes + b2_nbytes
+        return cls((2 * F, D), (D, F), dtype, w13_nbytes, w2_nbytes, payload, round_up(payload), b13_nbytes, b2_nbytes)
+
+    @property
+    def biases(self) -> bool:
+        return self.b13_nbytes > 0
+
+    @property
+    def b13_offset(self) -> int:
+        return self.w13_nbytes + self.w2_nbytes
+
+    @property
+    def b2_offset(self) -> int:
+        return self.b13_offset + self.b13_nbytes
 
 
 def checkpoint_fingerprint(checkpoint: Checkpoint, dtype: torch.dtype) -> str:
@@ -170,6 +186,7 @@ def header_meta(fingerprint: str, num_layers: int, num_experts: int, layout: Rec
         "dtype": dtype_name(layout.dtype),
         "w13_shape": list(layout.w13_shape),
         "w2_shape": list(layout.w2_shape),
+        "biases": layout.biases,
         "record_nbytes": layout.record_nbytes,
     }
 
@@ -282,7 +299,7 @@ class ExpertStore:
         """Opens `directory`/experts-<dtype>.moeinf if it is a complete store of this checkpoint in
         `dtype`; otherwise builds it first (built=True, rebuild_reason says why)."""
         spec = checkpoint.spec
-        layout = RecordLayout.of(spec.hidden_size, spec.expert_ffn, dtype)
+        layout = RecordLayout.of(spec.hidden_size, spec.expert_ffn, dtype, biases=spec.expert_bias)
         directory = Path(directory).expanduser()
         path = directory / f"experts-{dtype_name(dtype)}.moeinf"
         num_records = spec.num_moe_layers * spec.num_experts
@@ -326,8 +343,9 @@ class ExpertStore:
     def read_into(self, layer: int, expert: int, out: Any) -> None:
         """Reads record (layer, expert) into `out` (>= record_nbytes bytes) and checks its crc32.
 
-        out[:w13_nbytes] is w13 [2F, D], out[w13_nbytes:payload_nbytes] is w2 [D, F], in layout.dtype;
-        the bytes up to record_nbytes are padding. Uses O_DIRECT when `out` starts on an ALIGN boundary."""
+        out[:w13_nbytes] is w13 [2F, D], then w2 [D, F] (and the biases, see RecordLayout), in
+        layout.dtype; the bytes from payload_nbytes up to record_nbytes are padding. Uses O_DIRECT
+        when `out` starts on an ALIGN boundary."""
         if self._fd < 0:
             raise StoreError(f"expected an open expert store, found {self.path} closed")
         index = self._record_index(layer, expert)
@@ -373,18 +391,25 @@ class ExpertStore:
 def pack_record(checkpoint: Checkpoint, layout: RecordLayout, layer: int, expert: int, out: np.ndarray) -> None:
     """Writes the payload of record (layer, expert) into out[:payload_nbytes]; `layer` counts MoE
     layers only (the store holds no dense layers)."""
-    gate = checkpoint.read_expert("expert_gate", layer, expert)  # [F, D]
-    up = checkpoint.read_expert("expert_up", layer, expert)  # [F, D]
-    down = checkpoint.read_expert("expert_down", layer, expert)  # [D, F]
-    w13 = torch.cat([gate, up]).to(layout.dtype).contiguous()  # [2F, D]
-    w2 = down.to(layout.dtype).contiguous()  # [D, F]
+    weights = checkpoint.expert_weights(layer, expert)
+    w13 = weights.w13.to(layout.dtype).contiguous()  # [2F, D]
+    w2 = weights.w2.to(layout.dtype).contiguous()  # [D, F]
     if tuple(w13.shape) != layout.w13_shape or tuple(w2.shape) != layout.w2_shape:
         raise StoreError(
             f"layer {layer}, expert {expert}: expected w13 {list(layout.w13_shape)} and w2 {list(layout.w2_shape)}, "
             f"found {list(w13.shape)} and {list(w2.shape)}"
         )
-    out[: layout.w13_nbytes] = w13.reshape(-1).view(torch.uint8).numpy()
-    out[layout.w13_nbytes : layout.payload_nbytes] = w2.reshape(-1).view(torch.uint8).numpy()
+    if (weights.b13 is not None) != layout.biases:
+        raise StoreError(
+            f"layer {layer}, expert {expert}: expected {'biases' if layout.biases else 'no biases'} in the record, "
+            f"found {'none' if weights.b13 is None else 'biases'} in the checkpoint"
+        )
+    pieces = [w13, w2] + ([weights.b13, weights.b2] if layout.biases else [])
+    offset = 0
+    for piece in pieces:
+        data = piece.to(layout.dtype).contiguous().reshape(-1).view(torch.uint8).numpy()
+        out[offset : offset + data.nbytes] = data
+        offset += data.nbytes
 
 
 def build(

@@ -150,11 +150,22 @@ class TensorIndex:
             files = ", ".join(p.name for p in self.files())
             raise MissingTensorError(f"tensor {name!r} is in none of the checkpoint's files ({files})") from None
 
-    def read(self, name: str) -> torch.Tensor:
-        """The tensor in its stored dtype, on the CPU."""
+    def _handle(self, name: str) -> object:
         info = self.info(name)
         with self._lock:
             handle = self._handles.get(info.file)
             if handle is None:
                 handle = self._handles[info.file] = safe_open(str(info.file), framework="pt")
-        return handle.get_tensor(name)
+        return handle
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor in its stored dtype, on the CPU."""
+        return self._handle(name).get_tensor(name)
+
+    def read_row(self, name: str, row: int) -> torch.Tensor:
+        """tensor[row] (one slice along dim 0, e.g. one expert of a fused expert tensor), reading
+        only that slice's bytes from disk."""
+        shape = self.info(name).shape
+        if not shape or not 0 <= row < shape[0]:
+            raise MissingTensorError(f"tensor {name!r} of shape {list(shape)} has no row {row}")
+        return self._handle(name).get_slice(name)[row : row + 1][0]

@@ -23,7 +23,7 @@ ROLE_SHAPES: dict[str, Shape] = {
     "q_proj": ("q_dim", "hidden_size"),
     "k_proj": ("kv_dim", "hidden_size"),
     "v_proj": ("kv_dim", "hidden_size"),
-    "o_proj": ("hidden_size", "q_dim"),
+    "o_proj": ("hidden_size", "attn_out_dim"),
     "q_bias": ("q_dim",),
     "k_bias": ("kv_dim",),
     "v_bias": ("kv_dim",),
@@ -46,6 +46,21 @@ ROLE_SHAPES: dict[str, Shape] = {
     "attn_norm_bias": ("hidden_size",),
     "ffn_norm_bias": ("hidden_size",),
     "o_bias": ("hidden_size",),
+    # multi-head latent attention (DeepSeek)
+    "q_a_proj": ("q_lora_rank", "hidden_size"),
+    "q_a_norm": ("q_lora_rank",),
+    "q_b_proj": ("q_dim", "q_lora_rank"),
+    "kv_a_proj": ("kv_a_dim", "hidden_size"),
+    "kv_a_norm": ("kv_lora_rank",),
+    "kv_b_proj": ("kv_b_dim", "kv_lora_rank"),
+    "sinks": ("num_heads",),  # GPT-OSS attention sinks
+    "router_bias": ("num_experts",),
+    "router_correction_bias": ("num_experts",),
+    # one tensor per layer for all experts (GPT-OSS): x @ gate_up, gate and up interleaved on the last dim
+    "experts_gate_up": ("num_experts", "hidden_size", "gate_up_dim"),
+    "experts_gate_up_bias": ("num_experts", "gate_up_dim"),
+    "experts_down": ("num_experts", "expert_ffn", "hidden_size"),
+    "experts_down_bias": ("num_experts", "hidden_size"),
 }
 
 # Roles the executor asks for; a family maps the ones it has to names on disk.
@@ -53,12 +68,20 @@ GLOBAL_ROLES = ("embed", "final_norm", "lm_head")
 FINAL_NORM_BIAS_ROLES = ("final_norm_bias",)
 LM_HEAD_BIAS_ROLES = ("lm_head_bias",)
 ATTENTION_ROLES = ("attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "ffn_norm")
+MLA_ROLES = ("attn_norm", "kv_a_proj", "kv_a_norm", "kv_b_proj", "o_proj", "ffn_norm")
+MLA_Q_ROLES = ("q_proj",)  # queries straight from the hidden state (q_lora_rank None)
+MLA_Q_LORA_ROLES = ("q_a_proj", "q_a_norm", "q_b_proj")
+SINK_ROLES = ("sinks",)
 NORM_BIAS_ROLES = ("attn_norm_bias", "ffn_norm_bias")
 ATTENTION_BIAS_ROLES = ("q_bias", "k_bias", "v_bias")
 ATTENTION_OUT_BIAS_ROLES = ("o_bias",)
 QK_NORM_ROLES = ("q_norm", "k_norm")
 ROUTER_ROLES = ("router",)
-EXPERT_ROLES = ("expert_gate", "expert_up", "expert_down")
+ROUTER_BIAS_ROLES = ("router_bias",)
+ROUTER_CORRECTION_BIAS_ROLES = ("router_correction_bias",)
+EXPERT_ROLES = ("expert_gate", "expert_up", "expert_down")  # one tensor per expert
+FUSED_EXPERT_ROLES = ("experts_gate_up", "experts_down")  # one tensor per layer, experts on dim 0
+FUSED_EXPERT_BIAS_ROLES = ("experts_gate_up_bias", "experts_down_bias")
 SHARED_EXPERT_ROLES = ("shared_gate", "shared_up", "shared_down")
 SHARED_EXPERT_GATE_ROLES = ("shared_expert_gate",)
 DENSE_MLP_ROLES = ("mlp_gate", "mlp_up", "mlp_down")
@@ -71,6 +94,7 @@ class Family:
     tensor_names: dict[str, str]  # role -> name pattern
     tensor_shapes: dict[str, Shape]  # role -> shape in spec attribute names
     parse_config: Callable[[dict[str, Any], str], ModelSpec]
+    fused_experts: bool = False  # experts stored as FUSED_EXPERT_ROLES rather than EXPERT_ROLES
 
     def tensor_name(self, role: str, layer: int | None = None, expert: int | None = None) -> str:
         return self.tensor_names[role].format(layer=layer, expert=expert)
@@ -87,18 +111,33 @@ class Family:
 
     def layer_roles(self, spec: ModelSpec, layer: int) -> tuple[str, ...]:
         """The per-layer (not per-expert) roles of decoder layer `layer` under this spec."""
-        roles = ATTENTION_ROLES
+        if spec.mla is None:
+            roles = ATTENTION_ROLES
+        else:
+            roles = MLA_ROLES + (MLA_Q_ROLES if spec.mla.q_lora_rank is None else MLA_Q_LORA_ROLES)
+        roles += SINK_ROLES if spec.attention_sinks else ()
         roles += NORM_BIAS_ROLES if spec.norm_type == "layer" else ()
         roles += ATTENTION_BIAS_ROLES if spec.attention_bias else ()
         roles += ATTENTION_OUT_BIAS_ROLES if spec.attention_out_bias else ()
         roles += QK_NORM_ROLES if spec.qk_norm else ()
         if layer in spec.moe_layers:
             roles += ROUTER_ROLES
+            roles += ROUTER_BIAS_ROLES if spec.router_bias else ()
+            roles += ROUTER_CORRECTION_BIAS_ROLES if spec.router_correction_bias else ()
             roles += SHARED_EXPERT_ROLES if spec.shared_expert_ffn else ()
             roles += SHARED_EXPERT_GATE_ROLES if spec.shared_expert_gated else ()
         else:
             roles += DENSE_MLP_ROLES
         return roles
+
+    def expert_tensor_names(self, spec: ModelSpec, layer: int) -> dict[str, str]:
+        """The routed experts' tensors of decoder layer `layer`: name on disk -> role."""
+        if self.fused_experts:
+            roles = FUSED_EXPERT_ROLES + (FUSED_EXPERT_BIAS_ROLES if spec.expert_bias else ())
+            return {self.tensor_name(role, layer): role for role in roles}
+        return {
+            self.tensor_name(role, layer, expert): role for expert in range(spec.num_experts) for role in EXPERT_ROLES
+        }
 
     def expected_tensors(self, spec: ModelSpec) -> dict[str, tuple[int, ...]]:
         """Every tensor name the model reads -> the shape it must have on disk."""
@@ -107,7 +146,6 @@ class Family:
             for role in self.layer_roles(spec, layer):
                 expected[self.tensor_name(role, layer)] = self.tensor_shape(spec, role)
         for layer in spec.moe_layers:
-            for expert in range(spec.num_experts):
-                for role in EXPERT_ROLES:
-                    expected[self.tensor_name(role, layer, expert)] = self.tensor_shape(spec, role)
+            for name, role in self.expert_tensor_names(spec, layer).items():
+                expected[name] = self.tensor_shape(spec, role)
         return expected

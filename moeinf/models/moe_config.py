@@ -43,13 +43,24 @@ def read_moe_spec(
     default_theta: float,
     default_eps: float = 1e-6,
     default_max_position: int = 4096,
-    moe_layers: str = "all",  # "all", or "sparse_step" for Qwen's decoder_sparse_step / mlp_only_layers
+    # "all"; "sparse_step": Qwen's decoder_sparse_step / mlp_only_layers; "first_k_dense": every
+    # layer from DeepSeek's first_k_dense_replace on
+    moe_layers: str = "all",
     rope_types: tuple[str, ...] = ROPE_TYPES,  # the rope types this family computes like transformers
+    head_dim: int | None = None,  # the family's own head size (MLA: q/k heads); None: config's head_dim
+    rotary_dim: int | None = None,  # dims of a head that rotate, None: head_dim (times partial_rotary_factor)
     **features: Any,
 ) -> ModelSpec:
     """Defaults are transformers' config defaults for the family, used when a key is absent.
     features: ModelSpec fields a family sets itself (attention_bias, qk_norm, shared experts...)."""
     read = ConfigReader(config, source)
+    quantization = config.get("quantization_config")
+    if quantization is not None:
+        method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else quantization
+        raise ConfigError(
+            f"{source}: quantized checkpoints are not supported (quantization_config quant_method {method!r}); "
+            "expected float32, float16 or bfloat16 weights (dequantize the checkpoint first)"
+        )
     hidden = read.positive_int("hidden_size")
     heads = read.positive_int("num_attention_heads")
     kv_heads = read.positive_int("num_key_value_heads", heads)
@@ -57,7 +68,7 @@ def read_moe_spec(
         raise ConfigError(
             f"{source}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})"
         )
-    head_dim = read.optional_positive_int("head_dim") or hidden // heads
+    head_dim = head_dim or read.optional_positive_int("head_dim") or hidden // heads
     experts_key = first_key(read, experts_keys)
     experts = read.positive_int(experts_key)
     top_k = read.positive_int("num_experts_per_tok")
@@ -67,7 +78,12 @@ def read_moe_spec(
     if act != "silu":
         raise ConfigError(f"{source}: expected hidden_act 'silu' for SwiGLU experts, found {act!r}")
     num_layers = read.positive_int("num_hidden_layers")
-    layers = tuple(range(num_layers)) if moe_layers == "all" else sparse_layers(read, num_layers)
+    if moe_layers == "sparse_step":
+        layers = sparse_layers(read, num_layers)
+    elif moe_layers == "first_k_dense":
+        layers = tuple(range(read.non_negative_int("first_k_dense_replace", 0), num_layers))
+    else:
+        layers = tuple(range(num_layers))
     if not layers:
         raise ConfigError(f"{source}: no layer has experts (decoder_sparse_step / mlp_only_layers leave none)")
     renormalize = read.boolean(renormalize_key, renormalize_default) if renormalize_key else renormalize_default
@@ -86,7 +102,7 @@ def read_moe_spec(
         top_k=top_k,
         expert_ffn=read.positive_int(expert_ffn_key),
         norm_eps=read.positive_float("rms_norm_eps", default_eps),
-        rope=read_rope(read, head_dim, default_theta=default_theta, rope_types=rope_types),
+        rope=read_rope(read, rotary_dim or head_dim, default_theta=default_theta, rope_types=rope_types),
         max_position=read.positive_int("max_position_embeddings", default_max_position),
         tie_word_embeddings=read.boolean("tie_word_embeddings", False),
         renormalize_topk=renormalize,

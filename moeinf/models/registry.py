@@ -5,14 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 from moeinf.errors import ConfigError, UnsupportedArchitectureError
+from moeinf.models.deepseek import DEEPSEEK_V2, DEEPSEEK_V3
 from moeinf.models.family import Family
+from moeinf.models.gpt_oss import GPT_OSS
 from moeinf.models.mixtral import MIXTRAL
 from moeinf.models.olmoe import OLMOE
 from moeinf.models.phimoe import PHIMOE
 from moeinf.models.qwen_moe import QWEN2_MOE, QWEN3_MOE
 from moeinf.models.spec import ModelSpec
 
-FAMILIES: tuple[Family, ...] = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, PHIMOE)
+FAMILIES: tuple[Family, ...] = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, PHIMOE, DEEPSEEK_V2, DEEPSEEK_V3, GPT_OSS)
 _BY_ARCHITECTURE = {arch: family for family in FAMILIES for arch in family.architectures}
 
 

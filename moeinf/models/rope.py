@@ -105,3 +105,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
         return x * cos + _rotate_half(x) * sin
     rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
     return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
+
+
+def apply_rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """DeepSeek's layout: x: [T, heads, rotary_dim] whose pairs (2i, 2i+1) rotate by frequency i;
+    cos, sin: [T, rotary_dim] from RotaryTable. Returns the rotated pairs de-interleaved (all first
+    members, then all second members), as transformers' DeepSeek-V3 does; q and k both get that
+    permutation, so their dot products are those of the interleaved layout."""
+    half = cos.shape[-1] // 2
+    cos, sin = cos[:, None, :half], sin[:, None, :half]
+    first, second = x[..., 0::2], x[..., 1::2]
+    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)

@@ -52,10 +52,51 @@ def sparsemixer(logits: torch.Tensor, jitter_eps: float) -> tuple[torch.Tensor, 
     return ids, weights
 
 
-def route(logits: torch.Tensor, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits: [T, E] -> (ids [T, K] int64, weights [T, K] float32) by the family's rule."""
+def group_limited_softmax_topk(
+    logits: torch.Tensor, top_k: int, n_group: int, topk_group: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V2's group_limited_greedy. logits: [T, E] -> (ids [T, K], weights [T, K] float32).
+
+    Softmax over all experts in float32; a group's score is its best expert's; only the topk_group
+    best groups' experts may be picked (the others' scores are zeroed); the top k of the rest, not
+    renormalised."""
+    T, E = logits.shape
+    scores = torch.softmax(logits.to(torch.float32), dim=-1)  # [T, E]
+    group_scores = scores.view(T, n_group, E // n_group).amax(dim=-1)  # [T, n_group]
+    groups = torch.topk(group_scores, k=topk_group, dim=-1)[1]  # [T, topk_group]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, groups, 1.0)  # [T, n_group]
+    expert_mask = group_mask[:, :, None].expand(T, n_group, E // n_group).reshape(T, E)
+    weights, ids = torch.topk(scores.masked_fill(expert_mask == 0, 0.0), k=top_k, dim=-1)
+    return ids, weights
+
+
+def topk_then_softmax(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPT-OSS: the top k logits, then a softmax over those k alone, in the logits' dtype as
+    transformers computes it. logits: [T, E] -> (ids [T, K] int64, weights [T, K] float32)."""
+    values, ids = torch.topk(logits, top_k, dim=-1)
+    return ids, torch.softmax(values, dim=-1).to(torch.float32)
+
+
+def route(
+    logits: torch.Tensor, spec: ModelSpec, correction_bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits: [T, E] -> (ids [T, K] int64, weights [T, K] float32) by the family's rule.
+    correction_bias: [E] DeepSeek-V3's e_score_correction_bias (sigmoid_grouped only)."""
     if spec.routing == "sparsemixer":
         return sparsemixer(logits, spec.router_jitter_eps)
-    if spec.routing == "softmax_topk":
-        return softmax_topk(logits, spec.top_k, spec.renormalize_topk)
-    raise AssertionError(f"routing rule {spec.routing!r} is set by a family but has no function here")
+    if spec.routing == "topk_softmax":
+        return topk_then_softmax(logits, spec.top_k)
+    if spec.routing == "sigmoid_grouped":
+        return ops.grouped_sigmoid_topk(
+            logits, correction_bias, spec.top_k, spec.n_group, spec.topk_group, spec.renormalize_topk,
+            spec.routed_scaling_factor,
+        )  # fmt: skip
+    if spec.routing == "softmax_grouped":
+        ids, weights = group_limited_softmax_topk(logits, spec.top_k, spec.n_group, spec.topk_group)
+    elif spec.routing == "softmax_topk":
+        ids, weights = softmax_topk(logits, spec.top_k, spec.renormalize_topk)
+    else:
+        raise AssertionError(f"routing rule {spec.routing!r} is set by a family but has no function here")
+    if spec.routed_scaling_factor != 1.0:
+        weights = weights * spec.routed_scaling_factor
+    return ids, weights

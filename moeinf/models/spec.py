@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moeinf.errors import ConfigError
+from moeinf.kernels.expert_activation import SILU, ExpertActivation
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -25,6 +26,23 @@ class RopeSpec:
 
     def get(self, key: str, default: Any = None) -> Any:
         return dict(self.extra).get(key, default)
+
+
+@dataclass(frozen=True)
+class MLASpec:
+    """DeepSeek's multi-head latent attention: queries through an optional low-rank bottleneck, keys
+    and values from one shared latent per token (kv_lora_rank wide, what the KV cache holds) plus a
+    single rotary key shared by all heads."""
+
+    q_lora_rank: int | None  # None: q_proj straight from the hidden state
+    kv_lora_rank: int
+    qk_nope_head_dim: int  # the part of each q/k head without positions
+    qk_rope_head_dim: int  # the rotary part; k's is shared by every head
+    v_head_dim: int
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
 
 
 @dataclass(frozen=True)
@@ -67,6 +85,20 @@ class ModelSpec:
     routing: str = "softmax_topk"  # the rule in models/routing.py that turns router logits into experts
     router_jitter_eps: float = 0.0  # sparsemixer's mask threshold is 2 * this (PhiMoE's router_jitter_noise)
     layer_windows: tuple[int | None, ...] = ()  # per-layer sliding window; () = sliding_window everywhere
+    # DeepSeek: multi-head latent attention (head_dim is then the q/k head, qk_head_dim); None: GQA
+    mla: MLASpec | None = None
+    attention_scale: float | None = None  # softmax scale of q.k; None: head_dim ** -0.5
+    rope_interleaved: bool = False  # rotary pairs are dims (2i, 2i+1) (DeepSeek), not (i, i + half)
+    attention_sinks: bool = False  # a learnt per-head logit joins each softmax, then is dropped (GPT-OSS)
+    # Routing knobs beyond top-k (see models/routing.py for the rules that read them)
+    routed_scaling_factor: float = 1.0  # routed experts' weights times this (DeepSeek)
+    n_group: int = 1  # experts fall into n_group groups, of which topk_group may be picked (DeepSeek)
+    topk_group: int = 1
+    router_bias: bool = False  # the router's linear layer has a bias (GPT-OSS)
+    router_correction_bias: bool = False  # e_score_correction_bias steers choice, not weight (DeepSeek-V3)
+    router_fp32: bool = False  # router weight kept and logits computed in float32 (DeepSeek)
+    expert_bias: bool = False  # routed experts' projections carry biases (GPT-OSS)
+    expert_activation: ExpertActivation = SILU  # how an expert combines its gate and up projections
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -78,9 +110,38 @@ class ModelSpec:
         return self.num_kv_heads * self.head_dim
 
     @property
+    def gate_up_dim(self) -> int:
+        """An expert's gate and up projections together: 2 * expert_ffn."""
+        return 2 * self.expert_ffn
+
+    @property
+    def attn_out_dim(self) -> int:
+        """Width of the attention output that o_proj reads: heads * v_head_dim under MLA."""
+        return self.num_heads * self.mla.v_head_dim if self.mla else self.q_dim
+
+    @property
+    def kv_a_dim(self) -> int:
+        """MLA: kv_a_proj's output, the latent and the shared rotary key."""
+        return self.mla.kv_lora_rank + self.mla.qk_rope_head_dim
+
+    @property
+    def kv_b_dim(self) -> int:
+        """MLA: kv_b_proj's output, each head's key (without positions) and value."""
+        return self.num_heads * (self.mla.qk_nope_head_dim + self.mla.v_head_dim)
+
+    @property
+    def kv_lora_rank(self) -> int:
+        return self.mla.kv_lora_rank
+
+    @property
+    def q_lora_rank(self) -> int:
+        return self.mla.q_lora_rank
+
+    @property
     def expert_params(self) -> int:
-        """Parameters of one expert: gate, up and down projections."""
-        return 3 * self.hidden_size * self.expert_ffn
+        """Parameters of one expert: gate, up and down projections (and their biases)."""
+        biases = 2 * self.expert_ffn + self.hidden_size if self.expert_bias else 0
+        return 3 * self.hidden_size * self.expert_ffn + biases
 
     @property
     def num_moe_layers(self) -> int:
@@ -108,6 +169,14 @@ class ConfigReader:
             raise ConfigError(f"{self.source}: missing required key {key!r} (a positive integer)")
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise self._fail(key, "a positive integer", value)
+        return value
+
+    def non_negative_int(self, key: str, default: Any = ...) -> int:
+        value = self.config.get(key, default)
+        if value is ...:
+            raise ConfigError(f"{self.source}: missing required key {key!r} (an integer >= 0)")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise self._fail(key, "an integer >= 0", value)
         return value
 
     def optional_positive_int(self, key: str) -> int | None:

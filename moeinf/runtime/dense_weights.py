@@ -8,14 +8,17 @@ import torch
 from tqdm import tqdm
 
 from moeinf.loaders.checkpoint import Checkpoint
+from moeinf.models.mla import MLAWeights
 
 
 @dataclass
 class LayerWeights:
     attn_norm: torch.Tensor  # [D]
-    qkv: torch.Tensor  # [q_dim + 2 kv_dim, D]: q, k, v projections in one GEMM
-    o_proj: torch.Tensor  # [D, q_dim]
+    o_proj: torch.Tensor  # [D, attn_out_dim]
     ffn_norm: torch.Tensor  # [D]
+    qkv: torch.Tensor | None = None  # [q_dim + 2 kv_dim, D]: q, k, v projections in one GEMM
+    mla: MLAWeights | None = None  # in place of qkv under multi-head latent attention
+    sinks: torch.Tensor | None = None  # [H] attention sink logits (GPT-OSS)
     attn_norm_bias: torch.Tensor | None = None  # [D]; LayerNorm families only
     ffn_norm_bias: torch.Tensor | None = None  # [D]
     qkv_bias: torch.Tensor | None = None  # [q_dim + 2 kv_dim]
@@ -23,7 +26,9 @@ class LayerWeights:
     q_norm: torch.Tensor | None = None  # [head_dim] or [q_dim], as spec.qk_norm says
     k_norm: torch.Tensor | None = None  # [head_dim] or [kv_dim]
     moe_index: int | None = None  # position among the MoE layers; None: a dense MLP layer
-    router: torch.Tensor | None = None  # [E, D]
+    router: torch.Tensor | None = None  # [E, D]; float32 where spec.router_fp32
+    router_bias: torch.Tensor | None = None  # [E]
+    router_correction_bias: torch.Tensor | None = None  # [E] float32, DeepSeek-V3's e_score_correction_bias
     shared_w13: torch.Tensor | None = None  # [2 Fs, D]: the shared expert's gate, up
     shared_w2: torch.Tensor | None = None  # [D, Fs]
     shared_gate: torch.Tensor | None = None  # [1, D]
@@ -46,8 +51,8 @@ class DenseWeights:
     ) -> DenseWeights:
         spec = checkpoint.spec
 
-        def read(role: str, layer: int | None = None) -> torch.Tensor:
-            return checkpoint.read(role, layer).to(device=device, dtype=dtype)
+        def read(role: str, layer: int | None = None, as_dtype: torch.dtype = dtype) -> torch.Tensor:
+            return checkpoint.read(role, layer).to(device=device, dtype=as_dtype)
 
         def cat(roles: tuple[str, ...], layer: int) -> torch.Tensor:
             return torch.cat([read(role, layer) for role in roles])
@@ -56,11 +61,21 @@ class DenseWeights:
         for layer in tqdm(range(spec.num_layers), desc="dense weights", unit="layer", disable=not progress):
             roles = set(checkpoint.family.layer_roles(spec, layer))
             lw = LayerWeights(
-                attn_norm=read("attn_norm", layer),
-                qkv=cat(("q_proj", "k_proj", "v_proj"), layer),
-                o_proj=read("o_proj", layer),
-                ffn_norm=read("ffn_norm", layer),
+                attn_norm=read("attn_norm", layer), o_proj=read("o_proj", layer), ffn_norm=read("ffn_norm", layer)
             )
+            if "kv_a_proj" in roles:
+                lw.mla = MLAWeights(
+                    kv_a=read("kv_a_proj", layer), kv_a_norm=read("kv_a_norm", layer), kv_b=read("kv_b_proj", layer)
+                )
+                if "q_proj" in roles:
+                    lw.mla.q = read("q_proj", layer)
+                else:
+                    lw.mla.q_a, lw.mla.q_a_norm = read("q_a_proj", layer), read("q_a_norm", layer)
+                    lw.mla.q_b = read("q_b_proj", layer)
+            else:
+                lw.qkv = cat(("q_proj", "k_proj", "v_proj"), layer)
+            if "sinks" in roles:
+                lw.sinks = read("sinks", layer)
             if "attn_norm_bias" in roles:
                 lw.attn_norm_bias, lw.ffn_norm_bias = read("attn_norm_bias", layer), read("ffn_norm_bias", layer)
             if "q_bias" in roles:
@@ -71,7 +86,11 @@ class DenseWeights:
                 lw.q_norm, lw.k_norm = read("q_norm", layer), read("k_norm", layer)
             if "router" in roles:
                 lw.moe_index = spec.moe_layers.index(layer)
-                lw.router = read("router", layer)
+                lw.router = read("router", layer, torch.float32 if spec.router_fp32 else dtype)
+            if "router_bias" in roles:
+                lw.router_bias = read("router_bias", layer)
+            if "router_correction_bias" in roles:
+                lw.router_correction_bias = read("router_correction_bias", layer, torch.float32)
             if "shared_gate" in roles:
                 lw.shared_w13 = cat(("shared_gate", "shared_up"), layer)
                 lw.shared_w2 = read("shared_down", layer)
@@ -94,8 +113,9 @@ class DenseWeights:
         )
 
     def nbytes(self) -> int:
+        parts = [vars(lw) for lw in self.layers] + [vars(lw.mla) for lw in self.layers if lw.mla is not None]
         tensors = [self.embed, self.final_norm] + [
-            t for lw in self.layers for t in vars(lw).values() if isinstance(t, torch.Tensor)
+            t for part in parts for t in part.values() if isinstance(t, torch.Tensor)
         ]
         tensors += [t for t in (self.final_norm_bias, self.lm_head_bias) if t is not None]
         if self.lm_head is not self.embed:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from moeinf.kernels import ops
 from moeinf.loaders.checkpoint import Checkpoint
+from moeinf.models import mla
 from moeinf.models.attention import attend
 from moeinf.models.mlp import swiglu
 from moeinf.models.rope import RotaryTable, apply_rope
@@ -27,7 +28,8 @@ from moeinf.runtime.resident_experts import ResidentExperts
 from moeinf.runtime.routing_record import RoutingRecord
 
 # Where the executor finds experts: all resident, or a pool of fewer slots fed from host and disk.
-# Both expose w13 [S, 2F, D], w2 [S, D, F] and acquire(layer, topk_ids) -> [E] slots / release(layer).
+# Both expose w13 [S, 2F, D], w2 [S, D, F], b13 [S, 2F] | None, b2 [S, D] | None and
+# acquire(layer, topk_ids) -> [E] slots / release(layer).
 ExpertSource = ResidentExperts | ExpertPool
 
 
@@ -96,6 +98,8 @@ class Executor:
         self, layer: int, lw: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spans: list[Span]
     ) -> torch.Tensor:
         """x: [T, D] normed hidden states -> attention output projected back to [T, D]."""
+        if lw.mla is not None:
+            return self._latent_attention(layer, lw, x, cos, sin, spans)
         spec, T = self.spec, x.shape[0]
         q, k, v = F.linear(x, lw.qkv, lw.qkv_bias).split([spec.q_dim, spec.kv_dim, spec.kv_dim], dim=-1)
         if spec.qk_norm == "full":
@@ -113,7 +117,25 @@ class Executor:
         for span in spans:
             r = slice(offset, offset + span.count)
             k_all, v_all = span.cache.write(layer, k[r], v[r])
-            attn[r] = attend(q[r], k_all, v_all, span.cache.length, spec.window(layer))
+            attn[r] = attend(q[r], k_all, v_all, span.cache.length, spec.window(layer), spec.attention_scale, lw.sinks)
+            offset += span.count
+        return F.linear(attn, lw.o_proj, lw.o_bias)
+
+    def _latent_attention(
+        self, layer: int, lw: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spans: list[Span]
+    ) -> torch.Tensor:
+        """Multi-head latent attention (see models/mla.py): x [T, D] normed -> [T, D]. Each span
+        caches its tokens' latents, then expands its whole cache into per-head keys and values."""
+        spec, T = self.spec, x.shape[0]
+        q = mla.queries(x, lw.mla, spec, cos, sin)  # [T, H, nope + rope]
+        cached = mla.latents(x, lw.mla, spec, cos, sin)  # [T, 1, kv_lora + rope]
+        attn = torch.empty((T, spec.attn_out_dim), device=self.device, dtype=self.dtype)
+        offset = 0
+        for span in spans:
+            r = slice(offset, offset + span.count)
+            latents, _ = span.cache.write(layer, cached[r], cached[r, :, :0])  # [1, S, kv_lora + rope]
+            k, v = mla.expand(latents, lw.mla, spec)  # [H, S, nope + rope], [H, S, v_head]
+            attn[r] = attend(q[r], k, v, span.cache.length, spec.window(layer), spec.attention_scale)
             offset += span.count
         return F.linear(attn, lw.o_proj, lw.o_bias)
 
@@ -130,10 +152,15 @@ class Executor:
                 self.policy.lookahead(m, torch.bincount(next_ids.reshape(-1), minlength=spec.num_experts).tolist())
         ids, weights = self._route(self.dense.layers[spec.moe_layers[m]], x)
         if not spec.router_weights_fp32:
-            weights = weights.to(self.dtype)
+            # rounded to the model dtype as the family does; the product y * w rounds the same in float32
+            weights = weights.to(self.dtype).to(torch.float32)
         self._trace(m, ids, weights, next_ids, spans)
         slots = self.experts.acquire(m, ids)
-        y = ops.moe_experts(x, ids, weights, self.experts.w13, self.experts.w2, slots)
+        experts = self.experts
+        y = ops.moe_experts(
+            x, ids, weights, experts.w13, experts.w2, slots,
+            b13=experts.b13, b2=experts.b2, activation=spec.expert_activation,
+        )  # fmt: skip
         self.experts.release(m)
         if lw.shared_w13 is not None:
             shared = swiglu(x, lw.shared_w13, lw.shared_w2)
@@ -143,7 +170,9 @@ class Executor:
         return y
 
     def _route(self, lw: LayerWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return route(F.linear(x, lw.router), self.spec)  # x: [T, D] -> ids, weights [T, K]
+        """x: [T, D] -> ids, weights [T, K]."""
+        logits = F.linear(x.to(lw.router.dtype), lw.router, lw.router_bias)  # [T, E]
+        return route(logits, self.spec, lw.router_correction_bias)
 
     def _route_next(self, h: torch.Tensor, moe_index: int) -> torch.Tensor:
         """[T, K] experts that MoE layer `moe_index`'s router would pick from the residual stream

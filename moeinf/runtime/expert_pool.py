@@ -2,9 +2,10 @@
 disk store, evictions chosen by a policy, every transfer counted.
 
 Slots live in one buffer of records, records: [S, record_nbytes] uint8, laid out exactly like a
-record of the expert store (w13 then w2, in the compute dtype). w13 [S, 2F, D] and w2 [S, D, F]
-are strided views into it, so a load is one contiguous copy per expert (on the CPU a direct read
-from the store into the slot), and the kernels read any slot through the slot table unchanged.
+record of the expert store (w13 then w2, then any biases, in the compute dtype). w13 [S, 2F, D],
+w2 [S, D, F] (and b13 [S, 2F], b2 [S, D] for families with expert biases) are strided views into
+it, so a load is one contiguous copy per expert (on the CPU a direct read from the store into the
+slot), and the kernels read any slot through the slot table unchanged.
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ class ExpertPool:
         (F2, D), (_, F) = layout.w13_shape, layout.w2_shape
         self.w13 = flat.as_strided((S, F2, D), (R // itemsize, D, 1))  # [S, 2F, D]
         self.w2 = flat.as_strided((S, D, F), (R // itemsize, F, 1), layout.w13_nbytes // itemsize)  # [S, D, F]
+        self.b13 = self.b2 = None
+        if layout.biases:
+            self.b13 = flat.as_strided((S, F2), (R // itemsize, 1), layout.b13_offset // itemsize)  # [S, 2F]
+            self.b2 = flat.as_strided((S, D), (R // itemsize, 1), layout.b2_offset // itemsize)  # [S, D]
         self.copier = CudaSlotCopier(self.records, layout.payload_nbytes) if cuda_copies_available(device) else None
         if device.type == "cuda" and self.copier is None:
             self._staging = threading.local()  # torch copies from per-thread pinned buffers

@@ -1,4 +1,8 @@
-"""Per-sequence KV cache, sized once for the sequence's whole life (prompt + max new tokens)."""
+"""Per-sequence KV cache, sized once for the sequence's whole life (prompt + max new tokens).
+
+Under multi-head latent attention (DeepSeek) the cache holds what MLA caches: per token one normed
+latent and the shared rotary key, concatenated as a single "key" head of kv_lora_rank + rope dims,
+and no values (a zero-width v); the executor expands them into per-head keys and values."""
 
 from __future__ import annotations
 
@@ -10,18 +14,21 @@ from moeinf.models.spec import ModelSpec
 
 class SequenceKVCache:
     def __init__(self, spec: ModelSpec, capacity: int, device: torch.device, dtype: torch.dtype):
-        shape = (spec.num_layers, spec.num_kv_heads, capacity, spec.head_dim)
-        self.k = torch.empty(shape, device=device, dtype=dtype)  # [L, Hkv, capacity, Dh]
-        self.v = torch.empty(shape, device=device, dtype=dtype)
+        if spec.mla is None:
+            heads, k_dim, v_dim = spec.num_kv_heads, spec.head_dim, spec.head_dim
+        else:
+            heads, k_dim, v_dim = 1, spec.kv_a_dim, 0
+        self.k = torch.empty((spec.num_layers, heads, capacity, k_dim), device=device, dtype=dtype)  # [L, Hkv, C, Dk]
+        self.v = torch.empty((spec.num_layers, heads, capacity, v_dim), device=device, dtype=dtype)  # [L, Hkv, C, Dv]
         self.capacity = capacity
         self.length = 0  # tokens whose keys and values are written in every layer
 
     def write(
         self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """k_new, v_new: [n, Hkv, Dh] for positions length .. length + n - 1 of `layer`.
+        """k_new: [n, Hkv, Dk], v_new: [n, Hkv, Dv] for positions length .. length + n - 1 of `layer`.
 
-        Returns this layer's keys and values for positions 0 .. length + n - 1, [Hkv, length + n, Dh].
+        Returns this layer's keys and values for positions 0 .. length + n - 1, [Hkv, length + n, D].
         """
         end = self.length + k_new.shape[0]
         if end > self.capacity:

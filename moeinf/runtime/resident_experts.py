@@ -20,15 +20,22 @@ class ResidentExperts:
         L, E, D, F = spec.num_moe_layers, spec.num_experts, spec.hidden_size, spec.expert_ffn
         self.w13 = torch.empty((L * E, 2 * F, D), device=device, dtype=dtype)  # [S, 2F, D]: gate, up
         self.w2 = torch.empty((L * E, D, F), device=device, dtype=dtype)  # [S, D, F]: down
+        self.b13 = self.b2 = None  # [S, 2F] and [S, D] for families with expert biases
+        if spec.expert_bias:
+            self.b13 = torch.empty((L * E, 2 * F), device=device, dtype=dtype)
+            self.b2 = torch.empty((L * E, D), device=device, dtype=dtype)
         # slot_table: [L, E] slot of each (layer, expert); slot = layer * E + expert
         self.slot_table = torch.arange(L * E, device=device, dtype=torch.int64).view(L, E)
         bar = tqdm(total=L * E, desc="experts", unit="expert", disable=not progress)
         for layer in range(L):
             for expert in range(E):
                 slot = layer * E + expert
-                self.w13[slot, :F].copy_(checkpoint.read_expert("expert_gate", layer, expert))
-                self.w13[slot, F:].copy_(checkpoint.read_expert("expert_up", layer, expert))
-                self.w2[slot].copy_(checkpoint.read_expert("expert_down", layer, expert))
+                weights = checkpoint.expert_weights(layer, expert)
+                self.w13[slot].copy_(weights.w13)
+                self.w2[slot].copy_(weights.w2)
+                if self.b13 is not None:
+                    self.b13[slot].copy_(weights.b13)
+                    self.b2[slot].copy_(weights.b2)
                 bar.update()
         bar.close()
         self.stats = TrafficCounters()
@@ -50,4 +57,5 @@ class ResidentExperts:
         """Nothing to stop: no I/O threads."""
 
     def nbytes(self) -> int:
-        return self.w13.numel() * self.w13.element_size() + self.w2.numel() * self.w2.element_size()
+        buffers = [t for t in (self.w13, self.w2, self.b13, self.b2) if t is not None]
+        return sum(t.numel() * t.element_size() for t in buffers)

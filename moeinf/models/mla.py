@@ -1,0 +1,74 @@
+"""Multi-head latent attention (DeepSeek-V2/V3).
+
+Each token's keys and values come from one low-rank latent c = RMSNorm(x @ W_kv_a) (kv_lora_rank
+wide) and a single rotary key k_rot shared by all heads; only [c, k_rot] is cached per token.
+Each step expands the cached latents through kv_b_proj into per-head keys (no positions) and values:
+
+    q       = x @ W_q  (or RMSNorm(x @ W_q_a) @ W_q_b)         [T, H, nope + rope]
+    [c, kr] = x @ W_kv_a;  c = RMSNorm(c);  kr = rope(kr)      [T, kv_lora], [T, rope]
+    [kn, v] = c @ W_kv_b                                       [S, H, nope], [S, H, v_head]
+    k       = [kn, kr broadcast over heads]                    [S, H, nope + rope]
+
+and queries rotate only their last qk_rope_head_dim dims, as the keys do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moeinf.kernels import ops
+from moeinf.models.rope import apply_rope, apply_rope_interleaved
+from moeinf.models.spec import ModelSpec
+
+# DeepSeek builds its q_a and kv_a norms with RMSNorm's default eps, not the config's rms_norm_eps
+LATENT_NORM_EPS = 1e-6
+
+
+@dataclass
+class MLAWeights:
+    kv_a: torch.Tensor  # [kv_lora + rope, D]
+    kv_a_norm: torch.Tensor  # [kv_lora]
+    kv_b: torch.Tensor  # [H * (nope + v_head), kv_lora]
+    q: torch.Tensor | None = None  # [H * (nope + rope), D] when q_lora_rank is None
+    q_a: torch.Tensor | None = None  # [q_lora, D]
+    q_a_norm: torch.Tensor | None = None  # [q_lora]
+    q_b: torch.Tensor | None = None  # [H * (nope + rope), q_lora]
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+    return apply_rope_interleaved(x, cos, sin) if spec.rope_interleaved else apply_rope(x, cos, sin)
+
+
+def queries(x: torch.Tensor, w: MLAWeights, spec: ModelSpec, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, D] normed hidden states; cos, sin: [T, rope]. Returns q [T, H, nope + rope], rotated."""
+    T, mla = x.shape[0], spec.mla
+    if w.q is not None:
+        q = F.linear(x, w.q)
+    else:
+        q = F.linear(ops.rms_norm(F.linear(x, w.q_a), w.q_a_norm, LATENT_NORM_EPS), w.q_b)
+    q = q.view(T, spec.num_heads, mla.qk_head_dim)
+    q_nope, q_rot = q.split([mla.qk_nope_head_dim, mla.qk_rope_head_dim], dim=-1)
+    return torch.cat([q_nope, _rotate(q_rot, cos, sin, spec)], dim=-1)
+
+
+def latents(x: torch.Tensor, w: MLAWeights, spec: ModelSpec, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, D] -> what the cache keeps per token: [T, 1, kv_lora + rope], the normed latent then
+    the rotated shared key."""
+    mla = spec.mla
+    c, k_rot = F.linear(x, w.kv_a).split([mla.kv_lora_rank, mla.qk_rope_head_dim], dim=-1)
+    c = ops.rms_norm(c, w.kv_a_norm, LATENT_NORM_EPS)  # [T, kv_lora]
+    k_rot = _rotate(k_rot[:, None, :], cos, sin, spec)  # [T, 1, rope]
+    return torch.cat([c[:, None, :], k_rot], dim=-1)
+
+
+def expand(cached: torch.Tensor, w: MLAWeights, spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """cached: [1, S, kv_lora + rope] -> keys [H, S, nope + rope], values [H, S, v_head]."""
+    mla, S = spec.mla, cached.shape[1]
+    c, k_rot = cached[0].split([mla.kv_lora_rank, mla.qk_rope_head_dim], dim=-1)  # [S, kv_lora], [S, rope]
+    kv = F.linear(c, w.kv_b).view(S, spec.num_heads, mla.qk_nope_head_dim + mla.v_head_dim)
+    k_nope, v = kv.split([mla.qk_nope_head_dim, mla.v_head_dim], dim=-1)  # [S, H, nope], [S, H, v_head]
+    k = torch.cat([k_nope, k_rot[:, None, :].expand(S, spec.num_heads, mla.qk_rope_head_dim)], dim=-1)
+    return k.transpose(0, 1), v.transpose(0, 1)

@@ -1,0 +1,196 @@
+"""DeepSeek-V2/V3 and GPT-OSS beyond the conformance tests: their configs as the published models
+write them (old transformers layout), their attention scale and rope against transformers, the
+config errors a user can hit, the fused-expert loader, and `moeinf run` on each."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from checkpoints import save_tiny
+
+from moeinf.cli import main
+from moeinf.errors import ConfigError, MissingTensorError
+from moeinf.loaders.checkpoint import Checkpoint
+from moeinf.models.registry import spec_from_config
+from moeinf.models.rope import inverse_frequencies
+
+# DeepSeek-V2-Lite's config.json (transformers 4 layout: rope_theta + rope_scaling with "type")
+DEEPSEEK_V2_LITE = {
+    "architectures": ["DeepseekV2ForCausalLM"],
+    "model_type": "deepseek_v2",
+    "attention_bias": False,
+    "bos_token_id": 100000,
+    "eos_token_id": 100001,
+    "first_k_dense_replace": 1,
+    "hidden_act": "silu",
+    "hidden_size": 2048,
+    "intermediate_size": 10944,
+    "kv_lora_rank": 512,
+    "max_position_embeddings": 163840,
+    "moe_intermediate_size": 1408,
+    "moe_layer_freq": 1,
+    "n_group": 1,
+    "n_routed_experts": 64,
+    "n_shared_experts": 2,
+    "norm_topk_prob": False,
+    "num_attention_heads": 16,
+    "num_experts_per_tok": 6,
+    "num_hidden_layers": 27,
+    "num_key_value_heads": 16,
+    "q_lora_rank": None,
+    "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": {
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "factor": 40,
+        "mscale": 0.707,
+        "mscale_all_dim": 0.707,
+        "original_max_position_embeddings": 4096,
+        "type": "yarn",
+    },
+    "rope_theta": 10000,
+    "routed_scaling_factor": 1.0,
+    "tie_word_embeddings": False,
+    "topk_group": 1,
+    "topk_method": "greedy",
+    "torch_dtype": "bfloat16",
+    "v_head_dim": 128,
+    "vocab_size": 102400,
+}
+
+# gpt-oss-20b's config.json, less its quantization_config (its experts ship in MXFP4)
+GPT_OSS_20B = {
+    "architectures": ["GptOssForCausalLM"],
+    "model_type": "gpt_oss",
+    "attention_bias": True,
+    "eos_token_id": 200002,
+    "head_dim": 64,
+    "hidden_act": "silu",
+    "hidden_size": 2880,
+    "intermediate_size": 2880,
+    "layer_types": ["sliding_attention", "full_attention"] * 12,
+    "max_position_embeddings": 131072,
+    "num_attention_heads": 64,
+    "num_experts_per_tok": 4,
+    "num_hidden_layers": 24,
+    "num_key_value_heads": 8,
+    "num_local_experts": 32,
+    "rms_norm_eps": 1e-05,
+    "rope_scaling": {
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "factor": 32.0,
+        "original_max_position_embeddings": 4096,
+        "rope_type": "yarn",
+        "truncate": False,
+    },
+    "rope_theta": 150000,
+    "sliding_window": 128,
+    "swiglu_limit": 7.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "vocab_size": 201088,
+}
+
+
+def test_deepseek_v2_lite_config():
+    family, spec = spec_from_config(DEEPSEEK_V2_LITE)
+    assert family.name == "deepseek_v2"
+    assert spec.moe_layers == tuple(range(1, 27)) and spec.dense_ffn == 10944
+    assert (spec.num_experts, spec.top_k, spec.expert_ffn, spec.shared_expert_ffn) == (64, 6, 1408, 2816)
+    assert spec.head_dim == 192 and spec.rope.rotary_dim == 64 and spec.attn_out_dim == 16 * 128
+    assert spec.mla.q_lora_rank is None and spec.kv_a_dim == 576 and spec.kv_b_dim == 16 * 256
+    assert spec.routing == "softmax_topk" and not spec.renormalize_topk and spec.router_fp32
+
+
+@pytest.mark.parametrize("arch", ["v2", "v3"])
+def test_deepseek_attention_scale_and_rope_match_transformers(arch):
+    """Yarn with mscale_all_dim scales the softmax by mscale**2 and cos/sin by mscale/mscale_all_dim;
+    both must be transformers' numbers, or long-context logits drift."""
+    import importlib
+
+    import transformers
+
+    config = dict(DEEPSEEK_V2_LITE, num_hidden_layers=2, hidden_size=256, intermediate_size=64, vocab_size=64)
+    config.update(bos_token_id=0, eos_token_id=1)
+    if arch == "v3":
+        config.update(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", n_group=8, topk_group=4,
+                      n_routed_experts=64, q_lora_rank=96)  # fmt: skip
+    hf_config = getattr(transformers, f"Deepseek{arch.upper()}Config")(
+        **{k: v for k, v in config.items() if k not in ("architectures", "model_type")}
+    )
+    modeling = importlib.import_module(f"transformers.models.deepseek_{arch}.modeling_deepseek_{arch}")
+    attention = getattr(modeling, f"Deepseek{arch.upper()}Attention")
+    rotary = getattr(modeling, f"Deepseek{arch.upper()}RotaryEmbedding")
+    _, spec = spec_from_config(config)
+    assert spec.attention_scale == pytest.approx(attention(hf_config, 0).scaling, rel=1e-12)
+    expected = rotary(hf_config)
+    inv_freq, scaling = inverse_frequencies(spec.rope)
+    torch.testing.assert_close(inv_freq, expected.inv_freq, rtol=1e-6, atol=0)
+    assert scaling == pytest.approx(expected.attention_scaling, rel=1e-9)
+
+
+def test_gpt_oss_20b_config():
+    family, spec = spec_from_config(GPT_OSS_20B)
+    assert family.name == "gpt_oss" and family.fused_experts
+    assert spec.layer_windows == (128, None) * 12 and spec.window(0) == 128 and spec.window(1) is None
+    assert (spec.num_experts, spec.top_k, spec.expert_ffn, spec.head_dim, spec.q_dim) == (32, 4, 2880, 64, 4096)
+    assert spec.expert_bias and spec.router_bias and spec.attention_sinks and spec.attention_out_bias
+    assert spec.expert_activation.kind == "clamped_swiglu" and spec.expert_activation.alpha == 1.702
+    assert spec.rope.rope_type == "yarn" and spec.rope.get("truncate") is False
+    assert spec.expert_params == 3 * 2880 * 2880 + 2 * 2880 + 2880
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (dict(GPT_OSS_20B, quantization_config={"quant_method": "mxfp4"}), "quantized.*'mxfp4'"),
+        (dict(GPT_OSS_20B, layer_types=["sliding_attention"] * 3), "layer_types.*24"),
+        (dict(GPT_OSS_20B, layer_types=["local"] * 24), "layer_types"),
+        (dict(DEEPSEEK_V2_LITE, attention_bias=True), "attention_bias"),
+        (dict(DEEPSEEK_V2_LITE, topk_method="noaux_tc"), "topk_method"),
+        (dict(DEEPSEEK_V2_LITE, topk_method="group_limited_greedy", n_group=5), "n_group.*64 experts"),
+        (dict(DEEPSEEK_V2_LITE, topk_method="group_limited_greedy", n_group=8, topk_group=9), "topk_group"),
+        (dict(DEEPSEEK_V2_LITE, architectures=["DeepseekV3ForCausalLM"], n_group=64, topk_group=4), "least 2"),
+        (dict(DEEPSEEK_V2_LITE, kv_lora_rank=0), "kv_lora_rank"),
+        (dict(DEEPSEEK_V2_LITE, first_k_dense_replace=-1), "first_k_dense_replace"),
+        (dict(DEEPSEEK_V2_LITE, first_k_dense_replace=27), "no layer has experts"),
+    ],
+)
+def test_bad_configs_are_named_config_errors(config, message):
+    with pytest.raises(ConfigError, match=message):
+        spec_from_config(config)
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt_oss(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gpt_oss")
+    return folder, save_tiny("gpt_oss", folder, seed=3)
+
+
+def test_fused_experts_load_one_row_in_the_slot_layout(tiny_gpt_oss):
+    """Expert e of a fused layer: gate rows then up rows (de-interleaved), down transposed to [D, F]."""
+    folder, model = tiny_gpt_oss
+    checkpoint = Checkpoint.open(folder)
+    experts = model.model.layers[checkpoint.spec.moe_layers[2]].mlp.experts
+    weights = checkpoint.expert_weights(2, 5)
+    assert torch.equal(weights.w13, torch.cat([experts.gate_up_proj[5][:, 0::2].T, experts.gate_up_proj[5][:, 1::2].T]))
+    assert torch.equal(weights.w2, experts.down_proj[5].T)
+    bias = experts.gate_up_proj_bias[5]
+    assert torch.equal(weights.b13, torch.cat([bias[0::2], bias[1::2]]))
+    assert torch.equal(weights.b2, experts.down_proj_bias[5])
+    name = checkpoint.family.tensor_name("experts_down", checkpoint.spec.moe_layers[2])
+    with pytest.raises(MissingTensorError, match="no row 6"):
+        checkpoint.index.read_row(name, 6)
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3", "gpt_oss"])
+def test_moeinf_run_serves_the_family_offloaded(family, tmp_path, capsys):
+    folder = tmp_path / family
+    save_tiny(family, folder, seed=5)
+    args = ["run", "--model", str(folder), "--prompt-ids", "5,6,7,8", "--max-new-tokens", "6"]
+    assert main(args + ["--budget", "0.3", "--offload-dir", str(tmp_path / "store")]) == 0
+    out = capsys.readouterr().out
+    assert "prompt ids: [5, 6, 7, 8]" in out and "misses" in out

@@ -4,10 +4,14 @@ config errors a user can hit, the fused-expert loader, and `moeinf run` on each.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from checkpoints import save_tiny
+from safetensors.torch import load_file, save_file
 
+from moeinf import LLM, SamplingParams
 from moeinf.cli import main
 from moeinf.errors import ConfigError, MissingTensorError
 from moeinf.loaders.checkpoint import Checkpoint
@@ -146,7 +150,9 @@ def test_gpt_oss_20b_config():
 @pytest.mark.parametrize(
     "config, message",
     [
-        (dict(GPT_OSS_20B, quantization_config={"quant_method": "mxfp4"}), "quantized.*'mxfp4'"),
+        (dict(GPT_OSS_20B, quantization_config={"quant_method": "fp8"}), "quant_method 'fp8'.*reads mxfp4"),
+        (dict(DEEPSEEK_V2_LITE, quantization_config={"quant_method": "fp8"}), "quant_method 'fp8' is not supp"),
+        (dict(GPT_OSS_20B, quantization_config={"quant_method": "mxfp4"}, hidden_size=2888), "multiples of 32"),
         (dict(GPT_OSS_20B, layer_types=["sliding_attention"] * 3), "layer_types.*24"),
         (dict(GPT_OSS_20B, layer_types=["local"] * 24), "layer_types"),
         (dict(DEEPSEEK_V2_LITE, attention_bias=True), "attention_bias"),
@@ -194,3 +200,47 @@ def test_moeinf_run_serves_the_family_offloaded(family, tmp_path, capsys):
     assert main(args + ["--budget", "0.3", "--offload-dir", str(tmp_path / "store")]) == 0
     out = capsys.readouterr().out
     assert "prompt ids: [5, 6, 7, 8]" in out and "misses" in out
+
+
+def save_mxfp4_gpt_oss(folder, seed: int):
+    """A tiny GPT-OSS checkpoint laid out as OpenAI ships theirs: expert weights as random MXFP4
+    blocks and scales, quantization_config mxfp4. Returns transformers' model holding the weights
+    that transformers' own MXFP4 conversion dequantizes them to (the reference)."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    model = save_tiny("gpt_oss", folder, seed=seed, intermediate_size=64)  # MXFP4 rows: multiples of 32
+    tensors = load_file(folder / "model.safetensors")
+    generator = torch.Generator().manual_seed(seed)
+    for i, layer in enumerate(model.model.layers):
+        experts = layer.mlp.experts
+        for proj in ("gate_up_proj", "down_proj"):
+            param = getattr(experts, proj)  # [E, in, out] (x @ W)
+            E, rows, cols = param.shape[0], param.shape[2], param.shape[1]
+            blocks = torch.randint(0, 256, (E, rows, cols // 32, 16), dtype=torch.uint8, generator=generator)
+            scales = torch.randint(122, 125, (E, rows, cols // 32), dtype=torch.uint8, generator=generator)
+            with torch.no_grad():
+                param.copy_(convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))
+            name = f"model.layers.{i}.mlp.experts.{proj}"
+            del tensors[name]
+            tensors[f"{name}_blocks"], tensors[f"{name}_scales"] = blocks, scales
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
+    (folder / "config.json").write_text(json.dumps(config))
+    return model
+
+
+@pytest.mark.parametrize("budget", [None, 0.3])
+def test_mxfp4_gpt_oss_matches_transformers_dequantization(budget, tmp_path):
+    folder = tmp_path / "mxfp4"
+    model = save_mxfp4_gpt_oss(folder, seed=11)
+    prompt = [7, 3, 55, 21, 9, 14, 80, 33, 3, 61, 47, 12]
+    with LLM(folder, progress=False, expert_budget=budget, offload_dir=tmp_path / "store") as llm:
+        assert llm.spec.expert_quantization == "mxfp4"
+        with torch.no_grad():
+            expected = model(torch.tensor([prompt])).logits[0]
+            hf_tokens = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt) :]
+        got = llm.logits(prompt)
+        assert ((got - expected).norm() / expected.norm()).item() < 1e-4
+        (out,) = llm.generate([prompt], SamplingParams(max_new_tokens=12))
+        assert out.token_ids == hf_tokens.tolist()

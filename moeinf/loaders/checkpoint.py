@@ -14,12 +14,11 @@ from typing import Any, NamedTuple
 import torch
 
 from moeinf.errors import ConfigError, TensorDtypeError, TensorShapeError
+from moeinf.loaders.mxfp4 import dequantize_mxfp4
 from moeinf.loaders.safetensors_index import TensorIndex
 from moeinf.models.family import EXPERT_ROLES, Family
 from moeinf.models.registry import spec_from_config
 from moeinf.models.spec import ModelSpec
-
-COMPUTE_DTYPES = ("F32", "F16", "BF16")
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -84,9 +83,14 @@ class Checkpoint:
         def row(role: str) -> torch.Tensor:
             return self.index.read_row(self.family.tensor_name(role, layer), expert)
 
-        gate_up = row("experts_gate_up")  # [D, 2F], gate and up interleaved: columns 2i gate, 2i+1 up
+        if self.spec.expert_quantization == "mxfp4":
+            gate_up = dequantize_mxfp4(row("experts_gate_up_blocks"), row("experts_gate_up_scales")).T  # [D, 2F]
+            w2 = dequantize_mxfp4(row("experts_down_blocks"), row("experts_down_scales"))  # [D, F]
+        else:
+            gate_up = row("experts_gate_up")  # [D, 2F]
+            w2 = row("experts_down").T  # [F, D] -> [D, F]
+        # gate and up interleaved: columns 2i gate, 2i+1 up
         w13 = torch.cat([gate_up[:, 0::2].T, gate_up[:, 1::2].T])  # [2F, D]
-        w2 = row("experts_down").T  # [F, D] -> [D, F]
         if not self.spec.expert_bias:
             return ExpertWeights(w13, w2, None, None)
         b = row("experts_gate_up_bias")  # [2F] interleaved as gate_up's columns
@@ -107,14 +111,14 @@ class Checkpoint:
 
 
 def check_tensors(family: Family, spec: ModelSpec, index: TensorIndex) -> None:
-    for name, shape in family.expected_tensors(spec).items():
+    for name, (shape, dtypes) in family.expected_tensors(spec).items():
         info = index.info(name)
         if info.shape != shape:
             raise TensorShapeError(
                 f"{info.file.name}: tensor {name!r} should have shape {list(shape)} for this config, "
                 f"found {list(info.shape)}"
             )
-        if info.dtype not in COMPUTE_DTYPES:
+        if info.dtype not in dtypes:
             raise TensorDtypeError(
-                f"{info.file.name}: tensor {name!r} should be one of {', '.join(COMPUTE_DTYPES)}, found {info.dtype}"
+                f"{info.file.name}: tensor {name!r} should be one of {', '.join(dtypes)}, found {info.dtype}"
             )

@@ -61,7 +61,17 @@ ROLE_SHAPES: dict[str, Shape] = {
     "experts_gate_up_bias": ("num_experts", "gate_up_dim"),
     "experts_down": ("num_experts", "expert_ffn", "hidden_size"),
     "experts_down_bias": ("num_experts", "hidden_size"),
+    # the same, MXFP4-packed (loaders/mxfp4.py): [E, rows, blocks of 32, 16 bytes] and a scale per block,
+    # rows in the slot layout's orientation (gate and up rows interleaved)
+    "experts_gate_up_blocks": ("num_experts", "gate_up_dim", "hidden_blocks", 16),
+    "experts_gate_up_scales": ("num_experts", "gate_up_dim", "hidden_blocks"),
+    "experts_down_blocks": ("num_experts", "hidden_size", "ffn_blocks", 16),
+    "experts_down_scales": ("num_experts", "hidden_size", "ffn_blocks"),
 }
+
+# dtypes a tensor may have on disk: the compute dtypes, except for packed quantized data
+COMPUTE_DTYPES = ("F32", "F16", "BF16")
+PACKED_DTYPES = ("U8",)
 
 # Roles the executor asks for; a family maps the ones it has to names on disk.
 GLOBAL_ROLES = ("embed", "final_norm", "lm_head")
@@ -82,6 +92,7 @@ ROUTER_CORRECTION_BIAS_ROLES = ("router_correction_bias",)
 EXPERT_ROLES = ("expert_gate", "expert_up", "expert_down")  # one tensor per expert
 FUSED_EXPERT_ROLES = ("experts_gate_up", "experts_down")  # one tensor per layer, experts on dim 0
 FUSED_EXPERT_BIAS_ROLES = ("experts_gate_up_bias", "experts_down_bias")
+MXFP4_EXPERT_ROLES = ("experts_gate_up_blocks", "experts_gate_up_scales", "experts_down_blocks", "experts_down_scales")
 SHARED_EXPERT_ROLES = ("shared_gate", "shared_up", "shared_down")
 SHARED_EXPERT_GATE_ROLES = ("shared_expert_gate",)
 DENSE_MLP_ROLES = ("mlp_gate", "mlp_up", "mlp_down")
@@ -101,6 +112,11 @@ class Family:
 
     def tensor_shape(self, spec: ModelSpec, role: str) -> tuple[int, ...]:
         return tuple(dim if isinstance(dim, int) else getattr(spec, dim) for dim in self.tensor_shapes[role])
+
+    @staticmethod
+    def tensor_dtypes(role: str) -> tuple[str, ...]:
+        """The safetensors dtypes a tensor of `role` may be stored in."""
+        return PACKED_DTYPES if role in MXFP4_EXPERT_ROLES else COMPUTE_DTYPES
 
     def global_roles(self, spec: ModelSpec) -> tuple[str, ...]:
         roles = tuple(r for r in GLOBAL_ROLES if not (r == "lm_head" and spec.tie_word_embeddings))
@@ -133,19 +149,18 @@ class Family:
     def expert_tensor_names(self, spec: ModelSpec, layer: int) -> dict[str, str]:
         """The routed experts' tensors of decoder layer `layer`: name on disk -> role."""
         if self.fused_experts:
-            roles = FUSED_EXPERT_ROLES + (FUSED_EXPERT_BIAS_ROLES if spec.expert_bias else ())
+            roles = MXFP4_EXPERT_ROLES if spec.expert_quantization == "mxfp4" else FUSED_EXPERT_ROLES
+            roles += FUSED_EXPERT_BIAS_ROLES if spec.expert_bias else ()
             return {self.tensor_name(role, layer): role for role in roles}
         return {
             self.tensor_name(role, layer, expert): role for expert in range(spec.num_experts) for role in EXPERT_ROLES
         }
 
-    def expected_tensors(self, spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-        """Every tensor name the model reads -> the shape it must have on disk."""
-        expected = {self.tensor_name(r): self.tensor_shape(spec, r) for r in self.global_roles(spec)}
+    def expected_tensors(self, spec: ModelSpec) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+        """Every tensor name the model reads -> (the shape it must have on disk, its allowed dtypes)."""
+        roles = {self.tensor_name(r): r for r in self.global_roles(spec)}
         for layer in range(spec.num_layers):
-            for role in self.layer_roles(spec, layer):
-                expected[self.tensor_name(role, layer)] = self.tensor_shape(spec, role)
+            roles.update({self.tensor_name(role, layer): role for role in self.layer_roles(spec, layer)})
         for layer in spec.moe_layers:
-            for name, role in self.expert_tensor_names(spec, layer).items():
-                expected[name] = self.tensor_shape(spec, role)
-        return expected
+            roles.update(self.expert_tensor_names(spec, layer))
+        return {name: (self.tensor_shape(spec, role), self.tensor_dtypes(role)) for name, role in roles.items()}

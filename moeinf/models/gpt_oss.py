@@ -5,7 +5,9 @@ and full layers alternating as layer_types says, yarn rope. Every layer is MoE: 
 whose top-k logits are softmaxed among themselves, and experts with biases and a clamped SwiGLU
 (kernels/expert_activation.py). The experts are stored fused, one tensor per layer for all experts,
 x @ W layout, gate and up interleaved on the last dim; the loader reads one expert's row of each and
-lays it out like every other family's (Checkpoint.expert_weights).
+lays it out like every other family's (Checkpoint.expert_weights). OpenAI's checkpoints hold the
+expert weights in MXFP4 (quantization_config quant_method "mxfp4"): packed blocks and scales,
+dequantized to the compute dtype when the expert store is built (loaders/mxfp4.py).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 from moeinf.errors import ConfigError
 from moeinf.kernels.expert_activation import ExpertActivation
+from moeinf.loaders.mxfp4 import BLOCK
 from moeinf.models.family import ROLE_SHAPES, Family
 from moeinf.models.moe_config import read_moe_spec
 from moeinf.models.spec import ConfigReader, ModelSpec
@@ -40,6 +43,10 @@ GPT_OSS_TENSOR_NAMES = {
     "experts_gate_up_bias": f"{_LAYER}.mlp.experts.gate_up_proj_bias",
     "experts_down": f"{_LAYER}.mlp.experts.down_proj",
     "experts_down_bias": f"{_LAYER}.mlp.experts.down_proj_bias",
+    "experts_gate_up_blocks": f"{_LAYER}.mlp.experts.gate_up_proj_blocks",
+    "experts_gate_up_scales": f"{_LAYER}.mlp.experts.gate_up_proj_scales",
+    "experts_down_blocks": f"{_LAYER}.mlp.experts.down_proj_blocks",
+    "experts_down_scales": f"{_LAYER}.mlp.experts.down_proj_scales",
 }
 
 
@@ -61,7 +68,7 @@ def alternating_windows(read: ConfigReader, num_layers: int) -> tuple[int | None
 def parse_gpt_oss_config(config: dict[str, Any], source: str = "config.json") -> ModelSpec:
     read = ConfigReader(config, source)
     attention_bias = read.boolean("attention_bias", True)
-    return read_moe_spec(
+    spec = read_moe_spec(
         config,
         source,
         architecture="GptOssForCausalLM",
@@ -87,7 +94,14 @@ def parse_gpt_oss_config(config: dict[str, Any], source: str = "config.json") ->
             alpha=read.positive_float("swiglu_alpha", 1.702),
             limit=read.positive_float("swiglu_limit", 7.0),
         ),
+        expert_quantizations=("mxfp4",),  # how OpenAI ships the experts
     )
+    if spec.expert_quantization == "mxfp4" and (spec.hidden_size % BLOCK or spec.expert_ffn % BLOCK):
+        raise ConfigError(
+            f"{source}: MXFP4 experts pack rows in blocks of {BLOCK}; expected hidden_size and intermediate_size "
+            f"to be multiples of {BLOCK}, found {spec.hidden_size} and {spec.expert_ffn}"
+        )
+    return spec
 
 
 GPT_OSS = Family(

@@ -49,6 +49,7 @@ def read_moe_spec(
     rope_types: tuple[str, ...] = ROPE_TYPES,  # the rope types this family computes like transformers
     head_dim: int | None = None,  # the family's own head size (MLA: q/k heads); None: config's head_dim
     rotary_dim: int | None = None,  # dims of a head that rotate, None: head_dim (times partial_rotary_factor)
+    expert_quantizations: tuple[str, ...] = (),  # quant_methods the family dequantizes its experts from
     **features: Any,
 ) -> ModelSpec:
     """Defaults are transformers' config defaults for the family, used when a key is absent.
@@ -57,10 +58,13 @@ def read_moe_spec(
     quantization = config.get("quantization_config")
     if quantization is not None:
         method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else quantization
-        raise ConfigError(
-            f"{source}: quantized checkpoints are not supported (quantization_config quant_method {method!r}); "
-            "expected float32, float16 or bfloat16 weights (dequantize the checkpoint first)"
-        )
+        if method not in expert_quantizations:
+            readable = f"; this family reads {', '.join(expert_quantizations)} experts" if expert_quantizations else ""
+            raise ConfigError(
+                f"{source}: quantization_config quant_method {method!r} is not supported{readable}; "
+                "expected float32, float16 or bfloat16 weights (dequantize the checkpoint first)"
+            )
+        features["expert_quantization"] = method
     hidden = read.positive_int("hidden_size")
     heads = read.positive_int("num_attention_heads")
     kv_heads = read.positive_int("num_key_value_heads", heads)

@@ -99,6 +99,7 @@ class ModelSpec:
     router_fp32: bool = False  # router weight kept and logits computed in float32 (DeepSeek)
     expert_bias: bool = False  # routed experts' projections carry biases (GPT-OSS)
     expert_activation: ExpertActivation = SILU  # how an expert combines its gate and up projections
+    expert_quantization: str | None = None  # "mxfp4": experts stored packed, dequantized on load (GPT-OSS)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
@@ -113,6 +114,16 @@ class ModelSpec:
     def gate_up_dim(self) -> int:
         """An expert's gate and up projections together: 2 * expert_ffn."""
         return 2 * self.expert_ffn
+
+    @property
+    def hidden_blocks(self) -> int:
+        """MXFP4 scale blocks along hidden_size (32 values each)."""
+        return self.hidden_size // 32
+
+    @property
+    def ffn_blocks(self) -> int:
+        """MXFP4 scale blocks along expert_ffn."""
+        return self.expert_ffn // 32
 
     @property
     def attn_out_dim(self) -> int:

@@ -16,25 +16,19 @@ from dataclasses import replace
 from typing import Any
 
 from moeinf.errors import ConfigError
-from moeinf.models.family import ROLE_SHAPES, Family
+from moeinf.models.family import DECODER_TENSOR_NAMES, ROLE_SHAPES, Family
 from moeinf.models.moe_config import read_moe_spec
 from moeinf.models.spec import ConfigReader, MLASpec, ModelSpec
 
 _LAYER = "model.layers.{layer}"
 DEEPSEEK_TENSOR_NAMES = {
-    "embed": "model.embed_tokens.weight",
-    "final_norm": "model.norm.weight",
-    "lm_head": "lm_head.weight",
-    "attn_norm": f"{_LAYER}.input_layernorm.weight",
-    "q_proj": f"{_LAYER}.self_attn.q_proj.weight",
+    **DECODER_TENSOR_NAMES,
     "q_a_proj": f"{_LAYER}.self_attn.q_a_proj.weight",
     "q_a_norm": f"{_LAYER}.self_attn.q_a_layernorm.weight",
     "q_b_proj": f"{_LAYER}.self_attn.q_b_proj.weight",
     "kv_a_proj": f"{_LAYER}.self_attn.kv_a_proj_with_mqa.weight",
     "kv_a_norm": f"{_LAYER}.self_attn.kv_a_layernorm.weight",
     "kv_b_proj": f"{_LAYER}.self_attn.kv_b_proj.weight",
-    "o_proj": f"{_LAYER}.self_attn.o_proj.weight",
-    "ffn_norm": f"{_LAYER}.post_attention_layernorm.weight",
     "router": f"{_LAYER}.mlp.gate.weight",
     "router_correction_bias": f"{_LAYER}.mlp.gate.e_score_correction_bias",
     "expert_gate": f"{_LAYER}.mlp.experts.{{expert}}.gate_proj.weight",

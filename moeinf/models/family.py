@@ -69,6 +69,24 @@ ROLE_SHAPES: dict[str, Shape] = {
     "experts_down_scales": ("num_experts", "hidden_size", "ffn_blocks"),
 }
 
+# The names every family here shares (the Llama layout transformers writes); families add the rest.
+_LAYER = "model.layers.{layer}"
+DECODER_TENSOR_NAMES = {
+    "embed": "model.embed_tokens.weight",
+    "final_norm": "model.norm.weight",
+    "lm_head": "lm_head.weight",
+    "attn_norm": f"{_LAYER}.input_layernorm.weight",
+    "q_proj": f"{_LAYER}.self_attn.q_proj.weight",
+    "k_proj": f"{_LAYER}.self_attn.k_proj.weight",
+    "v_proj": f"{_LAYER}.self_attn.v_proj.weight",
+    "o_proj": f"{_LAYER}.self_attn.o_proj.weight",
+    "q_bias": f"{_LAYER}.self_attn.q_proj.bias",
+    "k_bias": f"{_LAYER}.self_attn.k_proj.bias",
+    "v_bias": f"{_LAYER}.self_attn.v_proj.bias",
+    "o_bias": f"{_LAYER}.self_attn.o_proj.bias",
+    "ffn_norm": f"{_LAYER}.post_attention_layernorm.weight",
+}
+
 # dtypes a tensor may have on disk: the compute dtypes, except for packed quantized data
 COMPUTE_DTYPES = ("F32", "F16", "BF16")
 PACKED_DTYPES = ("U8",)

@@ -17,26 +17,14 @@ from typing import Any
 from moeinf.errors import ConfigError
 from moeinf.kernels.expert_activation import ExpertActivation
 from moeinf.loaders.mxfp4 import BLOCK
-from moeinf.models.family import ROLE_SHAPES, Family
+from moeinf.models.family import DECODER_TENSOR_NAMES, ROLE_SHAPES, Family
 from moeinf.models.moe_config import read_moe_spec
 from moeinf.models.spec import ConfigReader, ModelSpec
 
 _LAYER = "model.layers.{layer}"
 GPT_OSS_TENSOR_NAMES = {
-    "embed": "model.embed_tokens.weight",
-    "final_norm": "model.norm.weight",
-    "lm_head": "lm_head.weight",
-    "attn_norm": f"{_LAYER}.input_layernorm.weight",
-    "q_proj": f"{_LAYER}.self_attn.q_proj.weight",
-    "k_proj": f"{_LAYER}.self_attn.k_proj.weight",
-    "v_proj": f"{_LAYER}.self_attn.v_proj.weight",
-    "o_proj": f"{_LAYER}.self_attn.o_proj.weight",
-    "q_bias": f"{_LAYER}.self_attn.q_proj.bias",
-    "k_bias": f"{_LAYER}.self_attn.k_proj.bias",
-    "v_bias": f"{_LAYER}.self_attn.v_proj.bias",
-    "o_bias": f"{_LAYER}.self_attn.o_proj.bias",
+    **DECODER_TENSOR_NAMES,
     "sinks": f"{_LAYER}.self_attn.sinks",
-    "ffn_norm": f"{_LAYER}.post_attention_layernorm.weight",
     "router": f"{_LAYER}.mlp.router.weight",
     "router_bias": f"{_LAYER}.mlp.router.bias",
     "experts_gate_up": f"{_LAYER}.mlp.experts.gate_up_proj",

@@ -5,20 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from moeinf.models.family import ROLE_SHAPES, Family
+from moeinf.models.family import DECODER_TENSOR_NAMES, ROLE_SHAPES, Family
 from moeinf.models.moe_config import read_moe_spec
 from moeinf.models.spec import ModelSpec
 
 MIXTRAL_TENSOR_NAMES = {
-    "embed": "model.embed_tokens.weight",
-    "final_norm": "model.norm.weight",
-    "lm_head": "lm_head.weight",
-    "attn_norm": "model.layers.{layer}.input_layernorm.weight",
-    "q_proj": "model.layers.{layer}.self_attn.q_proj.weight",
-    "k_proj": "model.layers.{layer}.self_attn.k_proj.weight",
-    "v_proj": "model.layers.{layer}.self_attn.v_proj.weight",
-    "o_proj": "model.layers.{layer}.self_attn.o_proj.weight",
-    "ffn_norm": "model.layers.{layer}.post_attention_layernorm.weight",
+    **DECODER_TENSOR_NAMES,
     "router": "model.layers.{layer}.block_sparse_moe.gate.weight",
     "expert_gate": "model.layers.{layer}.block_sparse_moe.experts.{expert}.w1.weight",
     "expert_up": "model.layers.{layer}.block_sparse_moe.experts.{expert}.w3.weight",

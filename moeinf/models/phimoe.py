@@ -22,10 +22,6 @@ PHIMOE_TENSOR_NAMES = {
     "lm_head_bias": "lm_head.bias",
     "attn_norm_bias": f"{_LAYER}.input_layernorm.bias",
     "ffn_norm_bias": f"{_LAYER}.post_attention_layernorm.bias",
-    "q_bias": f"{_LAYER}.self_attn.q_proj.bias",
-    "k_bias": f"{_LAYER}.self_attn.k_proj.bias",
-    "v_bias": f"{_LAYER}.self_attn.v_proj.bias",
-    "o_bias": f"{_LAYER}.self_attn.o_proj.bias",
 }
 
 # Under any other rope type transformers' PhiMoE replaces the rope's attention scaling by

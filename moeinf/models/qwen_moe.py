@@ -12,26 +12,15 @@ from __future__ import annotations
 from typing import Any
 
 from moeinf.errors import ConfigError
-from moeinf.models.family import ROLE_SHAPES, Family
+from moeinf.models.family import DECODER_TENSOR_NAMES, ROLE_SHAPES, Family
 from moeinf.models.moe_config import read_moe_spec
 from moeinf.models.spec import ConfigReader, ModelSpec
 
 _LAYER = "model.layers.{layer}"
 QWEN_TENSOR_NAMES = {
-    "embed": "model.embed_tokens.weight",
-    "final_norm": "model.norm.weight",
-    "lm_head": "lm_head.weight",
-    "attn_norm": f"{_LAYER}.input_layernorm.weight",
-    "q_proj": f"{_LAYER}.self_attn.q_proj.weight",
-    "k_proj": f"{_LAYER}.self_attn.k_proj.weight",
-    "v_proj": f"{_LAYER}.self_attn.v_proj.weight",
-    "o_proj": f"{_LAYER}.self_attn.o_proj.weight",
-    "q_bias": f"{_LAYER}.self_attn.q_proj.bias",
-    "k_bias": f"{_LAYER}.self_attn.k_proj.bias",
-    "v_bias": f"{_LAYER}.self_attn.v_proj.bias",
+    **DECODER_TENSOR_NAMES,
     "q_norm": f"{_LAYER}.self_attn.q_norm.weight",
     "k_norm": f"{_LAYER}.self_attn.k_norm.weight",
-    "ffn_norm": f"{_LAYER}.post_attention_layernorm.weight",
     "router": f"{_LAYER}.mlp.gate.weight",
     "expert_gate": f"{_LAYER}.mlp.experts.{{expert}}.gate_proj.weight",
     "expert_up": f"{_LAYER}.mlp.experts.{{expert}}.up_proj.weight",

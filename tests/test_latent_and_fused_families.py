@@ -244,3 +244,32 @@ def test_mxfp4_gpt_oss_matches_transformers_dequantization(budget, tmp_path):
         assert ((got - expected).norm() / expected.norm()).item() < 1e-4
         (out,) = llm.generate([prompt], SamplingParams(max_new_tokens=12))
         assert out.token_ids == hf_tokens.tolist()
+
+
+@pytest.mark.parametrize(
+    "S, new, window",
+    [
+        (9, 1, None),  # decode
+        (9, 4, None),  # a short chunk: causality must hold per token, across the folded heads
+        (12, 3, 5),  # a sliding window that binds
+        (5, 5, None),  # a whole prompt
+    ],
+)
+def test_latent_space_attention_equals_expanded_attention(S, new, window):
+    """Weight absorption reorders MLA's arithmetic; it must compute the same attention."""
+    from moeinf.models import mla
+    from moeinf.models.attention import attend
+
+    config = dict(DEEPSEEK_V2_LITE, num_attention_heads=4, kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                  v_head_dim=12)  # fmt: skip
+    _, spec = spec_from_config(config)
+    torch.manual_seed(S * 10 + new)
+    weights = mla.MLAWeights(kv_a=torch.empty(0), kv_a_norm=torch.empty(0), kv_b=torch.randn(4 * 28, 24))
+    cached = torch.randn(1, S, 24 + 8, dtype=torch.float64)
+    q = torch.randn(new, 4, 24, dtype=torch.float64)
+    weights.kv_b = weights.kv_b.double()
+    k, v = mla.expand(cached, weights, spec)
+    expected = attend(q, k, v, S - new, window, spec.attention_scale)
+    got = mla.attend_latent(q, cached, weights, spec, S - new, window)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    assert mla.absorbed_is_cheaper(1, spec) and not mla.absorbed_is_cheaper(10_000, spec)

@@ -10,6 +10,16 @@ Each step expands the cached latents through kv_b_proj into per-head keys (no po
     k       = [kn, kr broadcast over heads]                    [S, H, nope + rope]
 
 and queries rotate only their last qk_rope_head_dim dims, as the keys do.
+
+Expanding costs S * kv_lora * H * (nope + v) per step, whatever the number of new tokens, which
+dominates decoding. For a few new tokens the attention runs in latent space instead ("weight
+absorption"): W_kv_b splits per head into W_uk [nope, kv_lora] and W_uv [v_head, kv_lora], and
+
+    q_nope . k_nope = (q_nope @ W_uk) . c        softmax(...) @ v = (softmax(...) @ c) @ W_uv^T
+
+so every head attends over the cached [c, kr] themselves (one shared key/value head, as MQA) with
+queries [q_nope @ W_uk, q_rot], all heads folded into one attention over the cache; the same
+arithmetic in another order, equal up to rounding.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from moeinf.kernels import ops
+from moeinf.models.attention import attend, causal_mask, visible_keys
 from moeinf.models.rope import apply_rope, apply_rope_interleaved
 from moeinf.models.spec import ModelSpec
 
@@ -72,3 +83,66 @@ def expand(cached: torch.Tensor, w: MLAWeights, spec: ModelSpec) -> tuple[torch.
     k_nope, v = kv.split([mla.qk_nope_head_dim, mla.v_head_dim], dim=-1)  # [S, H, nope], [S, H, v_head]
     k = torch.cat([k_nope, k_rot[:, None, :].expand(S, spec.num_heads, mla.qk_rope_head_dim)], dim=-1)
     return k.transpose(0, 1), v.transpose(0, 1)
+
+
+def absorbed_is_cheaper(new: int, spec: ModelSpec) -> bool:
+    """Whether attending `new` queries in latent space costs fewer multiply-adds than expanding the
+    cache: new * (2 kv_lora + rope) per cached token and head, against kv_lora * (nope + v)."""
+    mla = spec.mla
+    latent = new * (2 * mla.kv_lora_rank + mla.qk_rope_head_dim)
+    return latent < mla.kv_lora_rank * (mla.qk_nope_head_dim + mla.v_head_dim)
+
+
+def attend_cached(
+    q: torch.Tensor,
+    cached: torch.Tensor,
+    w: MLAWeights,
+    spec: ModelSpec,
+    start: int,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """q: [new, H, nope + rope] rotated queries of one sequence; cached: [1, S, kv_lora + rope] its
+    whole latent cache (the new tokens written). Returns the attention output [new, H * v_head],
+    by the cheaper of expanding the cache and attending in latent space."""
+    if absorbed_is_cheaper(q.shape[0], spec):
+        return attend_latent(q, cached, w, spec, start, sliding_window)
+    k, v = expand(cached, w, spec)  # [H, S, nope + rope], [H, S, v_head]
+    return attend(q, k, v, start, sliding_window, spec.attention_scale)
+
+
+def attend_latent(
+    q: torch.Tensor,
+    cached: torch.Tensor,
+    w: MLAWeights,
+    spec: ModelSpec,
+    start: int,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """attend_cached's contract, computed in latent space (weight absorption) without expanding."""
+    mla, heads = spec.mla, spec.num_heads
+    kv_b = w.kv_b.view(heads, mla.qk_nope_head_dim + mla.v_head_dim, mla.kv_lora_rank)
+    w_uk, w_uv = kv_b.split([mla.qk_nope_head_dim, mla.v_head_dim], dim=1)  # [H, nope, C], [H, v_head, C]
+    q_nope, q_rot = q.split([mla.qk_nope_head_dim, mla.qk_rope_head_dim], dim=-1)
+    q_latent = torch.cat([torch.einsum("nhd,hdc->nhc", q_nope, w_uk), q_rot], dim=-1)  # [new, H, C + rope]
+    out = _attend_one_head(q_latent, cached[0], mla.kv_lora_rank, start, sliding_window, spec.attention_scale)
+    out = torch.einsum("nhc,hvc->nhv", out, w_uv)  # [new, H, v_head]
+    return out.reshape(q.shape[0], heads * mla.v_head_dim)
+
+
+def _attend_one_head(
+    q: torch.Tensor, cached: torch.Tensor, value_dim: int, start: int, sliding_window: int | None, scale: float
+) -> torch.Tensor:
+    """Every query head against the one latent key/value head: q [new, H, C + rope], cached
+    [S, C + rope] (values: its first value_dim dims) -> [new, H, value_dim]. The heads fold into the
+    query rows (row n * H + h), so it is one plain attention, not H copies of the cache."""
+    new, heads, width = q.shape
+    mask = causal_mask(start, new, sliding_window, q.device)
+    if mask is None and new > 1:
+        mask = visible_keys(start, new, sliding_window, q.device)  # [new, S]; causality by token, not row
+    if mask is not None:
+        mask = mask.repeat_interleave(heads, dim=0)  # [new * H, S]
+    out = F.scaled_dot_product_attention(
+        q.reshape(1, 1, new * heads, width), cached[None, None], cached[None, None, :, :value_dim],
+        attn_mask=mask, scale=scale,
+    )  # fmt: skip
+    return out.view(new, heads, value_dim)

@@ -125,7 +125,7 @@ class Executor:
         self, layer: int, lw: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spans: list[Span]
     ) -> torch.Tensor:
         """Multi-head latent attention (see models/mla.py): x [T, D] normed -> [T, D]. Each span
-        caches its tokens' latents, then expands its whole cache into per-head keys and values."""
+        caches its tokens' latents, then attends over its whole latent cache."""
         spec, T = self.spec, x.shape[0]
         q = mla.queries(x, lw.mla, spec, cos, sin)  # [T, H, nope + rope]
         cached = mla.latents(x, lw.mla, spec, cos, sin)  # [T, 1, kv_lora + rope]
@@ -134,8 +134,7 @@ class Executor:
         for span in spans:
             r = slice(offset, offset + span.count)
             latents, _ = span.cache.write(layer, cached[r], cached[r, :, :0])  # [1, S, kv_lora + rope]
-            k, v = mla.expand(latents, lw.mla, spec)  # [H, S, nope + rope], [H, S, v_head]
-            attn[r] = attend(q[r], k, v, span.cache.length, spec.window(layer), spec.attention_scale)
+            attn[r] = mla.attend_cached(q[r], latents, lw.mla, spec, span.cache.length, spec.window(layer))
             offset += span.count
         return F.linear(attn, lw.o_proj, lw.o_bias)
 

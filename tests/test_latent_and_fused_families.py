@@ -151,7 +151,10 @@ def test_gpt_oss_20b_config():
     "config, message",
     [
         (dict(GPT_OSS_20B, quantization_config={"quant_method": "fp8"}), "quant_method 'fp8'.*reads mxfp4"),
-        (dict(DEEPSEEK_V2_LITE, quantization_config={"quant_method": "fp8"}), "quant_method 'fp8' is not supp"),
+        (dict(DEEPSEEK_V2_LITE, quantization_config={"quant_method": "awq"}), "quant_method 'awq'.*reads fp8"),
+        (dict(DEEPSEEK_V2_LITE, quantization_config={"quant_method": "fp8"}), "weight_block_size.*per-tensor"),
+        (dict(DEEPSEEK_V2_LITE, quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128],
+                                                     "fmt": "e5m2"}), "fmt 'e4m3'"),  # fmt: skip
         (dict(GPT_OSS_20B, quantization_config={"quant_method": "mxfp4"}, hidden_size=2888), "multiples of 32"),
         (dict(GPT_OSS_20B, layer_types=["sliding_attention"] * 3), "layer_types.*24"),
         (dict(GPT_OSS_20B, layer_types=["local"] * 24), "layer_types"),
@@ -236,7 +239,7 @@ def test_mxfp4_gpt_oss_matches_transformers_dequantization(budget, tmp_path):
     model = save_mxfp4_gpt_oss(folder, seed=11)
     prompt = [7, 3, 55, 21, 9, 14, 80, 33, 3, 61, 47, 12]
     with LLM(folder, progress=False, expert_budget=budget, offload_dir=tmp_path / "store") as llm:
-        assert llm.spec.expert_quantization == "mxfp4"
+        assert llm.spec.quantization == "mxfp4"
         with torch.no_grad():
             expected = model(torch.tensor([prompt])).logits[0]
             hf_tokens = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt) :]
@@ -273,3 +276,80 @@ def test_latent_space_attention_equals_expanded_attention(S, new, window):
     got = mla.attend_latent(q, cached, weights, spec, S - new, window)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
     assert mla.absorbed_is_cheaper(1, spec) and not mla.absorbed_is_cheaper(10_000, spec)
+
+
+def save_fp8(family: str, folder, seed: int, block: tuple[int, int] = (16, 32)):
+    """A tiny checkpoint of `family` laid out as the FP8 releases are: every eligible linear weight
+    float8_e4m3fn with a float32 `_scale_inv` per block, quantization_config fp8. Returns the
+    transformers model loaded from the weights transformers' own FP8 dequantization gives (the
+    reference), and how many tensors were quantized."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+
+    from moeinf.models.family import FP8_ROLES
+
+    save_tiny(family, folder, seed=seed)
+    checkpoint = Checkpoint.open(folder)
+    names = [name for name, role in _roles_by_name(checkpoint.family, checkpoint.spec).items() if role in FP8_ROLES]
+    tensors = load_file(folder / "model.safetensors")
+    reference = dict(tensors)
+    for name in names:
+        weight = tensors[name].float()  # [N, K]
+        rows, cols = weight.shape
+        padded = torch.zeros(-(-rows // block[0]) * block[0], -(-cols // block[1]) * block[1])
+        padded[:rows, :cols] = weight
+        blocks = padded.view(padded.shape[0] // block[0], block[0], padded.shape[1] // block[1], block[1])
+        scale_inv = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0  # e4m3's largest value
+        per_weight = scale_inv.repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+        tensors[name] = (weight / per_weight).to(torch.float8_e4m3fn)
+        tensors[name + "_scale_inv"] = scale_inv
+        reference[name] = _dequantize_fp8_weight(tensors[name], scale_inv, list(block), torch.float32)
+    reference_folder = folder.parent / f"{folder.name}-dequantized"
+    shutil.copytree(folder, reference_folder)
+    save_file(reference, reference_folder / "model.safetensors", metadata={"format": "pt"})
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(block),
+                                     "activation_scheme": "dynamic"}  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config))
+    model = AutoModelForCausalLM.from_pretrained(reference_folder, dtype=torch.float32).eval()
+    return model, len(names)
+
+
+def _roles_by_name(family, spec) -> dict[str, str]:
+    roles = {}
+    for layer in range(spec.num_layers):
+        roles.update({family.tensor_name(role, layer): role for role in family.layer_roles(spec, layer)})
+    for layer in spec.moe_layers:
+        roles.update(family.expert_tensor_names(spec, layer))
+    return roles
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe"])
+@pytest.mark.parametrize("budget", [None, 0.3])
+def test_fp8_checkpoint_matches_transformers_dequantization(family, budget, tmp_path):
+    folder = tmp_path / family
+    model, quantized = save_fp8(family, folder, seed=13)
+    assert quantized > 20  # attention, dense, shared and expert projections
+    prompt = [7, 3, 55, 21, 9, 14, 80, 33, 3, 61, 47, 12]
+    with LLM(folder, progress=False, expert_budget=budget, offload_dir=tmp_path / "store") as llm:
+        assert llm.spec.quantization == "fp8" and llm.spec.quant_block == (16, 32)
+        with torch.no_grad():
+            expected = model(torch.tensor([prompt])).logits[0]
+            hf_tokens = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt) :]
+        got = llm.logits(prompt)
+        assert ((got - expected).norm() / expected.norm()).item() < 1e-4
+        (out,) = llm.generate([prompt], SamplingParams(max_new_tokens=12))
+        assert out.token_ids == hf_tokens.tolist()
+
+
+def test_fp8_weight_without_its_scales_is_a_named_error(tmp_path):
+    folder = tmp_path / "fp8"
+    save_fp8("deepseek_v3", folder, seed=2)
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.1.self_attn.kv_b_proj.weight_scale_inv"]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MissingTensorError, match="kv_b_proj.weight_scale_inv"):
+        Checkpoint.open(folder)

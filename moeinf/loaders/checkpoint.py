@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import torch
 
 from moeinf.errors import ConfigError, TensorDtypeError, TensorShapeError
+from moeinf.loaders.fp8 import FP8_DTYPE, SCALE_SUFFIX, dequantize_fp8, scale_shape
 from moeinf.loaders.mxfp4 import dequantize_mxfp4
 from moeinf.loaders.safetensors_index import TensorIndex
 from moeinf.models.family import EXPERT_ROLES, Family
@@ -66,8 +67,12 @@ class Checkpoint:
         return cls(path, family, spec, index)
 
     def read(self, role: str, layer: int | None = None, expert: int | None = None) -> torch.Tensor:
-        """A tensor by role; `layer` is the decoder layer."""
-        return self.index.read(self.family.tensor_name(role, layer, expert))
+        """A tensor by role; `layer` is the decoder layer. FP8 weights come back dequantized (float32)."""
+        name = self.family.tensor_name(role, layer, expert)
+        tensor = self.index.read(name)
+        if tensor.dtype == torch.float8_e4m3fn:
+            return dequantize_fp8(tensor, self.index.read(name + SCALE_SUFFIX), self.spec.quant_block)
+        return tensor
 
     def read_expert(self, role: str, moe_layer: int, expert: int) -> torch.Tensor:
         """An expert tensor; `moe_layer` counts MoE layers only, as the expert stack does."""
@@ -83,7 +88,7 @@ class Checkpoint:
         def row(role: str) -> torch.Tensor:
             return self.index.read_row(self.family.tensor_name(role, layer), expert)
 
-        if self.spec.expert_quantization == "mxfp4":
+        if self.spec.quantization == "mxfp4":
             gate_up = dequantize_mxfp4(row("experts_gate_up_blocks"), row("experts_gate_up_scales")).T  # [D, 2F]
             w2 = dequantize_mxfp4(row("experts_down_blocks"), row("experts_down_scales"))  # [D, F]
         else:
@@ -122,3 +127,18 @@ def check_tensors(family: Family, spec: ModelSpec, index: TensorIndex) -> None:
             raise TensorDtypeError(
                 f"{info.file.name}: tensor {name!r} should be one of {', '.join(dtypes)}, found {info.dtype}"
             )
+        if info.dtype == FP8_DTYPE:
+            check_fp8_scale(index, name, spec.quant_block)
+
+
+def check_fp8_scale(index: TensorIndex, name: str, block: tuple[int, int]) -> None:
+    """An FP8 weight needs its block scales beside it, one per block."""
+    scale = index.info(name + SCALE_SUFFIX)  # MissingTensorError names it when absent
+    expected = scale_shape(index.info(name).shape, block)
+    if scale.shape != expected:
+        raise TensorShapeError(
+            f"{scale.file.name}: tensor {scale.name!r} should have shape {list(expected)} (one scale per "
+            f"{block[0]}x{block[1]} block of {name}), found {list(scale.shape)}"
+        )
+    if scale.dtype not in ("F32", "BF16"):
+        raise TensorDtypeError(f"{scale.file.name}: tensor {scale.name!r} should be F32 or BF16, found {scale.dtype}")

@@ -125,6 +125,7 @@ def _deepseek_spec(config: dict[str, Any], source: str, architecture: str, famil
         n_group=n_group,
         topk_group=topk_group,
         router_fp32=True,
+        quantizations=("fp8",),  # DeepSeek-V3 ships fine-grained FP8
         **features,
     )
     if spec.num_moe_layers < spec.num_layers and spec.dense_ffn is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from moeinf.loaders.fp8 import FP8_DTYPE
 from moeinf.models.spec import ModelSpec
 
 Shape = tuple[str | int, ...]
@@ -110,6 +111,12 @@ ROUTER_CORRECTION_BIAS_ROLES = ("router_correction_bias",)
 EXPERT_ROLES = ("expert_gate", "expert_up", "expert_down")  # one tensor per expert
 FUSED_EXPERT_ROLES = ("experts_gate_up", "experts_down")  # one tensor per layer, experts on dim 0
 FUSED_EXPERT_BIAS_ROLES = ("experts_gate_up_bias", "experts_down_bias")
+# the linear layers an FP8 checkpoint may store in float8 (not embeddings, norms, routers, lm head)
+FP8_ROLES = frozenset(
+    ("q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_proj", "kv_a_proj", "kv_b_proj")
+    + ("expert_gate", "expert_up", "expert_down", "shared_gate", "shared_up", "shared_down")
+    + ("mlp_gate", "mlp_up", "mlp_down")
+)
 MXFP4_EXPERT_ROLES = ("experts_gate_up_blocks", "experts_gate_up_scales", "experts_down_blocks", "experts_down_scales")
 SHARED_EXPERT_ROLES = ("shared_gate", "shared_up", "shared_down")
 SHARED_EXPERT_GATE_ROLES = ("shared_expert_gate",)
@@ -132,9 +139,13 @@ class Family:
         return tuple(dim if isinstance(dim, int) else getattr(spec, dim) for dim in self.tensor_shapes[role])
 
     @staticmethod
-    def tensor_dtypes(role: str) -> tuple[str, ...]:
+    def tensor_dtypes(spec: ModelSpec, role: str) -> tuple[str, ...]:
         """The safetensors dtypes a tensor of `role` may be stored in."""
-        return PACKED_DTYPES if role in MXFP4_EXPERT_ROLES else COMPUTE_DTYPES
+        if role in MXFP4_EXPERT_ROLES:
+            return PACKED_DTYPES
+        if spec.quantization == "fp8" and role in FP8_ROLES:
+            return COMPUTE_DTYPES + (FP8_DTYPE,)
+        return COMPUTE_DTYPES
 
     def global_roles(self, spec: ModelSpec) -> tuple[str, ...]:
         roles = tuple(r for r in GLOBAL_ROLES if not (r == "lm_head" and spec.tie_word_embeddings))
@@ -167,7 +178,7 @@ class Family:
     def expert_tensor_names(self, spec: ModelSpec, layer: int) -> dict[str, str]:
         """The routed experts' tensors of decoder layer `layer`: name on disk -> role."""
         if self.fused_experts:
-            roles = MXFP4_EXPERT_ROLES if spec.expert_quantization == "mxfp4" else FUSED_EXPERT_ROLES
+            roles = MXFP4_EXPERT_ROLES if spec.quantization == "mxfp4" else FUSED_EXPERT_ROLES
             roles += FUSED_EXPERT_BIAS_ROLES if spec.expert_bias else ()
             return {self.tensor_name(role, layer): role for role in roles}
         return {
@@ -181,4 +192,4 @@ class Family:
             roles.update({self.tensor_name(role, layer): role for role in self.layer_roles(spec, layer)})
         for layer in spec.moe_layers:
             roles.update(self.expert_tensor_names(spec, layer))
-        return {name: (self.tensor_shape(spec, role), self.tensor_dtypes(role)) for name, role in roles.items()}
+        return {name: (self.tensor_shape(spec, role), self.tensor_dtypes(spec, role)) for name, role in roles.items()}

@@ -82,9 +82,9 @@ def parse_gpt_oss_config(config: dict[str, Any], source: str = "config.json") ->
             alpha=read.positive_float("swiglu_alpha", 1.702),
             limit=read.positive_float("swiglu_limit", 7.0),
         ),
-        expert_quantizations=("mxfp4",),  # how OpenAI ships the experts
+        quantizations=("mxfp4",),  # how OpenAI ships the experts
     )
-    if spec.expert_quantization == "mxfp4" and (spec.hidden_size % BLOCK or spec.expert_ffn % BLOCK):
+    if spec.quantization == "mxfp4" and (spec.hidden_size % BLOCK or spec.expert_ffn % BLOCK):
         raise ConfigError(
             f"{source}: MXFP4 experts pack rows in blocks of {BLOCK}; expected hidden_size and intermediate_size "
             f"to be multiples of {BLOCK}, found {spec.hidden_size} and {spec.expert_ffn}"

@@ -30,6 +30,20 @@ def sparse_layers(read: ConfigReader, num_layers: int) -> tuple[int, ...]:
     return tuple(i for i in range(num_layers) if i not in dense and (i + 1) % step == 0)
 
 
+def fp8_block(quantization: dict[str, Any], source: str) -> tuple[int, int]:
+    """The [rows, cols] block of a fine-grained FP8 quantization_config, checked."""
+    block = quantization.get("weight_block_size")
+    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise ConfigError(
+            f"{source}: expected quantization_config weight_block_size to be two positive integers such as "
+            f"[128, 128], found {block!r} (per-tensor FP8 is not supported)"
+        )
+    fmt = quantization.get("fmt", "e4m3")
+    if fmt != "e4m3":
+        raise ConfigError(f"{source}: expected quantization_config fmt 'e4m3', found {fmt!r}")
+    return block[0], block[1]
+
+
 def read_moe_spec(
     config: dict[str, Any],
     source: str,
@@ -49,7 +63,7 @@ def read_moe_spec(
     rope_types: tuple[str, ...] = ROPE_TYPES,  # the rope types this family computes like transformers
     head_dim: int | None = None,  # the family's own head size (MLA: q/k heads); None: config's head_dim
     rotary_dim: int | None = None,  # dims of a head that rotate, None: head_dim (times partial_rotary_factor)
-    expert_quantizations: tuple[str, ...] = (),  # quant_methods the family dequantizes its experts from
+    quantizations: tuple[str, ...] = (),  # quant_methods the family's checkpoints may use (dequantized on load)
     **features: Any,
 ) -> ModelSpec:
     """Defaults are transformers' config defaults for the family, used when a key is absent.
@@ -58,13 +72,15 @@ def read_moe_spec(
     quantization = config.get("quantization_config")
     if quantization is not None:
         method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else quantization
-        if method not in expert_quantizations:
-            readable = f"; this family reads {', '.join(expert_quantizations)} experts" if expert_quantizations else ""
+        if method not in quantizations:
+            readable = f"; this family reads {', '.join(quantizations)} checkpoints" if quantizations else ""
             raise ConfigError(
                 f"{source}: quantization_config quant_method {method!r} is not supported{readable}; "
                 "expected float32, float16 or bfloat16 weights (dequantize the checkpoint first)"
             )
-        features["expert_quantization"] = method
+        features["quantization"] = method
+        if method == "fp8":
+            features["quant_block"] = fp8_block(quantization, source)
     hidden = read.positive_int("hidden_size")
     heads = read.positive_int("num_attention_heads")
     kv_heads = read.positive_int("num_key_value_heads", heads)

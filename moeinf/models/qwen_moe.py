@@ -96,6 +96,7 @@ def parse_qwen3_moe_config(config: dict[str, Any], source: str = "config.json") 
         "qwen3_moe",
         attention_bias=read.boolean("attention_bias", False),
         qk_norm="head",
+        quantizations=("fp8",),  # the Qwen3-*-FP8 releases
     )
 
 

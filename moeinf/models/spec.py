@@ -99,7 +99,11 @@ class ModelSpec:
     router_fp32: bool = False  # router weight kept and logits computed in float32 (DeepSeek)
     expert_bias: bool = False  # routed experts' projections carry biases (GPT-OSS)
     expert_activation: ExpertActivation = SILU  # how an expert combines its gate and up projections
-    expert_quantization: str | None = None  # "mxfp4": experts stored packed, dequantized on load (GPT-OSS)
+    # How the checkpoint is quantized; moeinf dequantizes on load and computes in the compute dtype.
+    # "mxfp4": GPT-OSS's experts packed (loaders/mxfp4.py); "fp8": linear weights float8 with a scale
+    # per quant_block of [rows, cols] (loaders/fp8.py); None: plain float weights
+    quantization: str | None = None
+    quant_block: tuple[int, int] | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property

@@ -148,8 +148,10 @@ def report_sources() -> list[Source]:
             sources.append(
                 Source(file.removesuffix(".npz"), f"real: {', '.join(trace.meta.get('sequences', []))}", trace, True)
             )
-    # Sizes are bounded by replay speed: the controller scans every slot per eviction (Residency.
-    # evictable, then the policy's victim), so a miss at DeepSeek's shape and 25% costs ~5 ms.
+    # Sizes are bounded by replay speed. Evictions no longer bound it: the residency keeps its
+    # evictable set as arrays over the slots (runtime/residency.py), so a victim at DeepSeek's shape
+    # and 25% costs ~11 us (bench/scorer.py) where scanning every slot in Python cost ~1.4 ms, and a
+    # DeepSeek replay at 25% takes 0.1-0.4 ms per layer-step (lru to lookahead; 2-core VM), 3 ms before.
     skewed = ("arxiv", "github", "wikipedia")  # the domains whose routing skews most (C4 and books stay nearer uniform)
     workloads = {
         "synthetic-mixtral": synthetic.Workload(model="mixtral-8x7b", sequences=48, min_tokens=32, max_tokens=64),

@@ -2,6 +2,7 @@
 
 import threading
 
+import numpy as np
 import pytest
 import torch
 from checkpoints import save_tiny_mixtral
@@ -9,6 +10,8 @@ from checkpoints import save_tiny_mixtral
 from moeinf import LLM, SamplingParams
 from moeinf.errors import OffloadConfigError
 from moeinf.runtime.budget import OffloadConfig, parse_budget
+from moeinf.runtime.cache_controller import CacheController, PolicyError
+from moeinf.runtime.counters import TrafficCounters
 from moeinf.runtime.policies import LFUPolicy, LRUPolicy
 from moeinf.runtime.transfer import TransferQueue
 
@@ -168,6 +171,59 @@ def test_policies_choose_their_victims():
     candidates = [(0, 0), (0, 3), (1, 1)]
     assert lru.victim(candidates) == (0, 0)  # oldest use
     assert lfu.victim(candidates) == (1, 1)  # fewest tokens (1), older than (0, 3)'s 2
+
+
+class InstantLoads:
+    """A LoadMechanism whose loads land as soon as they are started."""
+
+    def __init__(self):
+        self.landed = []
+
+    def start_load(self, key, slot, urgent):
+        self.landed.append(slot)
+
+    def promote(self, key, slot):
+        pass
+
+    def try_cancel(self, slot):
+        return False
+
+    def wait(self, slot):
+        pass
+
+    def finished(self):
+        landed, self.landed = self.landed, []
+        return landed
+
+
+class PinnedVictim(LRUPolicy):
+    """Answers with the slot the layer computing now has pinned: outside the contract."""
+
+    name = "pinned-victim-test"
+
+    def victim_slot(self, layer_of, expert_of, evictable):
+        return int(np.flatnonzero(~evictable & (layer_of >= 0))[0])
+
+
+def test_controller_evicts_the_policys_victim_slot_and_names_a_bad_one():
+    controller = CacheController(2, 4, LRUPolicy(3, 4), InstantLoads(), TrafficCounters())
+    for layer in range(2):
+        controller.acquire(layer, [1 if e == layer else 0 for e in range(4)])
+        controller.release()
+    controller.acquire(2, [0, 0, 1, 0])  # the pool is full: layer 0's expert, used longest ago, goes
+    res = controller.residency
+    assert res.slot((0, 0)) is None and res.slot((1, 1)) is not None and res.slot((2, 2)) is not None
+    assert res.evictable_count == 1  # (1, 1); (2, 2) is pinned until release
+    controller.release()
+    assert res.evictable_count == 2
+
+    bad = CacheController(2, 4, PinnedVictim(3, 4), InstantLoads(), TrafficCounters())
+    bad.acquire(0, [1, 0, 0, 0])
+    bad.release()
+    bad.acquire(1, [0, 1, 0, 0])
+    bad.release()
+    with pytest.raises(PolicyError, match="policy pinned-victim-test: expected the slot of an evictable expert"):
+        bad.acquire(1, [0, 1, 1, 0])  # (1, 1) is resident and pinned; (1, 2) needs a victim
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,14 @@ reference (what bench/scorer.py times it against) gives the very same orders."""
 import numpy as np
 import pytest
 
-from moeinf.runtime.scorer import eviction_order, eviction_order_ref, prefetch_order, prefetch_order_ref
+from moeinf.runtime.scorer import (
+    eviction_order,
+    eviction_order_ref,
+    eviction_order_slots,
+    lowest_slot,
+    prefetch_order,
+    prefetch_order_ref,
+)
 
 
 def keys_of(flat, E):
@@ -68,3 +75,20 @@ def test_numba_and_numpy_versions_agree(seed):
         assert np.array_equal(
             eviction_order(pred, keys, layer, n, 1e-3), eviction_order_ref(pred, keys, layer, n, 1e-3)
         )
+
+
+def test_slot_scans_skip_what_is_not_evictable_and_break_ties_as_documented():
+    pred = np.full((2, 3), 0.5)  # every candidate ties
+    layer_of = np.array([1, -1, 0, 1, 0], dtype=np.int64)  # [S] slot 1 empty
+    expert_of = np.array([2, -1, 1, 0, 0], dtype=np.int64)
+    evictable = np.array([False, False, True, True, True])  # slot 0 pinned or loading
+    # activation-aware: layer 1 computes now, so layer 1 is needed last and goes first; ties by slot
+    assert eviction_order_slots(pred, layer_of, expert_of, evictable, 1, 5, 1e-3).tolist() == [3, 2, 4]
+    assert eviction_order_slots(pred, layer_of, expert_of, evictable, 1, 0, 1e-3).tolist() == []
+    # recency/frequency: (first, second, layer, expert), whatever slot a key sits in
+    first = np.zeros((2, 3), dtype=np.int64)
+    second = np.array([[3, 3, 0], [3, 3, 3]], dtype=np.int64)
+    assert lowest_slot(first, second, layer_of, expert_of, evictable) == 4  # (0, 0) before (0, 1) and (1, 0)
+    second[1, 0] = 2
+    assert lowest_slot(first, second, layer_of, expert_of, evictable) == 3
+    assert lowest_slot(first, second, layer_of, expert_of, np.zeros(5, dtype=bool)) == -1

@@ -54,7 +54,6 @@ copies, not compute, bound a step.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -62,7 +61,7 @@ import numpy as np
 from moeinf.errors import OffloadConfigError
 from moeinf.runtime.cache_policy import CachePolicy, Key
 from moeinf.runtime.eam_collection import EAMCollection
-from moeinf.runtime.scorer import eviction_order, prefetch_order
+from moeinf.runtime.scorer import eviction_order_slots, prefetch_order
 
 DECAY = 0.95  # weight of a step's routing after each later step
 PRIOR_WEIGHT = 8.0  # routings of evidence the prior (EAMC match, or uniform) counts for
@@ -161,9 +160,9 @@ class ActivationAwarePolicy(CachePolicy):
     def sequence_finished(self, eam: np.ndarray) -> None:
         self.eamc.insert(eam)
 
-    def victim(self, candidates: Sequence[Key]) -> Key:
-        keys = np.fromiter(itertools.chain.from_iterable(candidates), np.int64, 2 * len(candidates))  # [C * 2]
-        return candidates[eviction_order(self.pred, keys.reshape(-1, 2), self.layer, 1, self.eps)[0]]
+    def victim_slot(self, layer_of: np.ndarray, expert_of: np.ndarray, evictable: np.ndarray) -> int:
+        """The candidate of lowest eviction priority; ties go to the lower slot."""
+        return int(eviction_order_slots(self.pred, layer_of, expert_of, evictable, self.layer, 1, self.eps)[0])
 
     def prefetch(self, layer: int) -> list[Key]:
         """The lookahead's experts of layer + 1 (most tokens first), when it was given; then the

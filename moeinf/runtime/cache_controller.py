@@ -33,6 +33,10 @@ class LoadMechanism(Protocol):
         """Slots whose loads have landed since the last wait on them (does not block)."""
 
 
+class PolicyError(RuntimeError):
+    """A cache policy answered outside its contract (a victim that is not a candidate)."""
+
+
 class CacheController:
     def __init__(
         self, num_slots: int, num_experts: int, policy: CachePolicy, mechanism: LoadMechanism, counters: TrafficCounters
@@ -102,7 +106,7 @@ class CacheController:
             self.mechanism.wait(slot)
         except BaseException:
             key = self.residency.key_in[slot]
-            self.residency.pins[slot] = 0
+            self.residency.unpin_all(slot)
             self.residency.evict(key)
             raise
         self._landed(slot)
@@ -123,17 +127,23 @@ class CacheController:
         res = self.residency
         slot = res.free_slot()
         while slot is None:
-            candidates = res.evictable()
-            if candidates:
-                victim = self.policy.victim(candidates)
+            if res.evictable_count:
+                # the residency keeps the candidates as arrays over the slots: no per-slot Python here
+                chosen = self.policy.victim_slot(res.layer_of, res.expert_of, res.evictable_mask)
+                if not (0 <= chosen < res.num_slots and res.evictable_mask[chosen]):
+                    raise PolicyError(
+                        f"policy {self.policy.name}: expected the slot of an evictable expert as its victim, "
+                        f"found slot {chosen!r}"
+                    )
+                victim = res.key_in[chosen]
                 if victim in res.prefetched:
                     self.counters.add(prefetch_wasted=1)
                 slot = res.evict(victim)
                 self.counters.add(evictions=1)
                 break
-            loading = [s for s in res.loading() if res.pins[s] == 0]
             if not wait:
                 return None
+            loading = [s for s in res.loading() if res.pins[s] == 0]
             if not loading:
                 raise RuntimeError(f"all {res.num_slots} expert slots are pinned; the budget check should prevent this")
             self._wait(loading[0])

@@ -3,8 +3,14 @@
 A cache policy decides which resident expert to evict, and which experts to fetch ahead of need.
 
 A policy sees only the routing (which experts each layer used, step by step) and answers with
-keys (layer, expert). It is plain Python over small containers, with no tensors, so trace replay
-can run the very code the runtime runs.
+keys (layer, expert), or with slots where it chooses among the residency's slots. It is plain
+Python, numpy and Numba over small arrays, with no tensors, so trace replay can run the very code
+the runtime runs.
+
+Victims: the controller hands victim_slot() the residency's slot arrays (runtime/residency.py),
+which are kept up to date as slots change state; the policy scores the candidates in one
+compiled pass (scorer.py) over per-expert state it keeps as [L, E] arrays. No eviction builds a
+list or a tuple per slot, so its cost in Python does not grow with the pool.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from abc import ABC, abstractmethod
 from typing import Sequence
 
 import numpy as np
+
+from moeinf.runtime.scorer import lowest_slot
 
 Key = tuple[int, int]  # (layer, expert)
 
@@ -25,6 +33,14 @@ class CachePolicy(ABC):
     # True: before each layer's experts are acquired, the executor applies the next layer's router
     # to this layer's hidden state and reports the result through lookahead()
     wants_lookahead = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "victim" in cls.__dict__ and "victim_slot" not in cls.__dict__:  # the controller would never call it
+            raise TypeError(
+                f"{cls.__name__}: expected victims chosen by victim_slot(layer_of, expert_of, evictable), "
+                "found only victim(candidates) overridden; the controller calls victim_slot"
+            )
 
     def __init__(self, num_layers: int, num_experts: int):
         self.num_layers = num_layers
@@ -47,8 +63,23 @@ class CachePolicy(ABC):
         and decode summed."""
 
     @abstractmethod
+    def victim_slot(self, layer_of: np.ndarray, expert_of: np.ndarray, evictable: np.ndarray) -> int:
+        """Which slot to evict. layer_of, expert_of: [S] int64 the (layer, expert) each slot holds
+        (-1: empty); evictable: [S] bool the candidates (READY, unpinned), at least one. All three
+        are read-only. Returns a slot where evictable is True; where the policy's priorities tie,
+        it breaks the tie as it documents (by slot, lowest first, unless it says otherwise)."""
+
     def victim(self, candidates: Sequence[Key]) -> Key:
-        """Which of `candidates` (resident, unpinned) to evict. Never called with none."""
+        """Which of `candidates` (resident, unpinned keys, in slot order) to evict: victim_slot
+        over a pool holding just them, for tests and tools that have keys rather than a pool."""
+        if not candidates:
+            raise ValueError(f"{self.name} victim: expected at least one candidate, found none")
+        keys = np.array(candidates, dtype=np.int64).reshape(-1, 2)  # [C, 2] (layer, expert)
+        layer_of, expert_of = keys[:, 0].copy(), keys[:, 1].copy()  # [C] each, contiguous
+        evictable = np.ones(len(candidates), np.bool_)  # [C]
+        for array in (layer_of, expert_of, evictable):
+            array.flags.writeable = False  # as the residency hands them over
+        return candidates[self.victim_slot(layer_of, expert_of, evictable)]
 
     def prefetch(self, layer: int) -> list[Key]:
         """After `layer` is routed: keys to load ahead, most urgent first."""
@@ -56,38 +87,37 @@ class CachePolicy(ABC):
 
 
 class LRUPolicy(CachePolicy):
-    """Evicts the expert whose last use is oldest."""
+    """Evicts the expert whose last use is oldest; ties (never used) go to the lowest (layer,
+    expert)."""
 
     name = "lru"
 
     def __init__(self, num_layers: int, num_experts: int):
         super().__init__(num_layers, num_experts)
-        self.last_use: dict[Key, int] = {}
+        self.last_use = np.full((num_layers, num_experts), -1, np.int64)  # [L, E] clock of the last use, -1: none
 
     def observe(self, layer: int, token_counts: Sequence[int]) -> None:
         super().observe(layer, token_counts)
-        for expert, count in enumerate(token_counts):
-            if count:
-                self.last_use[(layer, expert)] = self.clock
+        self.last_use[layer, np.asarray(token_counts) != 0] = self.clock
 
-    def victim(self, candidates: Sequence[Key]) -> Key:
-        return min(candidates, key=lambda k: (self.last_use.get(k, -1), k))
+    def victim_slot(self, layer_of: np.ndarray, expert_of: np.ndarray, evictable: np.ndarray) -> int:
+        # one key: passed as both of lowest_slot's, the second never decides
+        return lowest_slot(self.last_use, self.last_use, layer_of, expert_of, evictable)
 
 
 class LFUPolicy(LRUPolicy):
-    """Evicts the expert that served the fewest tokens so far; ties go to the least recent."""
+    """Evicts the expert that served the fewest tokens so far; ties go to the least recent, then
+    to the lowest (layer, expert)."""
 
     name = "lfu"
 
     def __init__(self, num_layers: int, num_experts: int):
         super().__init__(num_layers, num_experts)
-        self.tokens: dict[Key, int] = {}
+        self.tokens = np.zeros((num_layers, num_experts), np.int64)  # [L, E] tokens served so far
 
     def observe(self, layer: int, token_counts: Sequence[int]) -> None:
         super().observe(layer, token_counts)
-        for expert, count in enumerate(token_counts):
-            if count:
-                self.tokens[(layer, expert)] = self.tokens.get((layer, expert), 0) + int(count)
+        self.tokens[layer] += np.asarray(token_counts).astype(np.int64)
 
-    def victim(self, candidates: Sequence[Key]) -> Key:
-        return min(candidates, key=lambda k: (self.tokens.get(k, 0), self.last_use.get(k, -1), k))
+    def victim_slot(self, layer_of: np.ndarray, expert_of: np.ndarray, evictable: np.ndarray) -> int:
+        return lowest_slot(self.tokens, self.last_use, layer_of, expert_of, evictable)

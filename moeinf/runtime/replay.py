@@ -425,7 +425,8 @@ class BeladyPolicy(CachePolicy):
             for expert in experts:
                 self._following[t][expert] = seen.get((layer, expert), math.inf)
                 seen[(layer, expert)] = t
-        self._next_use: dict[Key, float] = {}  # resident-or-not key -> its next access index
+        # next_use: [L, E] each key's next access index as of the last observe (inf: none known)
+        self.next_use = np.full((num_layers, num_experts), math.inf)
 
     @classmethod
     def from_trace(cls, trace: Trace) -> BeladyPolicy:
@@ -446,11 +447,13 @@ class BeladyPolicy(CachePolicy):
                 f"belady: at access {t} expected (layer, experts) {expected}, found {(layer, needed)}; "
                 "it was built for another trace"
             )
-        for expert, nxt in self._following[t].items():
-            self._next_use[(layer, expert)] = nxt
+        following = self._following[t]
+        self.next_use[layer, list(following)] = list(following.values())
 
-    def victim(self, candidates: Sequence[Key]) -> Key:
-        return max(candidates, key=lambda k: self._next_use.get(k, math.inf))
+    def victim_slot(self, layer_of: np.ndarray, expert_of: np.ndarray, evictable: np.ndarray) -> int:
+        """The candidate whose next use is farthest away; ties go to the lower slot."""
+        slots = np.flatnonzero(evictable)  # [C] candidates in slot order
+        return int(slots[np.argmax(self.next_use[layer_of[slots], expert_of[slots]])])
 
 
 def build_policy(policy: str | CachePolicy, trace: Trace) -> CachePolicy:

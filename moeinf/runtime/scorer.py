@@ -22,6 +22,12 @@ layer l computes:
 
 Ties go to the entry met first: for prefetch the nearer layer, then the lower expert; for
 eviction the earlier candidate.
+
+Victims are chosen over the residency's slot arrays (runtime/residency.py: layer_of, expert_of
+[S] and the evictable mask [S]), which it keeps up to date as slots change state, so choosing one
+is a single compiled pass over the slots, with no per-candidate Python: eviction_order_slots for
+the activation-aware priority (candidates in slot order), lowest_slot for the recency/frequency
+baselines (cache_policy.py).
 """
 
 from __future__ import annotations
@@ -114,30 +120,58 @@ def prefetch_order(pred, layer, horizon, n):
 
 
 @njit(cache=True)
-def eviction_order(pred, keys_in, layer, n, eps):
-    """pred: [L, E] float64; keys_in: [C, 2] int64 candidate (layer, expert) pairs. Positions
-    into keys_in of the n candidates of lowest eviction priority, lowest first. Returns int64
-    [min(n, C)]."""
+def eviction_order_slots(pred, layer_of, expert_of, evictable, layer, n, eps):
+    """pred: [L, E] float64; layer_of, expert_of: [S] int64 the (layer, expert) each slot holds;
+    evictable: [S] bool the candidates. The n candidate slots of lowest eviction priority, lowest
+    first (ties: the lower slot). Returns int64 [min(n, candidates)]."""
     L = pred.shape[0]
-    C = keys_in.shape[0]
-    m = min(n, C)
-    keys = np.empty(max(m, 1), np.float64)
-    ids = np.empty(max(m, 1), np.int64)
-    if m <= 0:
+    S = evictable.shape[0]
+    keys = np.empty(max(n, 1), np.float64)
+    ids = np.empty(max(n, 1), np.int64)
+    if n <= 0:
         return ids[:0].copy()
     weight = np.empty(L, np.float64)  # [L] 1 - d / L by layer: no division in the loop below
     for i in range(L):
         weight[i] = 1.0 - ((i - layer - 1) % L) / L
     size = 0
     floor = -np.inf
-    for c in range(C):
-        i = keys_in[c, 0]
-        key = -((pred[i, keys_in[c, 1]] + eps) * weight[i])  # the largest key is the lowest priority
+    for c in range(S):
+        if not evictable[c]:
+            continue
+        i = layer_of[c]
+        key = -((pred[i, expert_of[c]] + eps) * weight[i])  # the largest key is the lowest priority
         if key > floor:
-            size = _offer(keys, ids, size, m, key, c)
-            if size == m:
+            size = _offer(keys, ids, size, n, key, c)
+            if size == n:
                 floor = keys[0]
     return _best_first(keys, ids, size)
+
+
+@njit(cache=True)
+def eviction_order(pred, keys_in, layer, n, eps):
+    """pred: [L, E] float64; keys_in: [C, 2] int64 candidate (layer, expert) pairs. Positions
+    into keys_in of the n candidates of lowest eviction priority, lowest first. Returns int64
+    [min(n, C)]."""
+    every = np.ones(keys_in.shape[0], np.bool_)  # [C]
+    return eviction_order_slots(pred, keys_in[:, 0], keys_in[:, 1], every, layer, n, eps)
+
+
+@njit(cache=True)
+def lowest_slot(first, second, layer_of, expert_of, evictable):
+    """first, second: [L, E] int64 per-expert keys; layer_of, expert_of: [S] int64 the (layer,
+    expert) each slot holds; evictable: [S] bool the candidates. The candidate slot whose
+    (first[l, e], second[l, e], l, e) is smallest: a key is in one slot at most, so the order
+    of the slots never decides. Returns -1 when there is no candidate."""
+    best = -1
+    bf = bs = bl = be = 0
+    for c in range(evictable.shape[0]):
+        if not evictable[c]:
+            continue
+        i, e = layer_of[c], expert_of[c]
+        f, s = first[i, e], second[i, e]
+        if best < 0 or (f, s, i, e) < (bf, bs, bl, be):
+            best, bf, bs, bl, be = c, f, s, i, e
+    return best
 
 
 def prefetch_order_ref(pred: np.ndarray, layer: int, horizon: int, n: int) -> np.ndarray:
@@ -158,3 +192,23 @@ def eviction_order_ref(pred: np.ndarray, keys_in: np.ndarray, layer: int, n: int
     i, e = keys_in[:, 0], keys_in[:, 1]
     keys = -((pred[i, e] + eps) * (1.0 - ((i - layer - 1) % L) / L))
     return np.argsort(-keys, kind="stable")[: max(n, 0)].astype(np.int64)
+
+
+def eviction_order_slots_ref(
+    pred: np.ndarray, layer_of: np.ndarray, expert_of: np.ndarray, evictable: np.ndarray, layer: int, n: int, eps: float
+) -> np.ndarray:
+    """numpy version of eviction_order_slots (a full stable sort): same result."""
+    slots = np.flatnonzero(evictable)  # [C] candidates in slot order
+    keys_in = np.stack([layer_of[slots], expert_of[slots]], axis=1)  # [C, 2]
+    return slots[eviction_order_ref(pred, keys_in, layer, n, eps)].astype(np.int64)
+
+
+def lowest_slot_ref(
+    first: np.ndarray, second: np.ndarray, layer_of: np.ndarray, expert_of: np.ndarray, evictable: np.ndarray
+) -> int:
+    """numpy version of lowest_slot (a lexicographic sort): same result."""
+    slots = np.flatnonzero(evictable)  # [C]
+    if len(slots) == 0:
+        return -1
+    i, e = layer_of[slots], expert_of[slots]
+    return int(slots[np.lexsort((e, i, second[i, e], first[i, e]))[0]])

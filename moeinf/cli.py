@@ -68,6 +68,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"decode: {stats['decode_tokens']} tokens in {stats['decode_s']:.3f} s ({decode_rate:.1f} tokens/s), "
         f"finished by {out.finish_reason}\n"
         f"experts: {stats['resident_experts']} resident, {stats['hits']} hits, {stats['misses']} misses, "
+        f"{stats['prefetch_hits']} prefetch hits ({stats['prefetch_late']} late), "
         f"{stats['bytes_from_disk'] / 2**20:.1f} MiB from disk, {stats['bytes_to_device'] / 2**20:.1f} MiB to device, "
         f"{stats['stall_s']:.3f} s stalled\n"
         f"peak memory: {peak_memory_mib(llm.device):.0f} MiB"

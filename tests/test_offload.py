@@ -308,3 +308,40 @@ def test_chunked_prefill_samples_once_per_sequence(folder):
     outs = llm.generate(PROMPTS, params)
     assert [len(o.token_ids) for o in outs] == [3, 3, 3]
     assert llm.stats()["prefill_tokens"] == sum(map(len, PROMPTS))
+
+
+class HeldLoads(InstantLoads):
+    """A LoadMechanism whose loads land only when waited on: every prefetch is still in flight
+    when its layer comes."""
+
+    def __init__(self):
+        super().__init__()
+        self.promoted = []
+
+    def start_load(self, key, slot, urgent):
+        pass
+
+    def promote(self, key, slot):
+        self.promoted.append(key)
+
+
+class NextLayerFirstExpert(LRUPolicy):
+    """Prefetches expert 0 of the next layer."""
+
+    name = "next-layer-test"
+
+    def prefetch(self, layer):
+        return [(layer + 1, 0)] if layer + 1 < self.num_layers else []
+
+
+@pytest.mark.parametrize("mechanism, late", [(InstantLoads, 0), (HeldLoads, 1)])
+def test_prefetch_hits_count_the_late_ones_apart(mechanism, late):
+    """A prefetch hit whose load had not landed still stalls the layer: prefetch_late says how many."""
+    loads, counters = mechanism(), TrafficCounters()
+    controller = CacheController(4, 4, NextLayerFirstExpert(2, 4), loads, counters)
+    controller.acquire(0, [1, 0, 0, 0])  # prefetches (1, 0)
+    controller.release()
+    controller.acquire(1, [1, 0, 0, 0])
+    stats = counters.snapshot()
+    assert stats["prefetches"] == 1 and stats["prefetch_hits"] == 1 and stats["prefetch_late"] == late
+    assert getattr(loads, "promoted", [(1, 0)] * late) == [(1, 0)] * late

@@ -68,7 +68,8 @@ class CacheController:
             if key in res.prefetched:
                 res.prefetched.discard(key)
                 self.counters.add(prefetch_hits=1)
-                if res.state[slot] == SlotState.LOADING:
+                if res.state[slot] == SlotState.LOADING:  # late: the layer waits on it, promoted
+                    self.counters.add(prefetch_late=1)
                     self.mechanism.promote(key, slot)
             else:
                 self.counters.add(hits=1)

@@ -10,6 +10,7 @@ COUNTERS = (
     "misses",  # needed experts loaded on demand
     "prefetches",  # prefetch loads issued
     "prefetch_hits",  # needed experts that a prefetch had loaded or was loading
+    "prefetch_late",  # the prefetch hits whose load was still in flight when the layer needed it
     "prefetch_wasted",  # prefetched experts evicted or cancelled before any use
     "prefetch_cancelled",  # prefetches dropped before they started
     "evictions",

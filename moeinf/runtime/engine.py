@@ -27,7 +27,7 @@ from moeinf.runtime.traces import TraceBuilder
 
 Prompt = Union[str, Sequence[int]]
 # expert traffic also counted per phase in stats(), e.g. decode_stall_s
-PHASE_COUNTERS = ("hits", "misses", "prefetch_hits", "stall_s", "bytes_to_device", "bytes_from_disk")
+PHASE_COUNTERS = ("hits", "misses", "prefetch_hits", "prefetch_late", "stall_s", "bytes_to_device", "bytes_from_disk")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

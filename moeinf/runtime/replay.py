@@ -584,7 +584,7 @@ def replay(
         tpot_s=_per_output_token(steps, decode),
         total_s=link.now,
         accesses=accesses,
-        late_prefetch_hits=link.promotions,
+        late_prefetch_hits=int(c["prefetch_late"]),
         counters=c,
         step_s=steps,
         step_compute_s=np.array(step_compute_s, dtype=np.float64),

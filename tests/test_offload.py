@@ -288,6 +288,10 @@ def test_policy_is_told_batches_routing_lookahead_and_finished_sequences(folder,
         # every processed token (prompt + generated except the last) counted top_k times per layer
         assert eam.shape == (L, E)
         assert (eam.sum(axis=1) == (len(prompt) + 3) * top_k).all()
+    with LLM(folder, progress=False, expert_budget=E, policy=policy, offload_dir=tmp_path) as llm:
+        policy.events.clear()
+        llm.logits(PROMPTS[0])
+    assert policy.events[0] == ("begin",) and [e[1] for e in policy.events if e[0] == "observe"] == list(range(L))
 
 
 def test_max_batch_tokens_chunks_steps_and_lowers_the_minimum_budget(folder, resident, tmp_path):

@@ -315,6 +315,8 @@ class LLM:
     def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
         """Full-sequence forward from an empty cache: [T, vocab] float32 on the CPU."""
         ids = self._prompt_ids(token_ids)
+        if self.policy is not None:
+            self.policy.begin_batch()  # a batch of its own: no routing state carried in from the last
         span = Span(self.executor.new_cache(len(ids)), len(ids))
         return self.executor.forward(torch.tensor(ids, device=self.device), [span]).cpu()
 

@@ -28,6 +28,7 @@ holding
 M is the number of tokens T of the call (not T * top_k). A call uses the entry whose M is nearest
 its T (the smaller M on a tie). A file whose "tuned" is false is an example of the format and is
 never used for a real device (see configs/E=8,N=14336,K=4096,dtype=bfloat16,device=EXAMPLE_NOT_TUNED.json).
+bench/tune_moe.py measures candidates on a GPU and writes the files with write_config_file.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, fields
+import tempfile
+from dataclasses import asdict, dataclass, fields
 from functools import cache
 from pathlib import Path
 
@@ -119,6 +121,42 @@ def read_config_file(path: Path) -> tuple[bool, dict[int, BlockConfig]]:
             raise ValueError(f"block config {path}, M={key}: expected integer values, found {entry!r}")
         table[int(key)] = BlockConfig(**entry)
     return data["tuned"], table
+
+
+def write_config_file(
+    folder: Path,
+    num_experts: int,
+    ffn: int,
+    hidden: int,
+    dtype: torch.dtype,
+    device: str,
+    configs: dict[int, BlockConfig],
+    source: str,
+    tuned: bool = True,
+) -> Path:
+    """Writes the config file for (E, N, K, dtype, device) into `folder` in the format above, atomically
+    (a temp file beside it, then one rename, so a reader never sees half a file); returns its path.
+    Later lookups in this process see the new file."""
+    if not configs:
+        raise ValueError("block config: expected at least one '<M>' entry, found none")
+    bad = {m: c for m, c in configs.items() if not isinstance(m, int) or m < 1 or not isinstance(c, BlockConfig)}
+    if bad:
+        raise ValueError(f"block config: expected {{M >= 1: BlockConfig}} entries, found {bad!r}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / config_file_name(num_experts, ffn, hidden, dtype, device)
+    data = {"tuned": bool(tuned), "source": source, "configs": {str(m): asdict(configs[m]) for m in sorted(configs)}}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(data, indent=2) + "\n")
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; config files are read by others
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _tuned_table.cache_clear()
+    return path
 
 
 @cache

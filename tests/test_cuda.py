@@ -1,0 +1,222 @@
+"""The Triton kernels and the runtime on a real GPU: the kernels against their torch references at the
+real model shapes, and whole models on CUDA against the CPU path, resident and offloaded.
+
+They run only where CUDA is available and Triton compiles real kernels. conftest.py defaults
+TRITON_INTERPRET to 1 (os.environ.setdefault, so a value already set wins), so run them as
+
+    TRITON_INTERPRET=0 python -m pytest tests/test_cuda.py
+
+as bench/gpu_session.sh does; in any other run every test here is skipped. Low-precision results are
+judged by relative RMS error against a float64 evaluation of the reference on the same (rounded)
+inputs, with test_kernels.py's tolerances; float32's is looser at these sizes (D = 4096 and F = 14336
+sums carry about sqrt(n) more rounding than test_kernels.py's toy shapes).
+"""
+
+import functools
+import math
+
+import pytest
+import torch
+from checkpoints import save_tiny
+
+from moeinf import LLM, SamplingParams
+from moeinf.kernels import block_configs, moe, norm, reference, routing
+from moeinf.kernels.expert_activation import SILU, ExpertActivation
+
+CUDA = torch.cuda.is_available() and not block_configs.interpreting()
+DEVICE = torch.device("cuda")
+pytestmark = pytest.mark.skipif(
+    not CUDA, reason="needs a CUDA device and compiled kernels: TRITON_INTERPRET=0 pytest tests/test_cuda.py"
+)
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# name: (hidden D, expert ffn F, experts E, top-k K), as bench/kernels.py and bench/tune_moe.py
+MODELS = {
+    "Mixtral-8x7B": (4096, 14336, 8, 2),
+    "Qwen3-30B-A3B": (2048, 768, 128, 8),
+    "DeepSeek-V2-Lite": (2048, 1408, 64, 6),
+}
+TOKENS = (1, 16, 256)
+CLAMPED = ExpertActivation("clamped_swiglu", alpha=1.702, limit=4.0)  # binds at the weights' scale below
+GATE_UP_SCALE = 2.0  # std of the gate and up pre-activations, about
+
+
+def rel_rms(got: torch.Tensor, expected: torch.Tensor) -> float:
+    got, expected = got.double(), expected.double()
+    assert not got.isnan().any(), "NaN in the output: an element was never written, or a wrong slot was read"
+    return ((got - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt()).item()
+
+
+def test_real_kernels_not_the_interpreter():
+    assert not block_configs.interpreting()
+    assert block_configs.device_name(DEVICE) != block_configs.INTERPRETER_DEVICE
+
+
+# ---------------------------------------------------------------------------------------- experts
+
+
+@functools.lru_cache(maxsize=1)  # one model's weights at a time: Mixtral's are GBs
+def experts(model: str, dtype: torch.dtype):
+    """w13 [S, 2F, D], w2 [S, D, F], b13 [S, 2F], b2 [S, D] as strided views into one NaN-filled record
+    buffer of S = E + 2 slots (w13, w2, b13, then b2 at every other element, then padding, as the
+    offload pool lays slots out), experts in a permuted slot table: reading a wrong slot, offset or
+    stride shows as NaN. Returns (w13, w2, b13, b2, slots)."""
+    D, F, E, K = MODELS[model]
+    S, pad = E + 2, 40
+    R = 3 * F * D + 2 * F + 2 * D + pad
+    flat = torch.full((S * R,), float("nan"), dtype=dtype, device=DEVICE)
+    w13 = flat.as_strided((S, 2 * F, D), (R, D, 1))
+    w2 = flat.as_strided((S, D, F), (R, F, 1), 2 * F * D)
+    b13 = flat.as_strided((S, 2 * F), (R, 1), 3 * F * D)
+    b2 = flat.as_strided((S, D), (R, 2), 3 * F * D + 2 * F)
+    g = torch.Generator(device=DEVICE).manual_seed(len(model))
+    slots = torch.randperm(S, generator=g, device=DEVICE)[:E]
+    w13[slots] = (torch.randn(E, 2 * F, D, generator=g, device=DEVICE) * (GATE_UP_SCALE / math.sqrt(D))).to(dtype)
+    w2[slots] = (torch.randn(E, D, F, generator=g, device=DEVICE) / math.sqrt(F)).to(dtype)
+    b13[slots] = (0.5 * GATE_UP_SCALE * torch.randn(E, 2 * F, generator=g, device=DEVICE)).to(dtype)
+    b2[slots] = (0.5 * torch.randn(E, D, generator=g, device=DEVICE)).to(dtype)
+    return w13, w2, b13, b2, slots
+
+
+def tokens(T: int, D: int, E: int, K: int, dtype: torch.dtype, seed: int):
+    """x [T, D], ids [T, K] (distinct experts per token), weights [T, K] float32 softmax."""
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    x = torch.randn(T, D, generator=g, device=DEVICE).to(dtype)
+    ids = torch.rand(T, E, generator=g, device=DEVICE).argsort(dim=1)[:, :K].contiguous()
+    weights = torch.softmax(torch.randn(T, K, generator=g, device=DEVICE), dim=-1)
+    return x, ids, weights
+
+
+def expected_moe(x, ids, weights, w13, w2, slots, b13=None, b2=None, activation=SILU) -> torch.Tensor:
+    """moe_experts_reference in float64 on the GPU, reading only the routed experts' weights."""
+    used = ids.unique()
+    compact = torch.full_like(slots, -1)
+    compact[used] = torch.arange(used.numel(), device=slots.device)
+    rows = slots[used]
+    wide = [None if t is None else t[rows].double() for t in (w13, w2, b13, b2)]
+    return reference.moe_experts_reference(
+        x.double(), ids, weights.double(), wide[0], wide[1], compact, b13=wide[2], b2=wide[3], activation=activation
+    )
+
+
+MOE_CASES = [
+    (model, dtype, T, variant)
+    for model in MODELS
+    for dtype in DTYPES  # model, then dtype outermost: consecutive cases share experts()
+    for T in TOKENS
+    for variant in ("silu", "bias-clamped")
+]
+
+
+@pytest.mark.parametrize(
+    "model, dtype, T, variant", MOE_CASES, ids=[f"{m}-{str(d)[6:]}-T{t}-{v}" for m, d, t, v in MOE_CASES]
+)
+def test_fused_moe_matches_reference_at_model_shapes(model, dtype, T, variant):
+    D, F, E, K = MODELS[model]
+    w13, w2, b13, b2, slots = experts(model, dtype)
+    x, ids, weights = tokens(T, D, E, K, dtype, seed=T)
+    extras = dict(b13=b13, b2=b2, activation=CLAMPED) if variant != "silu" else {}
+    out = torch.full((T, D), float("nan"), dtype=dtype, device=DEVICE)
+    got = moe.fused_moe(x, ids, weights, w13, w2, slots, out=out, **extras)  # config: tuned file or heuristic
+    assert got.dtype == dtype and got.shape == (T, D)
+    assert rel_rms(got, expected_moe(x, ids, weights, w13, w2, slots, **extras)) < TOLERANCE[dtype]
+
+
+def test_fused_moe_is_deterministic_on_the_gpu():
+    w13, w2, b13, b2, slots = experts("Qwen3-30B-A3B", torch.bfloat16)
+    x, ids, weights = tokens(256, 2048, 128, 8, torch.bfloat16, seed=1)
+    first = moe.fused_moe(x, ids, weights, w13, w2, slots, b13=b13, b2=b2, activation=CLAMPED)
+    assert torch.equal(first, moe.fused_moe(x, ids, weights, w13, w2, slots, b13=b13, b2=b2, activation=CLAMPED))
+
+
+# ---------------------------------------------------------------------------------------- routing
+
+
+def tie_free_logits(T: int, E: int, dtype, seed: int) -> torch.Tensor:
+    """[T, E] logits with distinct values 0.05 apart in every row (distinct in every dtype), on the GPU."""
+    g = torch.Generator().manual_seed(seed)
+    steps = torch.rand(T, E, generator=g).argsort(dim=1).float()
+    return ((steps - E / 2) * 0.05 + 0.01 * torch.rand(T, 1, generator=g)).to(dtype).to(DEVICE)
+
+
+SOFTMAX_CASES = {"Mixtral": (8, 2, True), "Qwen3-MoE": (128, 8, True), "DeepSeek-V2-Lite": (64, 6, False)}
+
+
+@pytest.mark.parametrize("T", [1, 16, 256, 4096])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", SOFTMAX_CASES)
+def test_softmax_topk_matches_reference(case, dtype, T):
+    E, K, renormalize = SOFTMAX_CASES[case]
+    logits = tie_free_logits(T, E, dtype, seed=T + E)
+    ids, weights = routing.softmax_topk(logits, K, renormalize)
+    expected_ids, expected_weights = reference.softmax_topk_reference(logits.cpu(), K, renormalize)
+    assert torch.equal(ids.cpu(), expected_ids)
+    torch.testing.assert_close(weights.cpu(), expected_weights, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("T", [1, 256, 4096])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_grouped_sigmoid_topk_matches_reference(dtype, T):
+    E, K, n_group, topk_group, renormalize, scaling = 256, 8, 8, 4, True, 2.5  # DeepSeek-V3
+    logits = tie_free_logits(T, E, dtype, seed=T)
+    bias = (0.1 * torch.randn(E, generator=torch.Generator().manual_seed(T))).to(DEVICE)
+    ids, weights = routing.grouped_sigmoid_topk(logits, bias, K, n_group, topk_group, renormalize, scaling)
+    expected = reference.grouped_sigmoid_topk_reference(
+        logits.cpu(), bias.cpu(), K, n_group, topk_group, renormalize, scaling
+    )
+    assert torch.equal(ids.cpu(), expected[0])
+    torch.testing.assert_close(weights.cpu(), expected[1], rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------- norm
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("T", [1, 16, 256])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D", [2048, 4096, 7168])
+def test_rms_norm_matches_reference(D, dtype, T, residual):
+    g = torch.Generator().manual_seed(D + T)
+    x, r = (torch.randn(T, D, generator=g).to(dtype).to(DEVICE) for _ in range(2))
+    weight = (1 + 0.1 * torch.randn(D, generator=g)).to(dtype).to(DEVICE)
+    out = torch.full((T, D), float("nan"), dtype=dtype, device=DEVICE)
+    if residual:
+        h = torch.full((T, D), float("nan"), dtype=dtype, device=DEVICE)
+        norm.rms_norm_into(x, weight, 1e-6, out, r, h)
+        assert rel_rms(h, x.double() + r.double()) < TOLERANCE[dtype] / 2
+        expected = reference.rms_norm_reference(h.double(), weight.double(), 1e-6)
+    else:
+        norm.rms_norm_into(x, weight, 1e-6, out)
+        expected = reference.rms_norm_reference(x.double(), weight.double(), 1e-6)
+    assert rel_rms(out, expected) < TOLERANCE[dtype]
+
+
+# ---------------------------------------------------------------------------------------- end to end
+
+PROMPT = [7, 3, 55, 21, 9, 14, 80, 33, 3, 61, 47, 12, 5, 90, 28, 16, 72, 4, 39, 11, 50, 23]
+PROMPTS = [PROMPT[:4], PROMPT, [9]]
+PARAMS = SamplingParams(max_new_tokens=12)  # greedy
+# the tiny Mixtral has 2 layers of 4 experts, too few for a 30% budget to hold one layer: test_offload's
+OVERRIDES = {"mixtral": dict(num_hidden_layers=4, num_local_experts=8)}
+
+
+@pytest.fixture(scope="module", params=["mixtral", "deepseek_v3", "gpt_oss"])
+def on_cpu(request, tmp_path_factory):
+    """(family, folder, CPU logits of PROMPT, CPU greedy tokens of PROMPTS), float32."""
+    folder = tmp_path_factory.mktemp(f"cuda-{request.param}")
+    save_tiny(request.param, folder, seed=7, **OVERRIDES.get(request.param, {}))
+    with LLM(folder, device="cpu", dtype="float32", progress=False) as llm:
+        return request.param, folder, llm.logits(PROMPT), [o.token_ids for o in llm.generate(PROMPTS, PARAMS)]
+
+
+@pytest.mark.parametrize("budget", [None, 0.3], ids=["resident", "offloaded"])
+def test_cuda_model_matches_cpu(on_cpu, budget, tmp_path):
+    family, folder, logits, tokens = on_cpu
+    with LLM(folder, device=DEVICE, dtype="float32", progress=False, expert_budget=budget, offload_dir=tmp_path) as llm:
+        assert llm.spec.family == family
+        got = llm.logits(PROMPT)
+        assert ((got - logits).norm() / logits.norm()).item() < 1e-4
+        assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == tokens
+        if budget is not None:
+            assert llm.stats()["misses"] > 0

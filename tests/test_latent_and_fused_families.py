@@ -6,6 +6,7 @@ checkpoints as published (MXFP4, FP8), and `moeinf run` on every supported famil
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
@@ -109,6 +110,51 @@ def test_deepseek_v2_lite_config():
     assert spec.head_dim == 192 and spec.rope.rotary_dim == 64 and spec.attn_out_dim == 16 * 128
     assert spec.mla.q_lora_rank is None and spec.kv_a_dim == 576 and spec.kv_b_dim == 16 * 256
     assert spec.routing == "softmax_topk" and not spec.renormalize_topk and spec.router_fp32
+
+
+# DeepSeek-V3's config.json as published (FP8 weights, MTP layer beyond num_hidden_layers, noaux_tc)
+DEEPSEEK_V3 = {
+    **{k: v for k, v in DEEPSEEK_V2_LITE.items() if k not in ("moe_layer_freq", "topk_method")},
+    "architectures": ["DeepseekV3ForCausalLM"],
+    "model_type": "deepseek_v3",
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "first_k_dense_replace": 3,
+    "hidden_size": 7168,
+    "intermediate_size": 18432,
+    "kv_lora_rank": 512,
+    "moe_intermediate_size": 2048,
+    "n_group": 8,
+    "n_routed_experts": 256,
+    "n_shared_experts": 1,
+    "norm_topk_prob": True,
+    "num_attention_heads": 128,
+    "num_experts_per_tok": 8,
+    "num_hidden_layers": 61,
+    "num_key_value_heads": 128,
+    "num_nextn_predict_layers": 1,
+    "q_lora_rank": 1536,
+    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                            "weight_block_size": [128, 128]},
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "routed_scaling_factor": 2.5,
+    "scoring_func": "sigmoid",
+    "topk_group": 4,
+    "topk_method": "noaux_tc",
+    "vocab_size": 129280,
+}  # fmt: skip
+
+
+def test_deepseek_v3_config():
+    family, spec = spec_from_config(DEEPSEEK_V3)
+    assert family.name == "deepseek_v3" and spec.quantization == "fp8" and spec.quant_block == (128, 128)
+    assert spec.moe_layers == tuple(range(3, 61)) and spec.num_moe_layers == 58  # the MTP layer is not served
+    assert (spec.num_experts, spec.top_k, spec.n_group, spec.topk_group) == (256, 8, 8, 4)
+    assert spec.routing == "sigmoid_grouped" and spec.renormalize_topk and spec.routed_scaling_factor == 2.5
+    assert spec.router_correction_bias and spec.shared_expert_ffn == 2048 and spec.mla.q_lora_rank == 1536
+    mscale = 0.1 * math.log(40) + 1.0
+    assert spec.attention_scale == pytest.approx(192**-0.5 * mscale**2)
 
 
 @pytest.mark.parametrize("arch", ["v2", "v3"])

@@ -105,7 +105,9 @@ def read_moe_spec(
     else:
         layers = tuple(range(num_layers))
     if not layers:
-        raise ConfigError(f"{source}: no layer has experts (decoder_sparse_step / mlp_only_layers leave none)")
+        raise ConfigError(
+            f"{source}: no layer has experts (first_k_dense_replace, decoder_sparse_step or mlp_only_layers leave none)"
+        )
     renormalize = read.boolean(renormalize_key, renormalize_default) if renormalize_key else renormalize_default
     if "sliding_window" not in features:
         features["sliding_window"] = read.optional_positive_int("sliding_window")

@@ -392,8 +392,7 @@ def pack_record(checkpoint: Checkpoint, layout: RecordLayout, layer: int, expert
     """Writes the payload of record (layer, expert) into out[:payload_nbytes]; `layer` counts MoE
     layers only (the store holds no dense layers)."""
     weights = checkpoint.expert_weights(layer, expert)
-    w13 = weights.w13.to(layout.dtype).contiguous()  # [2F, D]
-    w2 = weights.w2.to(layout.dtype).contiguous()  # [D, F]
+    w13, w2 = weights.w13, weights.w2  # [2F, D], [D, F]
     if tuple(w13.shape) != layout.w13_shape or tuple(w2.shape) != layout.w2_shape:
         raise StoreError(
             f"layer {layer}, expert {expert}: expected w13 {list(layout.w13_shape)} and w2 {list(layout.w2_shape)}, "
@@ -406,7 +405,7 @@ def pack_record(checkpoint: Checkpoint, layout: RecordLayout, layer: int, expert
         )
     pieces = [w13, w2] + ([weights.b13, weights.b2] if layout.biases else [])
     offset = 0
-    for piece in pieces:
+    for piece in pieces:  # converted to the compute dtype, laid end to end
         data = piece.to(layout.dtype).contiguous().reshape(-1).view(torch.uint8).numpy()
         out[offset : offset + data.nbytes] = data
         offset += data.nbytes

@@ -16,6 +16,20 @@ COMMON = dict(
     max_position_embeddings=512,
 )
 TINY_MIXTRAL = dict(COMMON, intermediate_size=96, num_local_experts=4)
+# DeepSeek-V2/V3: layer 0 dense, 4 MoE layers of 8 experts, MLA with 4 heads (qk 16 + 8 rope, v 12)
+TINY_DEEPSEEK = dict(
+    COMMON,
+    num_hidden_layers=5,
+    num_key_value_heads=4,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    n_routed_experts=8,
+    first_k_dense_replace=1,
+    kv_lora_rank=24,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=12,
+)
 
 # family -> (transformers config class, model class, tiny config); each has at least 4 MoE layers,
 # so that a 30% expert budget still holds one layer's experts
@@ -86,19 +100,9 @@ FAMILIES = {
         # MLA without a q bottleneck (V2-Lite), layer 0 dense, two shared experts, group-limited
         # routing that binds (3 experts from the better of 2 groups of 4), weights scaled
         dict(
-            COMMON,
-            num_hidden_layers=5,
-            num_key_value_heads=4,
-            intermediate_size=96,
-            moe_intermediate_size=32,
-            n_routed_experts=8,
+            TINY_DEEPSEEK,
             n_shared_experts=2,
-            first_k_dense_replace=1,
-            kv_lora_rank=24,
             q_lora_rank=None,
-            qk_nope_head_dim=16,
-            qk_rope_head_dim=8,
-            v_head_dim=12,
             num_experts_per_tok=3,
             topk_method="group_limited_greedy",
             n_group=2,
@@ -112,19 +116,9 @@ FAMILIES = {
         # MLA with a q bottleneck, yarn rope with mscale_all_dim (scales the softmax too), sigmoid
         # routing with a correction bias over 4 groups of 2
         dict(
-            COMMON,
-            num_hidden_layers=5,
-            num_key_value_heads=4,
-            intermediate_size=96,
-            moe_intermediate_size=32,
-            n_routed_experts=8,
+            TINY_DEEPSEEK,
             n_shared_experts=1,
-            first_k_dense_replace=1,
-            kv_lora_rank=24,
             q_lora_rank=20,
-            qk_nope_head_dim=16,
-            qk_rope_head_dim=8,
-            v_head_dim=12,
             n_group=4,
             topk_group=2,
             rope_parameters=dict(

@@ -124,7 +124,9 @@ def attend_latent(
     w_uk, w_uv = kv_b.split([mla.qk_nope_head_dim, mla.v_head_dim], dim=1)  # [H, nope, C], [H, v_head, C]
     q_nope, q_rot = q.split([mla.qk_nope_head_dim, mla.qk_rope_head_dim], dim=-1)
     q_latent = torch.cat([torch.einsum("nhd,hdc->nhc", q_nope, w_uk), q_rot], dim=-1)  # [new, H, C + rope]
-    out = _attend_one_head(q_latent, cached[0], mla.kv_lora_rank, start, sliding_window, spec.attention_scale)
+    # the scale of the real q.k (nope + rope dims), not of the latent-space product's width
+    scale = spec.attention_scale if spec.attention_scale is not None else mla.qk_head_dim**-0.5
+    out = _attend_one_head(q_latent, cached[0], mla.kv_lora_rank, start, sliding_window, scale)
     out = torch.einsum("nhc,hvc->nhv", out, w_uv)  # [new, H, v_head]
     return out.reshape(q.shape[0], heads * mla.v_head_dim)
 

@@ -193,6 +193,8 @@ def test_gpt_oss_20b_config():
     assert spec.expert_activation.kind == "clamped_swiglu" and spec.expert_activation.alpha == 1.702
     assert spec.rope.rope_type == "yarn" and spec.rope.get("truncate") is False
     assert spec.expert_params == 3 * 2880 * 2880 + 2 * 2880 + 2880
+    bare = {k: v for k, v in GPT_OSS_20B.items() if k not in ("layer_types", "sliding_window")}
+    assert spec_from_config(bare)[1].layer_windows == (128, None) * 12  # transformers' defaults
 
 
 @pytest.mark.parametrize(

@@ -49,7 +49,8 @@ def alternating_windows(read: ConfigReader, num_layers: int) -> tuple[int | None
         raise ConfigError(
             f"{read.source}: expected 'layer_types' to list {num_layers} of {', '.join(known)}, found {types!r}"
         )
-    window = read.positive_int("sliding_window") if "sliding_attention" in types else None
+    # 128 where the config leaves it out: transformers' default
+    window = read.positive_int("sliding_window", 128) if "sliding_attention" in types else None
     return tuple(window if t == "sliding_attention" else None for t in types)
 
 

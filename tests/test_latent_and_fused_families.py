@@ -406,3 +406,22 @@ def test_fp8_weight_without_its_scales_is_a_named_error(tmp_path):
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(MissingTensorError, match="kv_b_proj.weight_scale_inv"):
         Checkpoint.open(folder)
+
+
+@pytest.mark.parametrize("arch", ["DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"])
+def test_deepseek_keys_left_out_take_transformers_defaults(arch):
+    import transformers
+
+    minimal = {"architectures": [arch], "hidden_size": 256, "num_attention_heads": 4, "num_hidden_layers": 4,
+               "vocab_size": 64, "num_experts_per_tok": 4}  # fmt: skip
+    config_class = getattr(transformers, arch.replace("ForCausalLM", "Config"))
+    hf = config_class(**{k: v for k, v in minimal.items() if k != "architectures"})
+    _, spec = spec_from_config(minimal)
+    assert spec.moe_layers == tuple(range(hf.first_k_dense_replace, 4))
+    assert (spec.num_experts, spec.expert_ffn, spec.dense_ffn) == (hf.n_routed_experts, hf.moe_intermediate_size,
+                                                                   hf.intermediate_size)  # fmt: skip
+    assert spec.shared_expert_ffn == hf.moe_intermediate_size * hf.n_shared_experts
+    assert (spec.mla.q_lora_rank, spec.mla.kv_lora_rank, spec.mla.v_head_dim) == (hf.q_lora_rank, hf.kv_lora_rank,
+                                                                                 hf.v_head_dim)  # fmt: skip
+    assert spec.routed_scaling_factor == hf.routed_scaling_factor and spec.max_position == hf.max_position_embeddings
+    assert (spec.n_group, spec.topk_group) == ((hf.n_group, hf.topk_group) if hf.n_group else (1, 1))

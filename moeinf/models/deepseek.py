@@ -72,7 +72,23 @@ def _groups(read: ConfigReader, experts: int, top_k: int, group_size_min: int) -
     return n_group, topk_group
 
 
+# transformers' config defaults where they differ from read_moe_spec's own, used for absent keys
+V2_DEFAULTS = {
+    "first_k_dense_replace": 0, "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_nope_head_dim": 128,
+    "qk_rope_head_dim": 64, "v_head_dim": 128, "n_routed_experts": 64, "n_shared_experts": 2,
+    "moe_intermediate_size": 1407, "intermediate_size": 11008, "routed_scaling_factor": 1.0,
+    "max_position_embeddings": 2048,
+}  # fmt: skip
+V3_DEFAULTS = {
+    **V2_DEFAULTS, "first_k_dense_replace": 3, "n_group": 8, "topk_group": 4, "num_experts_per_tok": 8,
+    "n_routed_experts": 256, "n_shared_experts": 1, "moe_intermediate_size": 2048, "intermediate_size": 18432,
+    "routed_scaling_factor": 2.5, "norm_topk_prob": True, "max_position_embeddings": 4096,
+}  # fmt: skip
+
+
 def _deepseek_spec(config: dict[str, Any], source: str, architecture: str, family: str, v3: bool) -> ModelSpec:
+    if isinstance(config, dict):
+        config = {**(V3_DEFAULTS if v3 else V2_DEFAULTS), **config}
     read = ConfigReader(config, source)
     if read.boolean("attention_bias", False):
         raise ConfigError(
@@ -89,11 +105,11 @@ def _deepseek_spec(config: dict[str, Any], source: str, architecture: str, famil
     heads = read.positive_int("num_attention_heads")
     experts = read.positive_int("n_routed_experts")
     top_k = read.positive_int("num_experts_per_tok")
-    n_shared = read.non_negative_int("n_shared_experts", 1 if v3 else 2)
+    n_shared = read.non_negative_int("n_shared_experts")
     features: dict[str, Any] = {}
     if v3:
         n_group, topk_group = _groups(read, experts, top_k, group_size_min=2)  # groups score by their best two
-        routing, renormalize = "sigmoid_grouped", read.boolean("norm_topk_prob", True)
+        routing, renormalize = "sigmoid_grouped", read.boolean("norm_topk_prob", False)
         features["router_correction_bias"] = True
     else:
         method = read.string("topk_method", "greedy")
@@ -121,7 +137,7 @@ def _deepseek_spec(config: dict[str, Any], source: str, architecture: str, famil
         mla=mla,
         rope_interleaved=read.boolean("rope_interleave", True) if v3 else True,
         routing=routing,
-        routed_scaling_factor=read.positive_float("routed_scaling_factor", 2.5 if v3 else 1.0),
+        routed_scaling_factor=read.positive_float("routed_scaling_factor"),
         n_group=n_group,
         topk_group=topk_group,
         router_fp32=True,

@@ -1,6 +1,7 @@
 """GPU offloading figures: host-to-device bandwidth on CuPy streams against torch's copy of the
 same pinned buffer, and decode speed of a synthetic Mixtral-shaped model at 25/50/100% expert
-budget, all in one run on one machine.
+budget (and resident again with the torch references in place of the Triton kernels: the kernels'
+end-to-end effect), all in one run on one machine.
 
 Run on a CUDA machine:  python bench/gpu_offload.py [--layers 4] [--new-tokens 32] [--out bench/results]
 Smoke test anywhere:    python bench/gpu_offload.py --smoke   (tiny model, CPU, no bandwidth part)
@@ -104,10 +105,13 @@ def build_model(folder: Path, layers: int, smoke: bool) -> Path:
     return folder
 
 
-def decode_run(model: Path, budget: float, device: str, store: Path, new_tokens: int) -> dict:
-    """One budget: load, warm up, then a timed greedy generation of new_tokens."""
+def decode_run(model: Path, budget: float, device: str, store: Path, new_tokens: int, kernels: str = "auto") -> dict:
+    """One budget: load, warm up, then a timed greedy generation of new_tokens. kernels: 'auto'
+    (Triton on CUDA) or 'torch' (the references: the end-to-end baseline of the kernels)."""
     load_start = time.perf_counter()
-    llm = LLM(model, device=device, dtype="bfloat16", expert_budget=budget, offload_dir=store, progress=False)
+    llm = LLM(
+        model, device=device, dtype="bfloat16", expert_budget=budget, offload_dir=store, progress=False, kernels=kernels
+    )
     load_s = time.perf_counter() - load_start
     prompt = list(range(3, 35))
     llm.generate([prompt], SamplingParams(max_new_tokens=4, ignore_eos=True))
@@ -119,6 +123,7 @@ def decode_run(model: Path, budget: float, device: str, store: Path, new_tokens:
     total = delta["hits"] + delta["prefetch_hits"] + delta["misses"]
     return {
         "budget": budget,
+        "kernels": kernels,
         "load_s": load_s,
         "decode_tok_s": delta["decode_tokens"] / delta["decode_s"],
         "prefill_s": delta["prefill_s"],
@@ -160,12 +165,14 @@ def main() -> None:
         for budget in tqdm([float(b) for b in args.budgets.split(",")], desc="budgets"):
             runs.append(decode_run(model, budget, device, work / "store", args.new_tokens))
         base = next((r for r in runs if r["budget"] == 1.0), runs[-1])
+        # the same resident run with the torch references in place of the Triton kernels
+        runs.append(decode_run(model, base["budget"], device, work / "store", args.new_tokens, kernels="torch"))
         for r in runs:
             r["decode_vs_resident"] = r["decode_tok_s"] / base["decode_tok_s"]
             print(
-                f"budget {r['budget']:.2f}: decode {r['decode_tok_s']:.2f} tok/s ({r['decode_vs_resident']:.2f}x "
-                f"resident), hit rate {r['hit_rate']:.2f}, {r['bytes_to_device'] / 1e9:.2f} GB to device, "
-                f"stall {r['stall_s']:.2f} s"
+                f"budget {r['budget']:.2f}, kernels {r['kernels']}: decode {r['decode_tok_s']:.2f} tok/s "
+                f"({r['decode_vs_resident']:.2f}x resident), hit rate {r['hit_rate']:.2f}, "
+                f"{r['bytes_to_device'] / 1e9:.2f} GB to device, stall {r['stall_s']:.2f} s"
             )
         results["decode"] = runs
     finally:

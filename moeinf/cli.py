@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from moeinf.errors import MoeinfError, RequestError
+from moeinf.kernels.ops import KERNEL_CHOICES
 from moeinf.loaders.default_model import ensure_default_model
 from moeinf.runtime.engine import LLM
 from moeinf.runtime.policies import DEFAULT_POLICY, POLICIES
@@ -44,6 +45,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         host_budget=parse_budget_arg(args.host_budget),
         offload_dir=args.offload_dir,
         policy=args.policy,
+        kernels=args.kernels,
     )
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens,
@@ -153,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--host-budget", default="0", help="host-memory expert cache in front of the disk store")
     run.add_argument("--offload-dir", help="folder of the packed expert store (default: under the cache dir)")
     run.add_argument("--policy", default=DEFAULT_POLICY, choices=sorted(POLICIES), help="expert eviction policy")
+    run.add_argument(
+        "--kernels",
+        default="auto",
+        choices=KERNEL_CHOICES,
+        help="auto: Triton kernels on CUDA, torch on the CPU; torch: torch everywhere (a baseline on CUDA)",
+    )
     run.set_defaults(handler=cmd_run)
 
     trace = sub.add_parser("trace", help="record expert routing traces (.npz) from real runs")

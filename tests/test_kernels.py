@@ -23,7 +23,6 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkR
 from moeinf.kernels import block_configs, moe, norm, reference, routing
 from moeinf.kernels.block_configs import BlockConfig
 from moeinf.kernels.expert_activation import SILU, ExpertActivation
-from moeinf.models.routing import softmax_topk as model_softmax_topk
 
 DEVICE = torch.device("cpu" if block_configs.interpreting() or not torch.cuda.is_available() else "cuda")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -369,14 +368,8 @@ def test_softmax_topk_matches_reference(case, dtype):
     torch.testing.assert_close(weights, expected_weights, rtol=1e-5, atol=1e-7)
 
 
-def test_softmax_topk_reference_is_the_model_rule():
+def test_softmax_topk_returns_int64_ids():
     logits = tie_free_logits(5, 8, torch.float32, seed=0)
-    for renormalize in (False, True):
-        got, expected = (
-            reference.softmax_topk_reference(logits, 2, renormalize),
-            model_softmax_topk(logits, 2, renormalize),
-        )
-        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
     assert routing.softmax_topk(logits, 2, True)[0].dtype == torch.int64
 
 

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from transformers import GptOssConfig
 from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
-from moeinf.kernels import ops
 from moeinf.kernels.expert_activation import ExpertActivation
+from moeinf.kernels.ops import AUTO
 
 
 def per_token_moe(x, ids, weights, gate, up, down):
@@ -43,7 +43,7 @@ def test_moe_experts_matches_per_token_loop_through_a_permuted_slot_table(T, E, 
     w2 = torch.full((S, D, FF), float("nan"))
     w13[slots] = torch.cat([gate, up], dim=1)
     w2[slots] = down
-    got = ops.moe_experts(x, ids, weights, w13, w2, slots)
+    got = AUTO.moe_experts(x, ids, weights, w13, w2, slots)
     torch.testing.assert_close(got, per_token_moe(x, ids, weights, gate, up, down), rtol=1e-5, atol=1e-5)
 
 
@@ -52,7 +52,7 @@ def test_all_tokens_to_one_expert():
     x = torch.randn(6, 8, generator=g)
     w13, w2 = torch.randn(2, 10, 8, generator=g), torch.randn(2, 8, 5, generator=g)
     ids = torch.ones(6, 1, dtype=torch.int64)
-    got = ops.moe_experts(x, ids, torch.ones(6, 1), w13, w2, torch.tensor([0, 1]))
+    got = AUTO.moe_experts(x, ids, torch.ones(6, 1), w13, w2, torch.tensor([0, 1]))
     expected = F.linear(F.silu(F.linear(x, w13[1, :5])) * F.linear(x, w13[1, 5:]), w2[1])
     torch.testing.assert_close(got, expected)
 
@@ -94,7 +94,7 @@ def test_biased_clamped_swiglu_matches_transformers_gpt_oss_experts(T, E, K):
     assert (gate > activation.limit).any() and (up.abs() > activation.limit).any(), "the clamp never binds"
 
     # on the CPU the op is moe_experts_reference
-    got = ops.moe_experts(x, ids, weights, w13, w2, slots, b13=b13, b2=b2, activation=activation)
+    got = AUTO.moe_experts(x, ids, weights, w13, w2, slots, b13=b13, b2=b2, activation=activation)
     assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-5
 
 
@@ -102,4 +102,4 @@ def test_reference_rejects_one_bias_without_the_other():
     x, ids, weights = torch.randn(3, 8), torch.ones(3, 1, dtype=torch.int64), torch.ones(3, 1)
     w13, w2, slots = torch.randn(2, 10, 8), torch.randn(2, 8, 5), torch.tensor([0, 1])
     with pytest.raises(ValueError, match="b13 and b2"):
-        ops.moe_experts(x, ids, weights, w13, w2, slots, b2=torch.zeros(2, 8))
+        AUTO.moe_experts(x, ids, weights, w13, w2, slots, b2=torch.zeros(2, 8))

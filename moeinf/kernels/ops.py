@@ -1,7 +1,13 @@
-"""The ops the runtime calls. Each picks its implementation by device: the Triton kernels on CUDA,
-their torch references elsewhere (on the CPU the references are the fast path; the kernels run
-there only in the Triton interpreter, for tests). The Triton modules are imported on first CUDA
-use: importing triton takes about a second, and nothing on a CPU run needs it."""
+"""The ops the runtime calls, and which implementation runs them.
+
+`Kernels("auto")` (the default) runs the Triton kernels on CUDA tensors and their torch references
+elsewhere: on the CPU the references are the fast path. `Kernels("triton")` always runs the
+kernels: on CPU tensors that works only in the Triton interpreter (TRITON_INTERPRET=1 set before
+triton is imported), which is how tests check the runtime's use of the kernels without a GPU.
+`Kernels("torch")` always runs the references: the baseline the kernels are measured against on
+CUDA. The Triton modules are imported on first use: importing triton takes about a second, and
+nothing on a CPU run needs it.
+"""
 
 from __future__ import annotations
 
@@ -15,58 +21,77 @@ from moeinf.kernels.reference import (
     softmax_topk_reference,
 )
 
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # x: [..., D]
-    if x.is_cuda:
-        from moeinf.kernels import norm
-
-        return norm.rms_norm(x, weight, eps)
-    return rms_norm_reference(x, weight, eps)
+KERNEL_CHOICES = ("auto", "triton", "torch")
 
 
-def softmax_topk(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    # logits: [T, E] -> ids [T, K] int64, weights [T, K] float32
-    if logits.is_cuda:
-        from moeinf.kernels import routing
+class Kernels:
+    """Dispatches each op to its Triton kernel or its torch reference (see the module docstring)."""
 
-        return routing.softmax_topk(logits, top_k, renormalize)
-    return softmax_topk_reference(logits, top_k, renormalize)
+    def __init__(self, choice: str = "auto"):
+        if choice not in KERNEL_CHOICES:
+            raise ValueError(f"expected kernels one of {', '.join(KERNEL_CHOICES)}; found {choice!r}")
+        self.choice = choice
+
+    def __repr__(self) -> str:
+        return f"Kernels({self.choice!r})"
+
+    def uses_triton(self, x: torch.Tensor) -> bool:
+        return self.choice == "triton" or (self.choice == "auto" and x.is_cuda)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        # x: [..., D]
+        if self.uses_triton(x):
+            from moeinf.kernels import norm
+
+            return norm.rms_norm(x, weight, eps)
+        return rms_norm_reference(x, weight, eps)
+
+    def softmax_topk(self, logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        # logits: [T, E] -> ids [T, K] int64, weights [T, K] float32
+        if self.uses_triton(logits):
+            from moeinf.kernels import routing
+
+            return routing.softmax_topk(logits, top_k, renormalize)
+        return softmax_topk_reference(logits, top_k, renormalize)
+
+    def grouped_sigmoid_topk(
+        self,
+        logits: torch.Tensor,
+        bias: torch.Tensor,
+        top_k: int,
+        n_group: int,
+        topk_group: int,
+        renormalize: bool,
+        scaling: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # logits: [T, E], bias: [E] -> ids [T, K] int64, weights [T, K] float32
+        if self.uses_triton(logits):
+            from moeinf.kernels import routing
+
+            return routing.grouped_sigmoid_topk(logits, bias, top_k, n_group, topk_group, renormalize, scaling)
+        return grouped_sigmoid_topk_reference(logits, bias, top_k, n_group, topk_group, renormalize, scaling)
+
+    def moe_experts(
+        self,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        expert_slots: torch.Tensor,
+        *,
+        b13: torch.Tensor | None = None,
+        b2: torch.Tensor | None = None,
+        activation: ExpertActivation = SILU,
+    ) -> torch.Tensor:
+        # x: [T, D]; w13: [S, 2F, D]; w2: [S, D, F]; expert_slots: [E] -> [T, D]
+        # b13: [S, 2F], b2: [S, D] per-slot biases (both or neither); activation of (gate, up)
+        extras = dict(b13=b13, b2=b2, activation=activation)
+        if self.uses_triton(x):
+            from moeinf.kernels import moe
+
+            return moe.fused_moe(x, topk_ids, topk_weights, w13, w2, expert_slots, **extras)
+        return moe_experts_reference(x, topk_ids, topk_weights, w13, w2, expert_slots, **extras)
 
 
-def grouped_sigmoid_topk(
-    logits: torch.Tensor,
-    bias: torch.Tensor,
-    top_k: int,
-    n_group: int,
-    topk_group: int,
-    renormalize: bool,
-    scaling: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if logits.is_cuda:
-        from moeinf.kernels import routing
-
-        return routing.grouped_sigmoid_topk(logits, bias, top_k, n_group, topk_group, renormalize, scaling)
-    return grouped_sigmoid_topk_reference(logits, bias, top_k, n_group, topk_group, renormalize, scaling)
-
-
-def moe_experts(
-    x: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
-    expert_slots: torch.Tensor,
-    *,
-    b13: torch.Tensor | None = None,
-    b2: torch.Tensor | None = None,
-    activation: ExpertActivation = SILU,
-) -> torch.Tensor:
-    # x: [T, D]; w13: [S, 2F, D]; w2: [S, D, F]; expert_slots: [E] -> [T, D]
-    # b13: [S, 2F], b2: [S, D] per-slot biases (both or neither); activation of (gate, up)
-    extras = dict(b13=b13, b2=b2, activation=activation)
-    if x.is_cuda:
-        from moeinf.kernels import moe
-
-        return moe.fused_moe(x, topk_ids, topk_weights, w13, w2, expert_slots, **extras)
-    return moe_experts_reference(x, topk_ids, topk_weights, w13, w2, expert_slots, **extras)
+AUTO = Kernels("auto")  # immutable: Triton on CUDA, torch elsewhere

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moeinf.kernels import ops
+from moeinf.kernels.ops import Kernels
 from moeinf.models.attention import attend, causal_mask, visible_keys
 from moeinf.models.rope import apply_rope, apply_rope_interleaved
 from moeinf.models.spec import ModelSpec
@@ -53,24 +53,28 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spec: ModelSp
     return apply_rope_interleaved(x, cos, sin) if spec.rope_interleaved else apply_rope(x, cos, sin)
 
 
-def queries(x: torch.Tensor, w: MLAWeights, spec: ModelSpec, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def queries(
+    x: torch.Tensor, w: MLAWeights, spec: ModelSpec, cos: torch.Tensor, sin: torch.Tensor, kernels: Kernels
+) -> torch.Tensor:
     """x: [T, D] normed hidden states; cos, sin: [T, rope]. Returns q [T, H, nope + rope], rotated."""
     T, mla = x.shape[0], spec.mla
     if w.q is not None:
         q = F.linear(x, w.q)
     else:
-        q = F.linear(ops.rms_norm(F.linear(x, w.q_a), w.q_a_norm, LATENT_NORM_EPS), w.q_b)
+        q = F.linear(kernels.rms_norm(F.linear(x, w.q_a), w.q_a_norm, LATENT_NORM_EPS), w.q_b)
     q = q.view(T, spec.num_heads, mla.qk_head_dim)
     q_nope, q_rot = q.split([mla.qk_nope_head_dim, mla.qk_rope_head_dim], dim=-1)
     return torch.cat([q_nope, _rotate(q_rot, cos, sin, spec)], dim=-1)
 
 
-def latents(x: torch.Tensor, w: MLAWeights, spec: ModelSpec, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def latents(
+    x: torch.Tensor, w: MLAWeights, spec: ModelSpec, cos: torch.Tensor, sin: torch.Tensor, kernels: Kernels
+) -> torch.Tensor:
     """x: [T, D] -> what the cache keeps per token: [T, 1, kv_lora + rope], the normed latent then
     the rotated shared key."""
     mla = spec.mla
     c, k_rot = F.linear(x, w.kv_a).split([mla.kv_lora_rank, mla.qk_rope_head_dim], dim=-1)
-    c = ops.rms_norm(c, w.kv_a_norm, LATENT_NORM_EPS)  # [T, kv_lora]
+    c = kernels.rms_norm(c, w.kv_a_norm, LATENT_NORM_EPS)  # [T, kv_lora]
     k_rot = _rotate(k_rot[:, None, :], cos, sin, spec)  # [T, 1, rope]
     return torch.cat([c[:, None, :], k_rot], dim=-1)
 

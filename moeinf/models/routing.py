@@ -7,17 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from moeinf.kernels import ops
+from moeinf.kernels.ops import Kernels
 from moeinf.models.spec import ModelSpec
-
-
-def softmax_topk(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits: [T, E] -> (ids [T, K] int64, weights [T, K] float32).
-
-    Softmax over all experts in float32, then the top k; Mixtral renormalises them to sum to one,
-    Qwen and OLMoE where norm_topk_prob says so.
-    """
-    return ops.softmax_topk(logits, top_k, renormalize)
 
 
 def _sparse_softmax_pick(
@@ -78,23 +69,25 @@ def topk_then_softmax(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, t
 
 
 def route(
-    logits: torch.Tensor, spec: ModelSpec, correction_bias: torch.Tensor | None = None
+    logits: torch.Tensor, spec: ModelSpec, kernels: Kernels, correction_bias: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits: [T, E] -> (ids [T, K] int64, weights [T, K] float32) by the family's rule.
-    correction_bias: [E] DeepSeek-V3's e_score_correction_bias (sigmoid_grouped only)."""
+    correction_bias: [E] DeepSeek-V3's e_score_correction_bias (sigmoid_grouped only). The two
+    rules with kernels (softmax_topk: softmax over all experts in float32, then the top k,
+    renormalised where the family says so; sigmoid_grouped) run through `kernels`."""
     if spec.routing == "sparsemixer":
         return sparsemixer(logits, spec.router_jitter_eps)
     if spec.routing == "topk_softmax":
         return topk_then_softmax(logits, spec.top_k)
     if spec.routing == "sigmoid_grouped":
-        return ops.grouped_sigmoid_topk(
+        return kernels.grouped_sigmoid_topk(
             logits, correction_bias, spec.top_k, spec.n_group, spec.topk_group, spec.renormalize_topk,
             spec.routed_scaling_factor,
         )  # fmt: skip
     if spec.routing == "softmax_grouped":
         ids, weights = group_limited_softmax_topk(logits, spec.top_k, spec.n_group, spec.topk_group)
     elif spec.routing == "softmax_topk":
-        ids, weights = softmax_topk(logits, spec.top_k, spec.renormalize_topk)
+        ids, weights = kernels.softmax_topk(logits, spec.top_k, spec.renormalize_topk)
     else:
         raise AssertionError(f"routing rule {spec.routing!r} is set by a family but has no function here")
     if spec.routed_scaling_factor != 1.0:

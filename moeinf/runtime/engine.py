@@ -11,6 +11,8 @@ from typing import Sequence, Union
 import torch
 
 from moeinf.errors import OffloadConfigError, RequestError, TokenizerError
+from moeinf.kernels.block_configs import interpreting
+from moeinf.kernels.ops import KERNEL_CHOICES, Kernels
 from moeinf.loaders.checkpoint import Checkpoint
 from moeinf.loaders.default_model import cache_dir
 from moeinf.loaders.expert_store import ExpertStore
@@ -55,6 +57,20 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise RequestError(f"expected device 'cpu' or 'cuda', found {str(device)!r}")
     return device
+
+
+def resolve_kernels(kernels: str, device: torch.device) -> Kernels:
+    """'auto' runs the Triton kernels on CUDA and their torch references on the CPU; 'torch' the
+    references everywhere; 'triton' the kernels everywhere, which on the CPU means Triton's
+    interpreter (slow; how tests check the kernels inside the runtime without a GPU)."""
+    if kernels not in KERNEL_CHOICES:
+        raise RequestError(f"expected kernels one of {', '.join(KERNEL_CHOICES)}; found {kernels!r}")
+    if kernels == "triton" and device.type == "cpu" and not interpreting():
+        raise RequestError(
+            "kernels='triton' on the CPU runs in Triton's interpreter, which needs TRITON_INTERPRET=1 in the "
+            "environment before triton is imported; found it unset (use 'auto' or 'torch' on the CPU)"
+        )
+    return Kernels(kernels)
 
 
 def resolve_dtype(dtype: str, checkpoint_dtype: str, device: torch.device) -> torch.dtype:
@@ -110,7 +126,8 @@ def build_expert_source(
 
 class LLM:
     """Serves one checkpoint. Offloading settings come as keywords or as one OffloadConfig
-    (offload=...); by default every expert stays resident on the compute device."""
+    (offload=...); by default every expert stays resident on the compute device. `kernels` picks
+    what runs norms, routing and experts (see resolve_kernels)."""
 
     def __init__(
         self,
@@ -125,6 +142,7 @@ class LLM:
         policy: str | CachePolicy = DEFAULT_POLICY,
         offload: OffloadConfig | None = None,
         max_batch_tokens: int | None = None,
+        kernels: str = "auto",
     ):
         keywords = OffloadConfig(expert_budget, host_budget, offload_dir, policy)
         if offload is not None and keywords != OffloadConfig():
@@ -139,12 +157,15 @@ class LLM:
         self.spec = self.checkpoint.spec
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.spec.torch_dtype, self.device)
+        self.kernels = resolve_kernels(kernels, self.device)
         tokenizer_file = self.checkpoint.tokenizer_file
         self.codec = TextCodec(tokenizer_file) if tokenizer_file else None
         self.experts, self.policy = build_expert_source(
             self.checkpoint, self.offload, self.device, self.dtype, progress, max_batch_tokens
         )
-        self.executor = Executor(self.checkpoint, self.experts, self.policy, self.device, self.dtype, progress)
+        self.executor = Executor(
+            self.checkpoint, self.experts, self.policy, self.device, self.dtype, self.kernels, progress
+        )
         self._sequences_started = 0
         self._stats = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
         self._stats.update({f"{phase}_{key}": 0 for phase in ("prefill", "decode") for key in PHASE_COUNTERS})

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moeinf.kernels import ops
+from moeinf.kernels.ops import Kernels
 from moeinf.loaders.checkpoint import Checkpoint
 from moeinf.models import mla
 from moeinf.models.attention import attend
@@ -52,6 +52,7 @@ class Executor:
         policy: CachePolicy | None,
         device: torch.device,
         dtype: torch.dtype,
+        kernels: Kernels,
         progress: bool = True,
     ):
         self.spec = checkpoint.spec
@@ -60,6 +61,7 @@ class Executor:
         self.experts = experts
         self.policy = policy  # the offloading policy, told the next layer's routing if it asks
         self.rotary = RotaryTable(self.spec.rope, device)
+        self.kernels = kernels  # norms, routing and experts: Triton kernels or their torch references
 
     def new_cache(self, capacity: int) -> SequenceKVCache:
         return SequenceKVCache(self.spec, capacity, self.device, self.dtype)
@@ -92,7 +94,7 @@ class Executor:
         which runs in the model dtype as torch's nn.LayerNorm does."""
         if self.spec.norm_type == "layer":
             return F.layer_norm(h, (h.shape[-1],), weight, bias, self.spec.norm_eps)
-        return ops.rms_norm(h, weight, self.spec.norm_eps)
+        return self.kernels.rms_norm(h, weight, self.spec.norm_eps)
 
     def _attention(
         self, layer: int, lw: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spans: list[Span]
@@ -103,14 +105,14 @@ class Executor:
         spec, T = self.spec, x.shape[0]
         q, k, v = F.linear(x, lw.qkv, lw.qkv_bias).split([spec.q_dim, spec.kv_dim, spec.kv_dim], dim=-1)
         if spec.qk_norm == "full":
-            q, k = ops.rms_norm(q, lw.q_norm, spec.norm_eps), ops.rms_norm(k, lw.k_norm, spec.norm_eps)
+            q, k = (self.kernels.rms_norm(t, w, spec.norm_eps) for t, w in ((q, lw.q_norm), (k, lw.k_norm)))
         if spec.clip_qkv is not None:
             q, k, v = (t.clamp(-spec.clip_qkv, spec.clip_qkv) for t in (q, k, v))
         q = q.view(T, spec.num_heads, spec.head_dim)  # [T, H, Dh]
         k = k.view(T, spec.num_kv_heads, spec.head_dim)  # [T, Hkv, Dh]
         v = v.view(T, spec.num_kv_heads, spec.head_dim)
         if spec.qk_norm == "head":
-            q, k = ops.rms_norm(q, lw.q_norm, spec.norm_eps), ops.rms_norm(k, lw.k_norm, spec.norm_eps)
+            q, k = (self.kernels.rms_norm(t, w, spec.norm_eps) for t, w in ((q, lw.q_norm), (k, lw.k_norm)))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         attn = torch.empty((T, spec.q_dim), device=self.device, dtype=self.dtype)
         offset = 0
@@ -127,8 +129,8 @@ class Executor:
         """Multi-head latent attention (see models/mla.py): x [T, D] normed -> [T, D]. Each span
         caches its tokens' latents, then attends over its whole latent cache."""
         spec, T = self.spec, x.shape[0]
-        q = mla.queries(x, lw.mla, spec, cos, sin)  # [T, H, nope + rope]
-        cached = mla.latents(x, lw.mla, spec, cos, sin)  # [T, 1, kv_lora + rope]
+        q = mla.queries(x, lw.mla, spec, cos, sin, self.kernels)  # [T, H, nope + rope]
+        cached = mla.latents(x, lw.mla, spec, cos, sin, self.kernels)  # [T, 1, kv_lora + rope]
         attn = torch.empty((T, spec.attn_out_dim), device=self.device, dtype=self.dtype)
         offset = 0
         for span in spans:
@@ -156,7 +158,7 @@ class Executor:
         self._trace(m, ids, weights, next_ids, spans)
         slots = self.experts.acquire(m, ids)
         experts = self.experts
-        y = ops.moe_experts(
+        y = self.kernels.moe_experts(
             x, ids, weights, experts.w13, experts.w2, slots,
             b13=experts.b13, b2=experts.b2, activation=spec.expert_activation,
         )  # fmt: skip
@@ -171,7 +173,7 @@ class Executor:
     def _route(self, lw: LayerWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [T, D] -> ids, weights [T, K]."""
         logits = F.linear(x.to(lw.router.dtype), lw.router, lw.router_bias)  # [T, E]
-        return route(logits, self.spec, lw.router_correction_bias)
+        return route(logits, self.spec, self.kernels, lw.router_correction_bias)
 
     def _route_next(self, h: torch.Tensor, moe_index: int) -> torch.Tensor:
         """[T, K] experts that MoE layer `moe_index`'s router would pick from the residual stream

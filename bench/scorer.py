@@ -62,7 +62,7 @@ def case(request):
 def test_prefetch(benchmark, case, impl):
     L, E, pred, _ = case
     fn = prefetch_order if impl == "numba" else prefetch_order_ref
-    args = (pred, L // 2, L - 1, PREFETCH_N)
+    args = (pred, L // 2, L - 1, PREFETCH_N, 0.0)
     assert np.array_equal(fn(*args), prefetch_order_ref(*args))
     benchmark.group = f"prefetch {L}x{E}"
     benchmark(fn, *args)

@@ -205,6 +205,25 @@ def test_activation_aware_prefetches_the_likeliest_expert_of_the_next_layer():
     assert policy.prefetch(0) == [(1, 2)]
 
 
+def test_a_prediction_is_prefetched_only_when_the_step_is_likely_to_use_it():
+    """One token, top-2: an expert predicted at p is used with probability 1 - (1 - p)^2, which
+    must reach 1/2 (p >= 0.293); with 4 tokens (8 routings) the same p = 0.25 is likely enough."""
+    def predicted(min_use: float, tokens: int) -> ActivationAwarePolicy:
+        policy = ActivationAwarePolicy(2, 8, prior_weight=1e-9, min_use=min_use)  # pred = the counts alone
+        policy.begin_batch()
+        policy.observe(0, [tokens] * 2 + [0] * 6)
+        policy.observe(1, [2 * tokens] * 2 + [tokens] * 4 + [0] * 2)
+        policy.observe(0, [tokens] * 2 + [0] * 6)
+        return policy
+
+    one = predicted(0.5, 1)  # layer 1: experts 0 and 1 at 0.25 each
+    assert one.pred[1, 0] == pytest.approx(0.25) and one.min_pred() == pytest.approx(1 - 0.5**0.5)
+    assert one.prefetch(0) == []
+    assert predicted(0.5, 4).prefetch(0) == [(1, 0)]  # 8 routings: 1 - 0.75^8 = 0.9
+    assert predicted(0.0, 1).prefetch(0) == [(1, 0)]  # min_use 0: any predicted expert
+    assert predicted(0.85, 4).prefetch(0) == [(1, 0)] and predicted(0.95, 4).prefetch(0) == []
+
+
 def test_activation_aware_evicts_the_layer_just_computed_and_the_unlikely_first():
     policy = ActivationAwarePolicy(3, 2)
     policy.begin_batch()
@@ -258,6 +277,7 @@ def test_the_blend_puts_the_lookahead_before_its_own_prediction():
         ({"prefetch": -1}, "prefetch"),
         ({"horizon": 1.5}, "horizon"),
         ({"prior_weight": -2}, "prior_weight"),
+        ({"min_use": 1.5}, "min_use: expected a probability in"),
     ],
 )
 def test_bad_policy_settings_are_named_errors(settings, message):

@@ -23,10 +23,10 @@ def test_prefetch_ranks_by_prediction_weighted_by_nearness():
     pred = np.zeros((L, E))  # pred: [L, E]
     pred[1] = [0.1, 0.6, 0.3]
     pred[2] = [0.0, 0.0, 0.65]  # a little likelier than (1, 1), but a layer farther: 0.65 * 2/4 < 0.6 * 3/4
-    order = prefetch_order(pred, 0, 3, 4)
+    order = prefetch_order(pred, 0, 3, 4, 0.0)
     assert keys_of(order, E) == [(1, 1), (2, 2), (1, 2), (1, 0)]
-    assert keys_of(prefetch_order(pred, 0, 1, 10), E) == [(1, 1), (1, 2), (1, 0)]  # one layer ahead only
-    assert len(prefetch_order(pred, 0, 3, 0)) == 0
+    assert keys_of(prefetch_order(pred, 0, 1, 10, 0.0), E) == [(1, 1), (1, 2), (1, 0)]  # one layer ahead only
+    assert len(prefetch_order(pred, 0, 3, 0, 0.0)) == 0
 
 
 def test_prefetch_wraps_past_the_last_layer_and_skips_zero_priorities():
@@ -34,10 +34,21 @@ def test_prefetch_wraps_past_the_last_layer_and_skips_zero_priorities():
     pred = np.zeros((L, E))
     pred[0] = [0.0, 1.0]
     # at the last layer, the next step's layer 0 is next; zero predictions are never prefetched
-    assert keys_of(prefetch_order(pred, 2, 1, 5), E) == [(0, 1)]
-    assert len(prefetch_order(np.zeros((L, E)), 0, 2, 5)) == 0
+    assert keys_of(prefetch_order(pred, 2, 1, 5, 0.0), E) == [(0, 1)]
+    assert len(prefetch_order(np.zeros((L, E)), 0, 2, 5, 0.0)) == 0
     # the horizon never wraps back onto the current layer
-    assert all(k[0] != 1 for k in keys_of(prefetch_order(np.ones((L, E)), 1, 10, 10), E))
+    assert all(k[0] != 1 for k in keys_of(prefetch_order(np.ones((L, E)), 1, 10, 10, 0.0), E))
+
+
+def test_prefetch_leaves_out_experts_predicted_below_the_floor():
+    L, E = 4, 3
+    pred = np.zeros((L, E))
+    pred[1] = [0.1, 0.6, 0.3]
+    pred[2] = [0.0, 0.0, 0.65]
+    # (2, 2) passes the floor though a layer farther; (1, 2) and (1, 0) do not
+    assert keys_of(prefetch_order(pred, 0, 3, 4, 0.5), E) == [(1, 1), (2, 2)]
+    assert keys_of(prefetch_order(pred, 0, 3, 4, 0.6), E) == [(1, 1), (2, 2)]  # at the floor is in
+    assert len(prefetch_order(pred, 0, 3, 4, 0.7)) == 0
 
 
 def test_eviction_keeps_the_layers_needed_soonest():
@@ -69,7 +80,9 @@ def test_numba_and_numpy_versions_agree(seed):
         if rng.random() < 0.5:
             pred = np.round(pred * 3) / 3  # ties and zeros
         layer, horizon, n = int(rng.integers(-1, L)), int(rng.integers(0, L + 2)), int(rng.integers(0, 12))
-        assert np.array_equal(prefetch_order(pred, layer, horizon, n), prefetch_order_ref(pred, layer, horizon, n))
+        floor = float(rng.choice([0.0, 1 / 3, rng.random()]))
+        got = prefetch_order(pred, layer, horizon, n, floor)
+        assert np.array_equal(got, prefetch_order_ref(pred, layer, horizon, n, floor))
         flat = rng.permutation(L * E)[: int(rng.integers(0, L * E + 1))]
         keys = np.stack([flat // E, flat % E], axis=1).astype(np.int64)
         assert np.array_equal(

@@ -25,7 +25,8 @@ gsm8k then humaneval.
 
 - Eviction distance measured from the layer computing now (scorer.py), not from layer 0: without
   prefetch 17.6 / 34.1 / 61.0, 19.2 / 37.2 / 62.7 against 15.3 / 29.5 / 54.4, 16.3 / 30.0 / 53.4.
-- PREFETCH 1 expert per layer, HORIZON 1 layer ahead: 27.1 / 38.4 / 61.5, 28.6 / 40.3 / 62.4,
+- PREFETCH 1 expert per layer, HORIZON 1 layer ahead (no MIN_USE gate, loads landing at once):
+  27.1 / 38.4 / 61.5, 28.6 / 40.3 / 62.4,
   for 1.02 / 0.76 / 0.39 loads per access (LRU 34.3% and 0.66 at 64 slots on gsm8k). Two per
   layer: 45.1% for 0.95 at 64 slots; one from two layers ahead: 36.5% for 0.72 (the nearer
   layer's best guess is the better bet). At 64 slots the one prefetch per layer bought 4.3
@@ -45,11 +46,18 @@ gsm8k then humaneval.
   prefetches. Adding the predicted prefetch on top (activation-aware+lookahead): 86.0% for 0.91
   loads per access against 84.9% for 0.82.
 
-Note on time: in trace replay over a virtual PCIe 4 link (runtime/replay.py), where each copy
-holds the link for 14 ms against 0.3 ms of compute per layer, the time per token on gsm8k was
-754 / 604 / 362 ms with prefetch=0, 888 / 679 / 362 with PREFETCH 1, LRU 912 / 603 / 430, LFU
-768 / 630 / 385: a wrong prefetch delays the misses queued behind it. Pass prefetch=0 where
-copies, not compute, bound a step.
+Time, and the prefetch gate (MIN_USE). In trace replay over a virtual PCIe 4 link
+(runtime/replay.py), where each copy holds the link for 14 ms against 0.3 ms of compute per layer,
+the ungated PREFETCH 1 made the time per token on gsm8k 888 / 679 / 362 ms (32 / 64 / 128 slots)
+against 754 / 604 / 362 with prefetch=0 and LRU's 912 / 603 / 430: three prefetches in four went
+unused, and a wrong prefetch delays the misses queued behind it. A prefetch pays in link time only
+if the step uses it more likely than not (each used one replaces a miss of the same bytes), so an
+expert is prefetched only when 1 - (1 - pred)^r >= MIN_USE, r the step's routings (tokens x
+top-k). Raising MIN_USE from 0 to 0.3 / 0.4 / 0.5 gave 880 / 774 / 755 ms at 32 slots and 671 /
+615 / 605 at 64 (humaneval alike); at 0.5: 755 / 605 / 362 on gsm8k, 741 / 577 / 347 on
+humaneval (LRU 912 / 584 / 413). One token at top-2 needs pred >= 0.29, which Mixtral's near-
+uniform routing rarely reaches; a batch of 8 needs 0.04. Lower min_use where copies are cheap
+against compute (the link idles): then a likely-unused prefetch costs little.
 """
 
 from __future__ import annotations
@@ -66,7 +74,8 @@ from moeinf.runtime.scorer import eviction_order_slots, prefetch_order
 DECAY = 0.95  # weight of a step's routing after each later step
 PRIOR_WEIGHT = 8.0  # routings of evidence the prior (EAMC match, or uniform) counts for
 MATCHES = 1  # EAMC members mixed into the prior
-PREFETCH = 1  # predicted experts prefetched per layer
+PREFETCH = 1  # predicted experts prefetched per layer, at most
+MIN_USE = 0.5  # ... and only those the coming step is at least this likely to use (see below)
 HORIZON = 1  # layers ahead they are chosen from
 EPS = 1e-3  # an expert predicted at 0 still ranks by its layer's distance
 CAPACITY = 128  # EAMC members when the policy builds its own collection
@@ -91,6 +100,7 @@ class ActivationAwarePolicy(CachePolicy):
         prefetch: int = PREFETCH,
         horizon: int = HORIZON,
         eps: float = EPS,
+        min_use: float = MIN_USE,
     ):
         super().__init__(num_layers, num_experts)
         if eamc is None:
@@ -106,18 +116,21 @@ class ActivationAwarePolicy(CachePolicy):
             raise OffloadConfigError(f"prior_weight: expected a value > 0, found {prior_weight!r}")
         if not eps >= 0.0:
             raise OffloadConfigError(f"eps: expected a value >= 0, found {eps!r}")
+        if not 0.0 <= min_use <= 1.0:
+            raise OffloadConfigError(f"min_use: expected a probability in [0, 1], found {min_use!r}")
         for what, value in (("matches", matches), ("prefetch", prefetch), ("horizon", horizon)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise OffloadConfigError(f"{what}: expected an integer >= 0, found {value!r}")
         self.eamc = eamc
         self.decay, self.prior_weight, self.matches = float(decay), float(prior_weight), matches
-        self.prefetch_count, self.horizon, self.eps = prefetch, horizon, float(eps)
+        self.prefetch_count, self.horizon, self.eps, self.min_use = prefetch, horizon, float(eps), float(min_use)
         shape = (num_layers, num_experts)
         self.counts = np.zeros(shape)  # [L, E] tokens the running batch routed: matched against the EAMC
         self.recent = np.zeros(shape)  # [L, E] the same, older steps decayed
         self.prior = np.full(shape, 1.0 / num_experts)  # [L, E] the EAMC match, rows normalised
         self.pred = self.prior.copy()  # [L, E] predicted routing, rows normalised
         self.layer = -1  # the layer computing now (-1: none yet in this batch)
+        self.routings = 0  # routings (tokens x top-k) the current layer saw in this step
         self.seen = 0  # leading layers the running batch has routed
         self.step = 0  # steps of this batch begun
         self.lookahead_counts: tuple[int, np.ndarray] | None = None  # (layer, [E] counts) foreseen for it
@@ -127,7 +140,7 @@ class ActivationAwarePolicy(CachePolicy):
         self.recent[:] = 0.0
         self.prior[:] = 1.0 / self.num_experts
         self.pred[:] = self.prior
-        self.layer, self.seen, self.step = -1, 0, 0
+        self.layer, self.seen, self.step, self.routings = -1, 0, 0, 0
         self.lookahead_counts = None
 
     def lookahead(self, layer: int, next_counts: Sequence[int]) -> None:
@@ -142,6 +155,7 @@ class ActivationAwarePolicy(CachePolicy):
         self.recent[layer] *= self.decay
         self.recent[layer] += counts
         self.layer = layer
+        self.routings = int(counts.sum())
         self.seen = max(self.seen, layer + 1)
         # The match moves most while the batch's first step adds a layer at a time; after that a
         # step changes it little, so it is redone once a step.
@@ -164,16 +178,22 @@ class ActivationAwarePolicy(CachePolicy):
         """The candidate of lowest eviction priority; ties go to the lower slot."""
         return int(eviction_order_slots(self.pred, layer_of, expert_of, evictable, self.layer, 1, self.eps)[0])
 
+    def min_pred(self) -> float:
+        """The prediction below which an expert is not prefetched: with r routings a step (tokens
+        x top-k, as the current layer just saw), an expert predicted at p is used by the step
+        with probability 1 - (1 - p)^r, which must reach min_use."""
+        return 1.0 - (1.0 - self.min_use) ** (1.0 / max(self.routings, 1))
+
     def prefetch(self, layer: int) -> list[Key]:
         """The lookahead's experts of layer + 1 (most tokens first), when it was given; then the
-        `prefetch` most urgent predicted ones of the next `horizon` layers."""
+        `prefetch` most urgent predicted ones of the next `horizon` layers that pass min_pred()."""
         keys = []
         if self.lookahead_counts is not None and self.lookahead_counts[0] == layer + 1:
             counts = self.lookahead_counts[1]
             keys = [(layer + 1, int(e)) for e in np.argsort(-counts, kind="stable") if counts[e] > 0]
         self.lookahead_counts = None
         E = self.num_experts
-        for flat in prefetch_order(self.pred, layer, self.horizon, self.prefetch_count):
+        for flat in prefetch_order(self.pred, layer, self.horizon, self.prefetch_count, self.min_pred()):
             key = (int(flat) // E, int(flat) % E)
             if key not in keys:
                 keys.append(key)

@@ -11,7 +11,8 @@ layer l computes:
 - prefetch: pred[i, e] * (1 - d / L), d = (i - l) mod L, for the `horizon` layers ahead of l
   (d = 1 .. horizon); nearer layers are more urgent (they have less time for their copy). The
   layers "ahead" wrap past the last layer to the first: in decode, the next step's layer 0
-  follows the last layer.
+  follows the last layer. Experts predicted below a floor (the policy's: see
+  activation_policy.py) are never prefetched.
 - eviction: (pred[i, e] + eps) * (1 - d / L), d = (i - l - 1) mod L the number of layers that
   run before layer i runs again; the lowest is evicted first. With l = -1 (nothing computed yet)
   d = i and this is MoE-Infinity's (pred + eps) * (1 - i / L): early layers are kept because
@@ -91,10 +92,10 @@ def _best_first(keys, ids, size):
 
 
 @njit(cache=True)
-def prefetch_order(pred, layer, horizon, n):
+def prefetch_order(pred, layer, horizon, n, min_pred):
     """pred: [L, E] float64. The n most urgent (layer, expert) of the `horizon` layers after
-    `layer`, as flat indices i * E + e, most urgent first; entries of priority 0 are left out.
-    Returns int64 [m], m <= n."""
+    `layer`, as flat indices i * E + e, most urgent first; entries of priority 0, or predicted
+    below min_pred, are left out. Returns int64 [m], m <= n."""
     L, E = pred.shape
     keys = np.empty(max(n, 1), np.float64)
     ids = np.empty(max(n, 1), np.int64)
@@ -107,7 +108,7 @@ def prefetch_order(pred, layer, horizon, n):
         weight = 1.0 - d / L
         for e in range(E):
             key = pred[i, e] * weight
-            if key > floor:
+            if key > floor and pred[i, e] >= min_pred:
                 size = _offer(keys, ids, size, n, key, (d - 1) * E + e)  # id: arrival order
                 if size == n:
                     floor = keys[0]
@@ -174,15 +175,16 @@ def lowest_slot(first, second, layer_of, expert_of, evictable):
     return best
 
 
-def prefetch_order_ref(pred: np.ndarray, layer: int, horizon: int, n: int) -> np.ndarray:
+def prefetch_order_ref(pred: np.ndarray, layer: int, horizon: int, n: int, min_pred: float) -> np.ndarray:
     """numpy version of prefetch_order (a full stable sort): same result."""
     L, E = pred.shape
     d = np.arange(1, min(horizon, L - 1) + 1)  # [H]
     rows = (layer + d) % L
     keys = (pred[rows] * (1.0 - d / L)[:, None]).reshape(-1)  # [H * E], arrival order
     flat = (rows[:, None] * E + np.arange(E)).reshape(-1)
+    wanted = (keys > 0.0) & (pred[rows].reshape(-1) >= min_pred)  # [H * E]
     order = np.argsort(-keys, kind="stable")
-    order = order[keys[order] > 0.0][: max(n, 0)]
+    order = order[wanted[order]][: max(n, 0)]
     return flat[order].astype(np.int64)
 
 

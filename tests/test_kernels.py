@@ -459,30 +459,53 @@ NORM_CASES = {
 }
 
 
+@pytest.mark.parametrize("scale_in_fp32", [False, True], ids=["llama-order", "gpt-oss-order"])
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", NORM_CASES)
-def test_rms_norm_matches_reference(case, dtype, residual):
+def test_rms_norm_matches_reference(case, dtype, residual, scale_in_fp32):
     shape, weight_dtype = NORM_CASES[case]
     g = torch.Generator().manual_seed(len(case))
     x = torch.randn(shape, generator=g).to(dtype).to(DEVICE)
     r = torch.randn(shape, generator=g).to(dtype).to(DEVICE)
     weight = (1 + 0.1 * torch.randn(shape[-1], generator=g)).to(weight_dtype or dtype).to(DEVICE)
-    D, out_dtype = shape[-1], torch.promote_types(dtype, weight.dtype)
+    # scale_in_fp32 rounds once, after the weight, to x's dtype
+    D, out_dtype = shape[-1], dtype if scale_in_fp32 else torch.promote_types(dtype, weight.dtype)
     x, r = x.view(-1, D), r.view(-1, D)  # the launcher takes [T, D]; rms_norm reshapes [..., D]
     out = poisoned(x.shape[0], D, dtype=out_dtype)
     wd = weight.cpu().double()
     if residual:
         h = poisoned(x.shape[0], D, dtype=dtype)
-        norm.rms_norm_into(x, weight, 1e-6, out, r, h)
+        norm.rms_norm_into(x, weight, 1e-6, out, r, h, scale_in_fp32)
         assert rel_rms(h, x.double() + r.double()) < TOLERANCE[dtype] / 2  # one rounding of an exact sum
         # the statistics are those of the rounded sum, as the unfused add then norm computes them
-        expected = reference.rms_norm_reference(h.cpu().double(), wd, 1e-6)
+        expected = reference.rms_norm_reference(h.cpu().double(), wd, 1e-6, scale_in_fp32)
     else:
-        norm.rms_norm_into(x, weight, 1e-6, out)
-        expected = reference.rms_norm_reference(x.cpu().double(), wd, 1e-6)
+        norm.rms_norm_into(x, weight, 1e-6, out, scale_in_fp32=scale_in_fp32)
+        expected = reference.rms_norm_reference(x.cpu().double(), wd, 1e-6, scale_in_fp32)
     assert out.dtype == out_dtype
     assert rel_rms(out, expected) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_rms_norm_references_are_transformers_norms_bit_for_bit(dtype):
+    """Mixtral's RMSNorm rounds the normalised rows to the model dtype, then scales them;
+    GPT-OSS's scales the float32 rows by its weight, then rounds once. The two orders differ in the
+    last bit of about a third of the elements in bfloat16."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRMSNorm
+    from transformers.models.mixtral.modeling_mixtral import MixtralRMSNorm
+
+    g = torch.Generator().manual_seed(3)
+    x = (3 * torch.randn(9, 48, generator=g)).to(dtype)
+    weight = (1 + 0.3 * torch.randn(48, generator=g)).to(dtype)
+    got = {}
+    for scale_in_fp32, module in ((False, MixtralRMSNorm(48, 1e-5)), (True, GptOssRMSNorm(48, 1e-5))):
+        with torch.no_grad():
+            module.weight.copy_(weight)
+            expected = module.to(dtype)(x)
+        got[scale_in_fp32] = reference.rms_norm_reference(x, weight, 1e-5, scale_in_fp32)
+        assert got[scale_in_fp32].dtype == dtype and torch.equal(got[scale_in_fp32], expected)
+    assert not torch.equal(got[False], got[True])
 
 
 def test_rms_norm_public_shapes_and_errors():
@@ -576,7 +599,8 @@ for dt, upcast, precision, bias, activation in (
     build(moe._down_weighted_kernel, down, dict(blocks, **({} if bias else dict(b2_ptr=None))))
 build(moe._combine_kernel, dict(y_ptr="*fp32", out_ptr="*bf16"), dict(TOP_K=8, BLOCK_T=16, BLOCK_D=256))
 pointers = dict(x_ptr="*bf16", residual_ptr="*bf16", weight_ptr="*bf16", out_ptr="*bf16", h_ptr="*bf16", eps="fp32")
-build(norm._rms_norm_kernel, pointers, dict(HAS_RESIDUAL=True, BLOCK_T=1, BLOCK_D=4096))
+for scale_in_fp32 in (False, True):
+    build(norm._rms_norm_kernel, pointers, dict(HAS_RESIDUAL=True, SCALE_IN_FP32=scale_in_fp32, BLOCK_T=1, BLOCK_D=4096))
 outputs = dict(ids_ptr="*i64", weights_ptr="*fp32")
 build(routing._softmax_topk_kernel, dict(logits_ptr="*bf16", **outputs),
       dict(TOP_K=2, RENORMALIZE=True, BLOCK_T=32, BLOCK_E=8, BLOCK_K=2))

@@ -36,6 +36,7 @@ def _rms_norm_kernel(
     stride_ht,
     stride_hd,
     HAS_RESIDUAL: tl.constexpr,
+    SCALE_IN_FP32: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -51,8 +52,10 @@ def _rms_norm_kernel(
         tl.store(h_ptr + rows[:, None] * stride_ht + cols[None, :] * stride_hd, h, mask=mask)
     hf = h.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(hf * hf, axis=1) / hidden + eps)
-    # rounded to x's dtype before the weight, as the reference (and transformers) do
-    normed = (hf * rstd[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
+    normed = hf * rstd[:, None]
+    if not SCALE_IN_FP32:
+        # rounded to x's dtype before the weight, as the reference (and transformers) do
+        normed = normed.to(x_ptr.dtype.element_ty).to(tl.float32)
     w = tl.load(weight_ptr + cols, mask=cols < hidden, other=0.0).to(tl.float32)
     tl.store(
         out_ptr + rows[:, None] * stride_ot + cols[None, :] * stride_od,
@@ -62,6 +65,10 @@ def _rms_norm_kernel(
 
 
 # ---------------------------------------------------------------------------------------- launcher
+
+
+def _out_dtype(x: torch.Tensor, weight: torch.Tensor, scale_in_fp32: bool) -> torch.dtype:
+    return x.dtype if scale_in_fp32 else torch.promote_types(x.dtype, weight.dtype)
 
 
 def _expect_like(t: torch.Tensor, name: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
@@ -78,9 +85,10 @@ def rms_norm_into(
     out: torch.Tensor,
     residual: torch.Tensor | None = None,
     residual_out: torch.Tensor | None = None,
+    scale_in_fp32: bool = False,
 ) -> None:
-    """rms_norm on x [T, D] writing into out [T, D] (dtype of weight * x) and, with residual
-    [T, D], the new residual x + residual into residual_out [T, D] (x's dtype)."""
+    """rms_norm on x [T, D] writing into out [T, D] (dtype of weight * x; x's with scale_in_fp32)
+    and, with residual [T, D], the new residual x + residual into residual_out [T, D] (x's dtype)."""
     if x.dim() != 2 or x.shape[1] == 0:
         raise ValueError(f"x: expected a [T, D] tensor with D > 0, found shape {list(x.shape)}")
     if x.dtype not in _DTYPES:
@@ -91,7 +99,7 @@ def rms_norm_into(
     if weight.dtype not in _DTYPES:
         raise ValueError(f"weight dtype: expected float16, bfloat16 or float32, found {weight.dtype}")
     _expect_like(weight, "weight", (D,), weight.dtype, x.device)
-    _expect_like(out, "out", (T, D), torch.promote_types(x.dtype, weight.dtype), x.device)
+    _expect_like(out, "out", (T, D), _out_dtype(x, weight, scale_in_fp32), x.device)
     if (residual is None) != (residual_out is None):
         raise ValueError("residual and residual_out: expected both or neither, found one")
     if residual is not None:
@@ -106,7 +114,7 @@ def rms_norm_into(
     _rms_norm_kernel[(triton.cdiv(T, block_t),)](
         x, r, weight, out, h, T, D, float(eps),
         x.stride(0), x.stride(1), r.stride(0), r.stride(1), out.stride(0), out.stride(1), h.stride(0), h.stride(1),
-        HAS_RESIDUAL=residual is not None, BLOCK_T=block_t, BLOCK_D=block_d,
+        HAS_RESIDUAL=residual is not None, SCALE_IN_FP32=scale_in_fp32, BLOCK_T=block_t, BLOCK_D=block_d,
         num_warps=4 if block_d <= 2048 else 8,
     )  # fmt: skip
 
@@ -115,21 +123,26 @@ def rms_norm_into(
 
 
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    scale_in_fp32: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """x: [..., D], weight: [D]. Without residual: rms_norm_reference(x, weight, eps). With
-    residual [..., D] (x's shape and dtype): (normed, x + residual), the contract of
-    rms_norm_residual_reference. The output dtype is that of weight * x, as in the reference."""
+    """x: [..., D], weight: [D]. Without residual: rms_norm_reference(x, weight, eps, scale_in_fp32).
+    With residual [..., D] (x's shape and dtype): (normed, x + residual), the contract of
+    rms_norm_residual_reference. The output dtype is that of weight * x, as in the reference (x's
+    with scale_in_fp32: the weight scales the float32 rows before the one rounding)."""
     if x.dim() < 1:
         raise ValueError("x: expected a [..., D] tensor, found a scalar")
     D = x.shape[-1]
     x2 = x.reshape(-1, D)  # [T, D], a view where x's rows are evenly strided
-    out = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    out = torch.empty(x2.shape, dtype=_out_dtype(x, weight, scale_in_fp32), device=x.device)
     if residual is None:
-        rms_norm_into(x2, weight, eps, out)
+        rms_norm_into(x2, weight, eps, out, scale_in_fp32=scale_in_fp32)
         return out.view(x.shape)
     if residual.shape != x.shape:
         raise ValueError(f"residual: expected shape {list(x.shape)} (as x), found {list(residual.shape)}")
     h = torch.empty_like(x2)
-    rms_norm_into(x2, weight, eps, out, residual.reshape(-1, D), h)
+    rms_norm_into(x2, weight, eps, out, residual.reshape(-1, D), h, scale_in_fp32)
     return out.view(x.shape), h.view(x.shape)

@@ -38,13 +38,13 @@ class Kernels:
     def uses_triton(self, x: torch.Tensor) -> bool:
         return self.choice == "triton" or (self.choice == "auto" and x.is_cuda)
 
-    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        # x: [..., D]
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, scale_in_fp32: bool = False) -> torch.Tensor:
+        # x: [..., D]; scale_in_fp32: the weight scales the float32 rows before they are rounded (GPT-OSS)
         if self.uses_triton(x):
             from moeinf.kernels import norm
 
-            return norm.rms_norm(x, weight, eps)
-        return rms_norm_reference(x, weight, eps)
+            return norm.rms_norm(x, weight, eps, scale_in_fp32=scale_in_fp32)
+        return rms_norm_reference(x, weight, eps, scale_in_fp32)
 
     def softmax_topk(self, logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
         # logits: [T, E] -> ids [T, K] int64, weights [T, K] float32

@@ -9,11 +9,13 @@ import torch.nn.functional as F
 from moeinf.kernels.expert_activation import SILU, ExpertActivation
 
 
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, scale_in_fp32: bool = False) -> torch.Tensor:
     # x: [T, D], weight: [D]; statistics in float32 whatever the input dtype
     xf = x.to(torch.float32)
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    if scale_in_fp32:  # GPT-OSS: the weight scales the float32 rows, then one rounding
+        return (weight.to(torch.float32) * xf).to(x.dtype)
+    return weight * xf.to(x.dtype)  # Llama and most families: rows rounded first; dtype of weight * x
 
 
 def moe_experts_reference(
@@ -67,14 +69,14 @@ def moe_experts_reference(
 
 
 def rms_norm_residual_reference(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, scale_in_fp32: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The pre-norm block's residual add, then RMSNorm: returns (normed, new residual).
 
     x, residual: [T, D]; the sum is rounded to x's dtype before its statistics are taken, as in
     the unfused `h = h + x; rms_norm(h)`."""
     h = x + residual
-    return rms_norm_reference(h, weight, eps), h
+    return rms_norm_reference(h, weight, eps, scale_in_fp32), h
 
 
 def softmax_topk_reference(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -77,6 +77,7 @@ def parse_gpt_oss_config(config: dict[str, Any], source: str = "config.json") ->
         routing="topk_softmax",
         router_bias=True,
         router_weights_fp32=False,  # transformers weighs expert outputs in the model dtype
+        norm_scale_fp32=True,  # GptOssRMSNorm: (weight * normed float32 rows).to(dtype)
         expert_bias=True,
         expert_activation=ExpertActivation(
             "clamped_swiglu",

@@ -97,6 +97,9 @@ class ModelSpec:
     router_bias: bool = False  # the router's linear layer has a bias (GPT-OSS)
     router_correction_bias: bool = False  # e_score_correction_bias steers choice, not weight (DeepSeek-V3)
     router_fp32: bool = False  # router weight kept and logits computed in float32 (DeepSeek)
+    # the layer and final RMSNorms scale the float32 rows by their weight before rounding them to the
+    # model dtype (GPT-OSS); the others round the rows first, then scale (Llama's order)
+    norm_scale_fp32: bool = False
     expert_bias: bool = False  # routed experts' projections carry biases (GPT-OSS)
     expert_activation: ExpertActivation = SILU  # how an expert combines its gate and up projections
     # How the checkpoint is quantized; moeinf dequantizes on load and computes in the compute dtype.

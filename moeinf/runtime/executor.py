@@ -94,7 +94,7 @@ class Executor:
         which runs in the model dtype as torch's nn.LayerNorm does."""
         if self.spec.norm_type == "layer":
             return F.layer_norm(h, (h.shape[-1],), weight, bias, self.spec.norm_eps)
-        return self.kernels.rms_norm(h, weight, self.spec.norm_eps)
+        return self.kernels.rms_norm(h, weight, self.spec.norm_eps, self.spec.norm_scale_fp32)
 
     def _attention(
         self, layer: int, lw: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spans: list[Span]

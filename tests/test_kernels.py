@@ -600,7 +600,8 @@ for dt, upcast, precision, bias, activation in (
 build(moe._combine_kernel, dict(y_ptr="*fp32", out_ptr="*bf16"), dict(TOP_K=8, BLOCK_T=16, BLOCK_D=256))
 pointers = dict(x_ptr="*bf16", residual_ptr="*bf16", weight_ptr="*bf16", out_ptr="*bf16", h_ptr="*bf16", eps="fp32")
 for scale_in_fp32 in (False, True):
-    build(norm._rms_norm_kernel, pointers, dict(HAS_RESIDUAL=True, SCALE_IN_FP32=scale_in_fp32, BLOCK_T=1, BLOCK_D=4096))
+    norm_blocks = dict(HAS_RESIDUAL=True, SCALE_IN_FP32=scale_in_fp32, BLOCK_T=1, BLOCK_D=4096)
+    build(norm._rms_norm_kernel, pointers, norm_blocks)
 outputs = dict(ids_ptr="*i64", weights_ptr="*fp32")
 build(routing._softmax_topk_kernel, dict(logits_ptr="*bf16", **outputs),
       dict(TOP_K=2, RENORMALIZE=True, BLOCK_T=32, BLOCK_E=8, BLOCK_K=2))

@@ -189,8 +189,9 @@ class ActivationAwarePolicy(CachePolicy):
         `prefetch` most urgent predicted ones of the next `horizon` layers that pass min_pred()."""
         keys = []
         if self.lookahead_counts is not None and self.lookahead_counts[0] == layer + 1:
-            counts = self.lookahead_counts[1]
-            keys = [(layer + 1, int(e)) for e in np.argsort(-counts, kind="stable") if counts[e] > 0]
+            counts = self.lookahead_counts[1]  # [E]
+            picked = np.flatnonzero(counts)  # [k] the few experts picked, ascending
+            keys = [(layer + 1, int(e)) for e in picked[np.argsort(-counts[picked], kind="stable")]]
         self.lookahead_counts = None
         E = self.num_experts
         for flat in prefetch_order(self.pred, layer, self.horizon, self.prefetch_count, self.min_pred()):

@@ -15,6 +15,8 @@ CPU (--cpu, or no CUDA): the torch paths only (the Triton interpreter measures n
 kernel), float32, on scaled-down shapes, timed pytest-benchmark style: a warm-up call, rounds
 calibrated to --min-time seconds, min / median / mean / stddev of the rounds; written to
 <out>/kernels-cpu.csv.
+The same CPU cases also run under pytest-benchmark, each output checked against the reference:
+  python -m pytest bench/kernels.py --benchmark-only -q   (the default test run never collects it)
 
 Implementations (all: x [M, D] -> out [M, D], the contract of moe_experts_reference):
   triton      moeinf.kernels.moe.fused_moe (GPU only)
@@ -50,6 +52,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 import triton.testing
@@ -309,3 +312,23 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ----------------------------------------------------------------------------- pytest-benchmark
+
+
+@pytest.mark.parametrize("M", CPU_TOKENS)
+@pytest.mark.parametrize("impl", ["reference", "loop", "grouped_mm"])
+@pytest.mark.parametrize("model", CPU_MODELS)
+def test_cpu_torch_path(benchmark, model, impl, M):
+    """One CPU case of the table above: a torch implementation, float32, output checked."""
+    impls = implementations(on_gpu=False)
+    if impl not in impls:
+        pytest.skip(f"this torch has no {impl}")
+    D, FF, E, K = CPU_MODELS[model]
+    w13, w2, slots = make_experts(D, FF, E, torch.float32, torch.device("cpu"))
+    x, ids, weights = make_tokens(M, D, E, K, torch.float32, torch.device("cpu"), seed=M)
+    expected = moe_experts_reference(x, ids, weights, w13, w2, slots)
+    benchmark.group = f"{model} M={M}"
+    out = benchmark(impls[impl], x, ids, weights, w13, w2, slots)
+    assert rel_rms(out, expected) < 1e-5

@@ -1,18 +1,21 @@
 """The ops the runtime calls, and which implementation runs them.
 
-`Kernels("auto")` (the default) runs the Triton kernels on CUDA tensors and their torch references
-elsewhere: on the CPU the references are the fast path. `Kernels("triton")` always runs the
-kernels: on CPU tensors that works only in the Triton interpreter (TRITON_INTERPRET=1 set before
-triton is imported), which is how tests check the runtime's use of the kernels without a GPU.
-`Kernels("torch")` always runs the references: the baseline the kernels are measured against on
-CUDA. The Triton modules are imported on first use: importing triton takes about a second, and
-nothing on a CPU run needs it.
+`Kernels("auto")` (the default) runs the Triton kernels on CUDA tensors and their torch versions
+elsewhere. `Kernels("triton")` always runs the kernels: on CPU tensors that works only in the
+Triton interpreter (TRITON_INTERPRET=1 set before triton is imported), which is how tests check
+the runtime's use of the kernels without a GPU. `Kernels("torch")` always runs the torch versions:
+the baseline the kernels are measured against on CUDA. The torch versions are the references,
+except the routed experts of two tokens or more on the CPU, which run as two grouped matmuls
+(grouped_experts.py: equal to the reference up to a vectorised sigmoid's last bit, and faster).
+The Triton modules are imported on first use: importing triton takes about a second, and nothing
+on a CPU run needs it.
 """
 
 from __future__ import annotations
 
 import torch
 
+from moeinf.kernels import grouped_experts
 from moeinf.kernels.expert_activation import SILU, ExpertActivation
 from moeinf.kernels.reference import (
     grouped_sigmoid_topk_reference,
@@ -91,6 +94,8 @@ class Kernels:
             from moeinf.kernels import moe
 
             return moe.fused_moe(x, topk_ids, topk_weights, w13, w2, expert_slots, **extras)
+        if grouped_experts.applies(x, w13, w2):
+            return grouped_experts.moe_experts_grouped(x, topk_ids, topk_weights, w13, w2, expert_slots, **extras)
         return moe_experts_reference(x, topk_ids, topk_weights, w13, w2, expert_slots, **extras)
 
 

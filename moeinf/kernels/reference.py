@@ -61,8 +61,13 @@ def moe_experts_reference(
         start += count
         tokens = pairs // K
         slot = slots[expert]
-        gate, up = F.linear(x[tokens], w13[slot], None if b13 is None else b13[slot]).split(ffn, dim=-1)
-        y = F.linear(activation(gate, up), w2[slot], None if b2 is None else b2[slot])  # [count, D]
+        gate_up = F.linear(x[tokens], w13[slot])  # [count, 2F]
+        if b13 is not None:  # added to the rounded product, as transformers' GptOssExperts does
+            gate_up = gate_up + b13[slot]
+        gate, up = gate_up.split(ffn, dim=-1)
+        y = F.linear(activation(gate, up), w2[slot])  # [count, D]
+        if b2 is not None:
+            y = y + b2[slot]
         y = y * flat_weights[pairs, None]
         out.index_add_(0, tokens, y.to(x.dtype))
     return out

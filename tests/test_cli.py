@@ -72,6 +72,7 @@ def test_trace_records_every_token_of_every_prompt(tmp_path, capsys):
     from checkpoints import save_tiny_mixtral
 
     from moeinf.loaders.default_model import build_byte_tokenizer
+    from moeinf.runtime.replay import profile_for, replay
     from moeinf.runtime.traces import read_trace
 
     folder = tmp_path / "model"
@@ -94,6 +95,17 @@ def test_trace_records_every_token_of_every_prompt(tmp_path, capsys):
     # recorded routing is the routing the runtime used: batch size does not change it
     assert main(args + ["--batch-size", "1", "--out", str(tmp_path / "one.npz")]) == 0
     assert np.array_equal(read_trace(tmp_path / "one.npz").experts, trace.experts)
+    # the trace carries its model's costs, so replay times it without a known profile
+    D, F, V = 64, 96, 259  # the tiny Mixtral, saved in float32
+    attention = D * D + 2 * D * 32 + D * D  # q, k, v (2 KV heads of 16), o
+    assert trace.meta["cost"] == {
+        "expert_bytes": 3 * D * F * 4,
+        "layer_dense_bytes": (attention + 2 * D + 4 * D) * 4,  # + two norms + the router of 4 experts
+        "step_bytes": (D + V * D) * 4,  # final norm and lm head
+        "bytes_per_param": 4,
+    }
+    assert profile_for(trace).model.name == "model" and profile_for(trace).load_s == 3 * D * F * 4 / 25e9
+    assert replay(trace, "activation-aware", 4, "pcie4").tpot_s > 0
 
 
 def test_trace_rejects_a_malformed_prompts_file(tiny_mixtral, tmp_path, capsys):

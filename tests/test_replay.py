@@ -246,6 +246,23 @@ def test_profiles_resolve_by_model_name_or_shape():
         profile_for(wrong)
 
 
+
+def test_a_trace_with_its_own_costs_is_timed_by_them():
+    """`moeinf trace` records its model's costs in meta["cost"]; they win over name and shape."""
+    cost = dict(expert_bytes=25_000_000, layer_dense_bytes=10_000_000, step_bytes=50_000_000, bytes_per_param=2)
+    own = make_trace(np.zeros((1, 32, 2), int) + [0, 1], 8, model="Mixtral-8x7B")
+    own.meta["cost"] = cost
+    profile = profile_for(own, "pcie4")
+    assert profile.model.name == "Mixtral-8x7B" and profile.load_s == pytest.approx(1e-3)
+    assert profile.model.layer_dense_bytes == 10_000_000 and profile.model.num_experts == 8
+    own.meta["cost"] = dict(cost, step_bytes=0)
+    with pytest.raises(ReplayConfigError, match="meta.cost.step_bytes: expected a positive number, found 0"):
+        profile_for(own)
+    own.meta["cost"] = {"expert_bytes": 1}
+    with pytest.raises(ReplayConfigError, match="meta.cost: expected the keys expert_bytes, layer_dense_bytes"):
+        profile_for(own)
+
+
 def random_trace(rng, L, E, K, sequences, tokens):
     routes = [[rng.choice(E, K, replace=False) for _ in range(L)] for _ in range(sequences * tokens)]
     return make_trace(routes, E, seq_starts=np.arange(sequences + 1) * tokens)

@@ -112,6 +112,17 @@ class DenseWeights:
             lm_head_bias=read("lm_head_bias") if "lm_head_bias" in global_roles else None,
         )
 
+    def layer_params(self, layer: int) -> int:
+        """Parameters of one layer's resident weights (attention, norms, router, shared or dense MLP)."""
+        lw = self.layers[layer]
+        parts = [vars(lw)] + ([vars(lw.mla)] if lw.mla is not None else [])
+        return sum(t.numel() for part in parts for t in part.values() if isinstance(t, torch.Tensor))
+
+    def head_params(self) -> int:
+        """Parameters the last step reads once per token after the layers: final norm and lm head."""
+        tensors = [self.final_norm, self.lm_head] + [t for t in (self.final_norm_bias, self.lm_head_bias) if t is not None]
+        return sum(t.numel() for t in tensors)
+
     def nbytes(self) -> int:
         parts = [vars(lw) for lw in self.layers] + [vars(lw.mla) for lw in self.layers if lw.mla is not None]
         tensors = [self.embed, self.final_norm] + [

@@ -196,10 +196,23 @@ class ReplayProfile:
         return self.model.num_layers * (dense_s + expert_s) + self.step_s()
 
 
+COST_FIELDS = ("expert_bytes", "layer_dense_bytes", "step_bytes", "bytes_per_param")
+
+
 def model_for(meta: dict) -> ModelCost:
-    """The ModelCost a trace's meta describes: by name (meta["model"] containing an alias), else
-    by shape (num_layers, num_experts, top_k)."""
+    """The ModelCost a trace's meta describes: its own meta["cost"] (ModelCost's byte fields, as
+    `moeinf trace` records them for the model it ran), else a known model by name (meta["model"]
+    containing an alias), else by shape (num_layers, num_experts, top_k)."""
     shape = (meta["num_layers"], meta["num_experts"], meta["top_k"])
+    if "cost" in meta:
+        cost = meta["cost"]
+        if not isinstance(cost, dict) or sorted(cost) != sorted(COST_FIELDS):
+            raise ReplayConfigError(f"trace meta.cost: expected the keys {', '.join(COST_FIELDS)}, found {cost!r}")
+        for key in COST_FIELDS:
+            value = cost[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ReplayConfigError(f"trace meta.cost.{key}: expected a positive number, found {value!r}")
+        return ModelCost(str(meta.get("model", "traced")), *shape, **cost)
     name = str(meta.get("model", "")).lower()
     for model in MODELS.values():
         if any(alias in name for alias in model.aliases):

@@ -57,10 +57,12 @@ def test_unsupported_encoder_decoder_moe_is_refused(tmp_path):
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_family_runs_offloaded_in_bfloat16_like_transformers(name, tmp_path):
     """bfloat16 (store records, biases and activations in bf16; float32 routers where the family
-    keeps them), offloaded, against transformers loading the same checkpoint in bf16. Rounding
-    differs where the two order their arithmetic differently (DeepSeek's rope, GPT-OSS's biased
-    experts and sink softmax); most families match bit for bit. The bound is far below how far
-    bf16 routing flips move these sharp random models from float32 (up to 0.5)."""
+    keeps them), offloaded, against transformers loading the same checkpoint in bf16 (its
+    grouped_mm experts). moeinf orders its bf16 arithmetic as transformers does (products weighed
+    then summed over k in float32, GPT-OSS's norm and sink softmax, DeepSeek-V2's float32 rope), so
+    every family matches bit for bit on the machines measured; the bound leaves room for a last-bit
+    difference elsewhere, far below what one misordered rounding gave (0.008-0.07), and greedy
+    tokens must match."""
     from transformers import AutoModelForCausalLM
 
     folder = tmp_path / name
@@ -72,7 +74,7 @@ def test_family_runs_offloaded_in_bfloat16_like_transformers(name, tmp_path):
     with LLM(folder, progress=False, dtype="bfloat16", expert_budget=budget, offload_dir=tmp_path / "store") as llm:
         assert llm.dtype == torch.bfloat16
         got = llm.logits(PROMPT)
-        (out,) = llm.generate([PROMPT], SamplingParams(max_new_tokens=4, ignore_eos=True))
+        (out,) = llm.generate([PROMPT], SamplingParams(max_new_tokens=6))  # stops at EOS, as generate() does
         assert llm.stats()["misses"] > 0
-    assert len(out.token_ids) == 4
-    assert ((got - expected).norm() / expected.norm()).item() < 0.1
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-3
+    assert out.token_ids == hf_greedy(hf, PROMPT, 6)

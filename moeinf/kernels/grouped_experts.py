@@ -6,9 +6,9 @@ expert) pairs are sorted by the slot that holds their expert, so that torch._gro
 every expert's gate/up GEMM in one call and every down GEMM in another, reading the weights
 straight out of the slot arrays (w13 [S, 2F, D], w2 [S, D, F], all S slots as groups; a slot
 without pairs is an empty group). Biases, the activation and the routing weights apply to the
-pairs in expert order, and the combine adds each token's K weighted outputs in ascending expert
-id, the reference's order, so the result does not depend on which slot holds which expert: an
-offloaded run equals the resident one bit for bit, as with the reference.
+pairs in expert order, and the combine sums each token's K weighted outputs over k, as the
+reference does, so the result does not depend on which slot holds which expert: an offloaded run
+equals the resident one bit for bit, as with the reference.
 
 On the CPU a group's product equals F.linear over the same rows (both add biases after the
 product), so the output equals moe_experts_reference's up to the last bit of a vectorised
@@ -72,13 +72,7 @@ def moe_experts_grouped(
     y[to_slot_order] = torch._grouped_mm(act[to_slot_order], w2.transpose(1, 2), offs=offs)
     if b2 is not None:
         y = y + b2[pair_slots]
-    y = (y * topk_weights.reshape(-1)[by_expert, None]).to(x.dtype)  # [P, D] weighted
-    by_pair = torch.empty_like(y)
-    by_pair[by_expert] = y  # [P, D] back in (token, k) order
-    by_pair = by_pair.view(T, K, -1)
-    ranks = torch.argsort(topk_ids, dim=1, stable=True)  # [T, K] each token's experts, ascending id
-    out = torch.zeros_like(x)
-    tokens = torch.arange(T, device=x.device)
-    for k in range(K):  # the reference's summation order: experts in ascending id, in x's dtype
-        out += by_pair[tokens, ranks[:, k]]
-    return out
+    y = y * topk_weights.reshape(-1)[by_expert, None]  # [P, D] weighted, in the promoted dtype
+    products = torch.empty_like(y)
+    products[by_expert] = y  # [P, D] back in (token, k) order
+    return products.view(T, K, -1).sum(dim=1).to(x.dtype)  # the reference's combine

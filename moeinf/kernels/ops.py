@@ -93,7 +93,8 @@ class Kernels:
         if self.uses_triton(x):
             from moeinf.kernels import moe
 
-            return moe.fused_moe(x, topk_ids, topk_weights, w13, w2, expert_slots, **extras)
+            # the kernels weigh and combine in float32 whatever dtype the weights came in
+            return moe.fused_moe(x, topk_ids, topk_weights.float(), w13, w2, expert_slots, **extras)
         if grouped_experts.applies(x, w13, w2):
             return grouped_experts.moe_experts_grouped(x, topk_ids, topk_weights, w13, w2, expert_slots, **extras)
         return moe_experts_reference(x, topk_ids, topk_weights, w13, w2, expert_slots, **extras)

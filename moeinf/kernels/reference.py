@@ -32,13 +32,16 @@ def moe_experts_reference(
 ) -> torch.Tensor:
     """Routed gated-MLP experts read through a slot table, combined with the routing weights.
 
-    x: [T, D]; topk_ids: [T, K] expert ids; topk_weights: [T, K] (float32 from the router);
+    x: [T, D]; topk_ids: [T, K] expert ids; topk_weights: [T, K] float32, or x's dtype where the
+    family weighs expert outputs in the model dtype;
     w13: [S, 2F, D] gate rows then up rows; w2: [S, D, F]; expert_slots: [E] slot of each expert
     (only the routed ones need be valid). Returns [T, D] in x's dtype.
     b13: [S, 2F] gate biases then up biases, b2: [S, D] down biases, slot-indexed like the weights
     (GPT-OSS; both or neither); activation: of (gate, up), SwiGLU unless given.
-    Per expert: y = weight * (activation(gate, up) @ w2^T + b2) with (gate, up) = x @ w13^T + b13.
-    Experts are visited in ascending id and summed with index_add_, the order transformers uses.
+    Per pair: y * weight with y = activation(gate, up) @ w2^T + b2, (gate, up) = x @ w13^T + b13,
+    the product in torch's promoted dtype (float32 with float32 weights; rounded to x's dtype with
+    weights in it); a token's K products summed by torch's sum over k (float32 accumulation) and
+    rounded once to x's dtype: transformers' grouped_mm experts, bit for bit on the CPU.
     """
     if (b13 is None) != (b2 is None):
         raise ValueError(
@@ -46,13 +49,13 @@ def moe_experts_reference(
             f"b13 {'None' if b13 is None else 'given'}, b2 {'None' if b2 is None else 'given'}"
         )
     T, K = topk_ids.shape
-    out = torch.zeros_like(x)
     flat_ids = topk_ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)  # [T*K] pair index, grouped by expert
     counts = torch.bincount(flat_ids, minlength=expert_slots.shape[0]).tolist()
     slots = expert_slots.tolist()
     flat_weights = topk_weights.reshape(-1)
     ffn = w2.shape[-1]
+    products = torch.empty((T * K, x.shape[-1]), dtype=torch.promote_types(x.dtype, topk_weights.dtype))
     start = 0
     for expert, count in enumerate(counts):
         if count == 0:
@@ -68,9 +71,8 @@ def moe_experts_reference(
         y = F.linear(activation(gate, up), w2[slot])  # [count, D]
         if b2 is not None:
             y = y + b2[slot]
-        y = y * flat_weights[pairs, None]
-        out.index_add_(0, tokens, y.to(x.dtype))
-    return out
+        products[pairs] = y * flat_weights[pairs, None]  # [count, D]
+    return products.view(T, K, -1).sum(dim=1).to(x.dtype)
 
 
 def rms_norm_residual_reference(

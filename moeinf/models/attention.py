@@ -80,5 +80,8 @@ def _attend_with_sinks(
     scores = scores.masked_fill(~visible, float("-inf"))
     sink = sinks.to(scores.dtype).view(heads, 1, 1).expand(heads, new, 1)
     logits = torch.cat([scores, sink], dim=-1)  # [H, new, S + 1]
-    probs = torch.softmax(logits.float() - logits.float().amax(dim=-1, keepdim=True), dim=-1)[..., :-1]
+    # shifted by the row maximum and normalised in the model dtype (softmax accumulates in float32
+    # inside), transformers' order, so bfloat16 runs round as it does
+    logits = logits - logits.amax(dim=-1, keepdim=True)
+    probs = torch.softmax(logits, dim=-1)[..., :-1]
     return torch.matmul(probs.to(v.dtype), v)

@@ -136,6 +136,7 @@ def _deepseek_spec(config: dict[str, Any], source: str, architecture: str, famil
         sliding_window=None,
         mla=mla,
         rope_interleaved=read.boolean("rope_interleave", True) if v3 else True,
+        rope_fp32=not v3,  # V2 rotates with complex float32 arithmetic (apply_rotary_emb)
         routing=routing,
         routed_scaling_factor=read.positive_float("routed_scaling_factor"),
         n_group=n_group,

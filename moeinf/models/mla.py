@@ -50,6 +50,8 @@ class MLAWeights:
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+    if spec.rope_fp32:  # cos, sin are float32 then (see Executor.forward): one rounding at the end
+        return apply_rope_interleaved(x.float(), cos, sin).to(x.dtype)
     return apply_rope_interleaved(x, cos, sin) if spec.rope_interleaved else apply_rope(x, cos, sin)
 
 

@@ -100,6 +100,9 @@ class ModelSpec:
     # the layer and final RMSNorms scale the float32 rows by their weight before rounding them to the
     # model dtype (GPT-OSS); the others round the rows first, then scale (Llama's order)
     norm_scale_fp32: bool = False
+    # rotary embedding computed in float32 and rounded once (DeepSeek-V2's complex multiply);
+    # otherwise in the model dtype with cos/sin rounded to it (transformers' rotate_half families)
+    rope_fp32: bool = False
     expert_bias: bool = False  # routed experts' projections carry biases (GPT-OSS)
     expert_activation: ExpertActivation = SILU  # how an expert combines its gate and up projections
     # How the checkpoint is quantized; moeinf dequantizes on load and computes in the compute dtype.

@@ -120,8 +120,8 @@ class DenseWeights:
 
     def head_params(self) -> int:
         """Parameters the last step reads once per token after the layers: final norm and lm head."""
-        tensors = [self.final_norm, self.lm_head] + [t for t in (self.final_norm_bias, self.lm_head_bias) if t is not None]
-        return sum(t.numel() for t in tensors)
+        tensors = (self.final_norm, self.lm_head, self.final_norm_bias, self.lm_head_bias)
+        return sum(t.numel() for t in tensors if t is not None)
 
     def nbytes(self) -> int:
         parts = [vars(lw) for lw in self.layers] + [vars(lw.mla) for lw in self.layers if lw.mla is not None]

@@ -73,7 +73,7 @@ class Executor:
         positions = torch.cat(
             [torch.arange(s.cache.length, s.cache.length + s.count, device=self.device) for s in spans]
         )  # [T]
-        cos, sin = self.rotary.cos_sin(positions, self.dtype)  # [T, rotary_dim]
+        cos, sin = self.rotary.cos_sin(positions, torch.float32 if self.spec.rope_fp32 else self.dtype)  # [T, rot]
         h = self.dense.embed[tokens]  # [T, D]
         for layer, lw in enumerate(self.dense.layers):
             h = h + self._attention(layer, lw, self._norm(h, lw.attn_norm, lw.attn_norm_bias), cos, sin, spans)
@@ -153,8 +153,7 @@ class Executor:
                 self.policy.lookahead(m, torch.bincount(next_ids.reshape(-1), minlength=spec.num_experts).tolist())
         ids, weights = self._route(self.dense.layers[spec.moe_layers[m]], x)
         if not spec.router_weights_fp32:
-            # rounded to the model dtype as the family does; the product y * w rounds the same in float32
-            weights = weights.to(self.dtype).to(torch.float32)
+            weights = weights.to(self.dtype)  # the family weighs expert outputs in the model dtype
         self._trace(m, ids, weights, next_ids, spans)
         slots = self.experts.acquire(m, ids)
         experts = self.experts

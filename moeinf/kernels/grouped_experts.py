@@ -63,12 +63,12 @@ def moe_experts_grouped(
     # The GEMMs take rows grouped by slot; everything element-wise runs in expert order, so that a
     # vectorised transcendental sees each element at the same place whatever slot holds its expert.
     rows = by_expert[to_slot_order]  # [P] pair of each GEMM row
-    gate_up = torch.empty((rows.shape[0], 2 * ffn), dtype=x.dtype)  # [P, 2F] in expert order
+    gate_up = torch.empty((rows.shape[0], 2 * ffn), dtype=x.dtype, device=x.device)  # [P, 2F] in expert order
     gate_up[to_slot_order] = torch._grouped_mm(x[rows // K], w13.transpose(1, 2), offs=offs)
     if b13 is not None:
         gate_up = gate_up + b13[pair_slots]
     act = activation(*gate_up.split(ffn, dim=-1))  # [P, F] in expert order
-    y = torch.empty((rows.shape[0], w2.shape[1]), dtype=x.dtype)  # [P, D] in expert order
+    y = torch.empty((rows.shape[0], w2.shape[1]), dtype=x.dtype, device=x.device)  # [P, D] in expert order
     y[to_slot_order] = torch._grouped_mm(act[to_slot_order], w2.transpose(1, 2), offs=offs)
     if b2 is not None:
         y = y + b2[pair_slots]

@@ -1,7 +1,9 @@
 """GPU offloading figures: host-to-device bandwidth on CuPy streams against torch's copy of the
 same pinned buffer, and decode speed of a synthetic Mixtral-shaped model at 25/50/100% expert
 budget (and resident again with the torch references in place of the Triton kernels: the kernels'
-end-to-end effect), all in one run on one machine.
+end-to-end effect), and transformers with Accelerate's offloading at the same budget (25% by
+default; bench/accelerate_baseline.py, where accelerate is installed: the baseline MoE-Infinity's
+paper reports 4-20x against), all in one run on one machine.
 
 Run on a CUDA machine:  python bench/gpu_offload.py [--layers 4] [--new-tokens 32] [--out bench/results]
 Smoke test anywhere:    python bench/gpu_offload.py --smoke   (tiny model, CPU, no bandwidth part)
@@ -16,6 +18,7 @@ Units: GB/s = 1e9 bytes per second; decode tok/s = generated tokens after the fi
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -24,6 +27,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import accelerate_baseline  # bench/accelerate_baseline.py, beside this script
 import torch
 from machine import write_atomic  # bench/machine.py, beside this script
 from tqdm import tqdm
@@ -135,6 +139,24 @@ def decode_run(model: Path, budget: float, device: str, store: Path, new_tokens:
     }
 
 
+def accelerate_runs(model: Path, runs: list[dict], device: str, work: Path, new_tokens: int) -> list[dict]:
+    """The transformers + Accelerate baseline at the budgets of `runs` (moeinf's, Triton kernels),
+    with moeinf's decode speed over it."""
+    baseline = []
+    for r in runs:
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        b = accelerate_baseline.decode_run(model, r["budget"], device, work / "accelerate-offload", new_tokens)
+        b["moeinf_over_accelerate"] = r["decode_tok_s"] / b["decode_tok_s"]
+        print(
+            f"budget {r['budget']:.2f}: moeinf {r['decode_tok_s']:.2f} decode tok/s, transformers + Accelerate "
+            f"{b['decode_tok_s']:.2f} ({b['layers_on_device']} of {b['num_layers']} layers kept on the device): "
+            f"{b['moeinf_over_accelerate']:.1f}x"
+        )
+        baseline.append(b)
+    return baseline
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--layers", type=int, default=4)
@@ -145,6 +167,11 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="where the model and store are written (default: ./.gpu-bench)")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU, to test this script")
+    parser.add_argument(
+        "--accelerate-budgets",
+        default="0.25",
+        help="budgets (of --budgets, < 1) to also run transformers + Accelerate at; '' skips the baseline",
+    )
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available() and not args.smoke
@@ -175,6 +202,12 @@ def main() -> None:
                 f"{r['bytes_to_device'] / 1e9:.2f} GB to device, stall {r['stall_s']:.2f} s"
             )
         results["decode"] = runs
+        wanted = {float(b) for b in args.accelerate_budgets.split(",") if b.strip()}
+        if wanted and importlib.util.find_spec("accelerate") is not None:
+            chosen = [r for r in runs if r["budget"] in wanted and r["budget"] < 1.0 and r["kernels"] == "auto"]
+            results["accelerate"] = accelerate_runs(model, chosen, device, work, args.new_tokens)
+        else:
+            print("transformers + Accelerate baseline skipped (no --accelerate-budgets, or accelerate missing)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     name = info.get("gpu", "cpu-smoke").lower().replace(" ", "-")

@@ -11,7 +11,8 @@
 #   3 bench/kernels.py: fused_moe against the torch baselines, configs as shipped (heuristic)
 #   4 bench/tune_moe.py: tunes block configs into moeinf/kernels/configs/ (this copy of the repo)
 #   5 bench/kernels.py again: now with the tuned configs
-#   6 bench/gpu_offload.py: host-to-device bandwidth and offloaded decode speed
+#   6 bench/gpu_offload.py: host-to-device bandwidth, offloaded decode speed, and transformers +
+#     Accelerate offloading at the same 25% budget (MoE-Infinity's baseline)
 #   7 tests/test_cuda.py -k fused_moe, bf16, again: the tuned configs through the default lookup
 #   8 tests/test_kernels.py on the GPU (odd shapes; informative: a few tests expect CPU-only checks)
 # then copies the results where they come back: $OUT when set (the device tool's folder; at most 8

@@ -35,6 +35,13 @@ def applies(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
     return AVAILABLE and x.device.type == "cpu" and x.shape[0] >= MIN_TOKENS and all(b % 16 == 0 for b in row_bytes)
 
 
+def _inverse(permutation: torch.Tensor) -> torch.Tensor:
+    """[P] -> [P]: the permutation that undoes `permutation` (inverse[permutation[i]] = i)."""
+    inverse = torch.empty_like(permutation)
+    inverse[permutation] = torch.arange(permutation.shape[0], device=permutation.device)
+    return inverse
+
+
 def moe_experts_grouped(
     x: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -62,17 +69,24 @@ def moe_experts_grouped(
     offs = torch.cumsum(torch.bincount(pair_slots, minlength=S), 0).to(torch.int32)  # [S] end of each group
     # The GEMMs take rows grouped by slot; everything element-wise runs in expert order, so that a
     # vectorised transcendental sees each element at the same place whatever slot holds its expert.
-    rows = by_expert[to_slot_order]  # [P] pair of each GEMM row
-    gate_up = torch.empty((rows.shape[0], 2 * ffn), dtype=x.dtype, device=x.device)  # [P, 2F] in expert order
-    gate_up[to_slot_order] = torch._grouped_mm(x[rows // K], w13.transpose(1, 2), offs=offs)
+    # Rows move between the orders by gathers (index_select, cheaper than scatters); where slots
+    # ascend with expert ids (all experts resident) the two orders are one and nothing moves.
+    reordered = bool((pair_slots[1:] < pair_slots[:-1]).any())
+    from_slot_order = _inverse(to_slot_order)  # [P] slot-order row of each expert-order row
+
+    def to_slots(rows: torch.Tensor) -> torch.Tensor:
+        return rows.index_select(0, to_slot_order) if reordered else rows
+
+    def from_slots(rows: torch.Tensor) -> torch.Tensor:
+        return rows.index_select(0, from_slot_order) if reordered else rows
+
+    gate_up = from_slots(torch._grouped_mm(to_slots(x[by_expert // K]), w13.transpose(1, 2), offs=offs))
     if b13 is not None:
         gate_up = gate_up + b13[pair_slots]
     act = activation(*gate_up.split(ffn, dim=-1))  # [P, F] in expert order
-    y = torch.empty((rows.shape[0], w2.shape[1]), dtype=x.dtype, device=x.device)  # [P, D] in expert order
-    y[to_slot_order] = torch._grouped_mm(act[to_slot_order], w2.transpose(1, 2), offs=offs)
+    y = from_slots(torch._grouped_mm(to_slots(act), w2.transpose(1, 2), offs=offs))  # [P, D] in expert order
     if b2 is not None:
         y = y + b2[pair_slots]
     y = y * topk_weights.reshape(-1)[by_expert, None]  # [P, D] weighted, in the promoted dtype
-    products = torch.empty_like(y)
-    products[by_expert] = y  # [P, D] back in (token, k) order
+    products = y.index_select(0, _inverse(by_expert))  # [P, D] back in (token, k) order
     return products.view(T, K, -1).sum(dim=1).to(x.dtype)  # the reference's combine

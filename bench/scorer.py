@@ -14,6 +14,10 @@ MoE layers). pred [L, E] is random with rows normalised, as the policy keeps it.
     holding a quarter of the experts, every slot evictable: the most a victim call sees there).
   policy prefetch: ActivationAwarePolicy.prefetch(layer) at its defaults, with the Python around
     the scorer (keys back into tuples).
+  policy step: one MoE layer of a decode step for the policy: lookahead (for the +lookahead
+    blend), observe and prefetch, routing to min(8, E) experts. At 58x256, median: activation-aware
+    21.8 us, +lookahead 38.2 us (73.4 us while the lookahead's picks were listed by sorting all E
+    experts in Python).
   victim / claim: a Residency of C = L * E / 4 slots, all READY and unpinned, and a policy that
     has observed a few steps. victim is what CacheController._claim asks the policy per eviction:
     policy.victim_slot over the residency's slot arrays (layer_of, expert_of, evictable_mask);
@@ -36,7 +40,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moeinf.runtime.activation_policy import ActivationAwarePolicy
+from moeinf.runtime.activation_policy import ActivationAwareLookaheadPolicy, ActivationAwarePolicy
 from moeinf.runtime.cache_policy import LFUPolicy, LRUPolicy
 from moeinf.runtime.residency import Residency
 from moeinf.runtime.scorer import eviction_order, eviction_order_ref, prefetch_order, prefetch_order_ref
@@ -86,6 +90,33 @@ def test_policy_prefetch(benchmark, case):
     policy.pred[:] = pred
     benchmark.group = f"policy {L}x{E}"
     benchmark(policy.prefetch, L // 2)
+
+
+@pytest.mark.parametrize("name", ["activation-aware", "activation-aware+lookahead"])
+def test_policy_step(benchmark, case, name):
+    """What the policy costs per MoE layer of a decode step: (lookahead,) observe, prefetch, for a
+    batch of one routing to min(8, E) experts, the next layer's router picking as many."""
+    L, E, _, _ = case
+    rng = np.random.default_rng(2)
+    policy = (ActivationAwareLookaheadPolicy if name.endswith("lookahead") else ActivationAwarePolicy)(L, E)
+    policy.begin_batch()
+    picks = [rng.choice(E, size=min(8, E), replace=False) for _ in range(2 * L)]
+    steps = []
+    for layer in range(L):
+        counts, ahead = np.zeros(E, np.int64), np.zeros(E, np.int64)  # [E] each
+        counts[picks[layer]], ahead[picks[L + layer]] = 1, 1
+        steps.append((layer, counts.tolist(), ahead.tolist()))
+    position = iter(range(10**9))
+
+    def step():
+        layer, counts, ahead = steps[next(position) % L]
+        if policy.wants_lookahead:
+            policy.lookahead(layer, ahead)
+        policy.observe(layer, counts)
+        return policy.prefetch(layer)
+
+    benchmark.group = f"policy step {L}x{E}"
+    benchmark(step)
 
 
 def full_pool(case, name):

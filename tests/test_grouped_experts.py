@@ -87,6 +87,8 @@ def test_all_tokens_to_one_expert_and_idle_experts():
     ones = torch.ones(T, 1)
     got = moe_experts_grouped(x, ids, ones, w13, w2, slots)
     assert torch.equal(got, moe_experts_reference(x, ids, ones, w13, w2, slots))
+    with pytest.raises(ValueError, match="moe_experts_grouped b13 and b2: expected both or neither, found b13 None"):
+        moe_experts_grouped(x, ids, ones, w13, w2, slots, b2=torch.zeros(w2.shape[:2]))
 
 
 def test_the_path_applies_only_where_it_can_run():

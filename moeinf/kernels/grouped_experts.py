@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from moeinf.kernels.expert_activation import SILU, ExpertActivation
+from moeinf.kernels.reference import expect_both_biases_or_neither
 
 # torch._grouped_mm is private: where a torch lacks it, the reference loop runs instead
 AVAILABLE = hasattr(torch, "_grouped_mm")
@@ -55,11 +56,7 @@ def moe_experts_grouped(
     activation: ExpertActivation = SILU,
 ) -> torch.Tensor:
     """moe_experts_reference's contract (see there): x [T, D] -> [T, D] in x's dtype."""
-    if (b13 is None) != (b2 is None):
-        raise ValueError(
-            f"moe_experts_grouped b13 and b2: expected both or neither, found "
-            f"b13 {'None' if b13 is None else 'given'}, b2 {'None' if b2 is None else 'given'}"
-        )
+    expect_both_biases_or_neither("moe_experts_grouped", b13, b2)
     T, K = topk_ids.shape
     S, ffn = w13.shape[0], w2.shape[-1]
     flat_ids = topk_ids.reshape(-1)  # [P = T*K]

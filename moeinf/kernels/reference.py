@@ -18,6 +18,14 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, scale_
     return weight * xf.to(x.dtype)  # Llama and most families: rows rounded first; dtype of weight * x
 
 
+def expect_both_biases_or_neither(where: str, b13: torch.Tensor | None, b2: torch.Tensor | None) -> None:
+    if (b13 is None) != (b2 is None):
+        raise ValueError(
+            f"{where} b13 and b2: expected both or neither, found "
+            f"b13 {'None' if b13 is None else 'given'}, b2 {'None' if b2 is None else 'given'}"
+        )
+
+
 def moe_experts_reference(
     x: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -43,11 +51,7 @@ def moe_experts_reference(
     weights in it); a token's K products summed by torch's sum over k (float32 accumulation) and
     rounded once to x's dtype: transformers' grouped_mm experts, bit for bit on the CPU.
     """
-    if (b13 is None) != (b2 is None):
-        raise ValueError(
-            f"moe_experts_reference b13 and b2: expected both or neither, found "
-            f"b13 {'None' if b13 is None else 'given'}, b2 {'None' if b2 is None else 'given'}"
-        )
+    expect_both_biases_or_neither("moe_experts_reference", b13, b2)
     T, K = topk_ids.shape
     flat_ids = topk_ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)  # [T*K] pair index, grouped by expert

@@ -208,6 +208,7 @@ def test_activation_aware_prefetches_the_likeliest_expert_of_the_next_layer():
 def test_a_prediction_is_prefetched_only_when_the_step_is_likely_to_use_it():
     """One token, top-2: an expert predicted at p is used with probability 1 - (1 - p)^2, which
     must reach 1/2 (p >= 0.293); with 4 tokens (8 routings) the same p = 0.25 is likely enough."""
+
     def predicted(min_use: float, tokens: int) -> ActivationAwarePolicy:
         policy = ActivationAwarePolicy(2, 8, prior_weight=1e-9, min_use=min_use)  # pred = the counts alone
         policy.begin_batch()
@@ -235,6 +236,24 @@ def test_activation_aware_evicts_the_layer_just_computed_and_the_unlikely_first(
     assert policy.victim([(1, 0), (2, 0), (0, 0)]) == (0, 0)
     assert policy.victim([(1, 0), (1, 1), (2, 0)]) == (1, 1)
     assert policy.victim([(1, 0), (2, 0)]) == (2, 0)  # layer 1 runs next: keep it
+
+
+def test_a_prefetch_never_evicts_what_the_last_step_used():
+    """The working-set guard: a prefetch gets the victim a miss would get, unless that expert
+    served one of the last L routed layers; with guard=False, whatever its last use."""
+    layer_of, expert_of = np.array([0, 1]), np.array([0, 0])  # slots hold (0, 0) and (1, 0)
+    both, only_layer_1 = np.array([True, True]), np.array([False, True])
+    for guard in (True, False):
+        policy = ActivationAwarePolicy(2, 2, guard=guard)
+        policy.begin_batch()
+        policy.observe(0, [1, 0])
+        policy.observe(1, [1, 0])
+        policy.observe(0, [0, 1])  # step 2: layer 0 moved to expert 1; (0, 0) last served 2 layers ago
+        assert policy.victim_slot(layer_of, expert_of, both) == 0  # the layer just computed goes first
+        assert policy.prefetch_victim_slot(layer_of, expert_of, both) == 0  # a step ago: no longer guarded
+        assert policy.victim_slot(layer_of, expert_of, only_layer_1) == 1
+        # (1, 0) served the previous layer-step, within the last L = 2: a miss may take it, a prefetch not
+        assert policy.prefetch_victim_slot(layer_of, expert_of, only_layer_1) == (-1 if guard else 1)
 
 
 def test_finished_sequences_teach_the_next_batch():
@@ -278,6 +297,7 @@ def test_the_blend_puts_the_lookahead_before_its_own_prediction():
         ({"horizon": 1.5}, "horizon"),
         ({"prior_weight": -2}, "prior_weight"),
         ({"min_use": 1.5}, "min_use: expected a probability in"),
+        ({"guard": "yes"}, "guard: expected True or False"),
     ],
 )
 def test_bad_policy_settings_are_named_errors(settings, message):
@@ -313,12 +333,23 @@ def resident(folder):
 
 
 @pytest.mark.parametrize(
-    "policy, budget",
-    [("activation-aware", E), ("activation-aware", 13), ("lookahead", E), ("activation-aware+lookahead", E)],
+    "policy, guard, budget",
+    [
+        # unguarded at budgets below the batch's working set (3 prompts x top-2 x 4 layers), so
+        # that prefetches evict: the prefetch, eviction and cancellation paths all run
+        ("activation-aware", False, E),
+        ("activation-aware", False, 13),
+        ("lookahead", False, E),
+        ("activation-aware+lookahead", False, E),
+        # the default, guarded: there every victim a prefetch could take served the last step
+        ("activation-aware", True, E),
+        ("activation-aware+lookahead", True, 13),
+    ],
 )
-def test_offloaded_run_equals_resident_run(folder, resident, tmp_path, policy, budget):
+def test_offloaded_run_equals_resident_run(folder, resident, tmp_path, policy, guard, budget):
     rounds, logits = resident
-    with LLM(folder, progress=False, expert_budget=budget, policy=policy, offload_dir=tmp_path) as llm:
+    chosen = POLICIES[policy](L, E, guard=guard)
+    with LLM(folder, progress=False, expert_budget=budget, policy=chosen, offload_dir=tmp_path) as llm:
         for i, tokens in enumerate(rounds):
             assert [o.token_ids for o in llm.generate(PROMPTS[i:] + PROMPTS[:i], PARAMS)] == tokens
             if i == 0:
@@ -328,4 +359,7 @@ def test_offloaded_run_equals_resident_run(folder, resident, tmp_path, policy, b
         assert torch.equal(llm.logits(PROMPTS[1]), logits)
         stats = llm.stats()
     assert stats["misses"] > 0 and stats["resident_experts"] <= budget
-    assert stats["prefetch_hits"] > first["prefetch_hits"]  # prefetches made with the EAMC filled were used
+    if guard:
+        assert stats["prefetch_declined"] > first["prefetch_declined"] > 0
+    else:
+        assert stats["prefetch_hits"] > first["prefetch_hits"]  # prefetches made with the EAMC filled were used

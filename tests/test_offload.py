@@ -56,7 +56,11 @@ def test_offloaded_run_equals_resident_run(folder, resident, tmp_path, budget, p
     record = llm.experts.layout.record_nbytes
     assert stats["bytes_from_disk"] % record == 0 and stats["bytes_from_disk"] >= stats["misses"] * record
     assert stats["bytes_to_device"] == stats["bytes_from_disk"] // record * llm.experts.layout.payload_nbytes
-    if policy != "lru" and policy != "lfu":
+    if policy in ("activation-aware", "activation-aware+lookahead") and budget == E:
+        # one layer's experts: every victim a prefetch could take served the last step, so the
+        # working-set guard declines them all (and the run stays exact without them)
+        assert stats["prefetches"] == 0 and stats["prefetch_declined"] > 0
+    elif policy != "lru" and policy != "lfu":
         assert stats["prefetch_hits"] > 0
 
 
@@ -224,6 +228,31 @@ def test_controller_evicts_the_policys_victim_slot_and_names_a_bad_one():
     bad.release()
     with pytest.raises(PolicyError, match="policy pinned-victim-test: expected the slot of an evictable expert"):
         bad.acquire(1, [0, 1, 1, 0])  # (1, 1) is resident and pinned; (1, 2) needs a victim
+
+
+class PrefetchWithoutEvicting(NextLayerPrefetch):
+    """Prefetches the next layer's experts into free slots only."""
+
+    name = "prefetch-without-evicting-test"
+
+    def prefetch_victim_slot(self, layer_of, expert_of, evictable):
+        return -1
+
+
+def test_a_prefetch_the_policy_will_not_evict_for_is_declined_and_evicts_nothing():
+    counters = TrafficCounters()
+    controller = CacheController(3, 4, PrefetchWithoutEvicting(3, 4), InstantLoads(), counters)
+    controller.acquire(0, [1, 0, 0, 0])  # one slot used; the next layer's four experts ask for two free ones
+    res = controller.residency
+    assert {key for key in res.slot_of} == {(0, 0), (1, 0), (1, 1)}
+    stats = counters.snapshot()
+    assert stats["prefetches"] == 2 and stats["prefetch_declined"] == 2 and stats["evictions"] == 0
+    controller.release()
+    controller.acquire(1, [0, 0, 1, 0])  # a miss still evicts: LRU's victim, (1, 0), never used
+    assert res.slot((1, 0)) is None and res.slot((1, 2)) is not None
+    stats = counters.snapshot()
+    assert stats["evictions"] == 1 and stats["prefetch_wasted"] == 1
+    assert stats["prefetches"] == 2 and stats["prefetch_declined"] == 2 + 4  # no free slot for layer 2's
 
 
 @pytest.mark.parametrize(

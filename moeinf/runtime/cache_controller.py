@@ -123,14 +123,18 @@ class CacheController:
                 self.counters.add(prefetch_cancelled=1, prefetch_wasted=1)
 
     def _claim(self, key: Key, wait: bool) -> int | None:
-        """A slot for `key`, evicting the policy's victim if none is free. With wait, blocks on
-        in-flight prefetches when every slot is busy; without, gives up (returns None)."""
+        """A slot for `key`, evicting the policy's victim if none is free. With wait (a miss),
+        blocks on in-flight prefetches when every slot is busy; without (a prefetch), gives up
+        (returns None) then, or when the policy will not evict for a prefetch."""
         res = self.residency
         slot = res.free_slot()
         while slot is None:
             if res.evictable_count:
                 # the residency keeps the candidates as arrays over the slots: no per-slot Python here
-                chosen = self.policy.victim_slot(res.layer_of, res.expert_of, res.evictable_mask)
+                choose = self.policy.victim_slot if wait else self.policy.prefetch_victim_slot
+                chosen = choose(res.layer_of, res.expert_of, res.evictable_mask)
+                if chosen == -1 and not wait:
+                    return None
                 if not (0 <= chosen < res.num_slots and res.evictable_mask[chosen]):
                     raise PolicyError(
                         f"policy {self.policy.name}: expected the slot of an evictable expert as its victim, "
@@ -156,6 +160,7 @@ class CacheController:
             return
         slot = self._claim(key, wait=False)
         if slot is None:
+            self.counters.add(prefetch_declined=1)
             return
         self.residency.prefetched.add(key)
         self.counters.add(prefetches=1)

@@ -69,6 +69,12 @@ class CachePolicy(ABC):
         are read-only. Returns a slot where evictable is True; where the policy's priorities tie,
         it breaks the tie as it documents (by slot, lowest first, unless it says otherwise)."""
 
+    def prefetch_victim_slot(self, layer_of: np.ndarray, expert_of: np.ndarray, evictable: np.ndarray) -> int:
+        """Which slot a prefetch may evict (same arguments as victim_slot), or -1: none, and the
+        prefetch is dropped. A prefetch is a guess; a policy can refuse to trade an expert it
+        expects back for one. By default the prefetch evicts what a miss would."""
+        return self.victim_slot(layer_of, expert_of, evictable)
+
     def victim(self, candidates: Sequence[Key]) -> Key:
         """Which of `candidates` (resident, unpinned keys, in slot order) to evict: victim_slot
         over a pool holding just them, for tests and tools that have keys rather than a pool."""

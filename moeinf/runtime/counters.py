@@ -13,6 +13,7 @@ COUNTERS = (
     "prefetch_late",  # the prefetch hits whose load was still in flight when the layer needed it
     "prefetch_wasted",  # prefetched experts evicted or cancelled before any use
     "prefetch_cancelled",  # prefetches dropped before they started
+    "prefetch_declined",  # prefetches not issued: no slot free, none the policy would evict for one, or all loading
     "evictions",
     "host_hits",  # loads served from the host tier
     "checksum_failures",  # store records that failed their checksum and were re-read from the checkpoint

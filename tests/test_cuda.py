@@ -22,6 +22,7 @@ from checkpoints import save_tiny
 from moeinf import LLM, SamplingParams
 from moeinf.kernels import block_configs, moe, norm, reference, routing
 from moeinf.kernels.expert_activation import SILU, ExpertActivation
+from moeinf.runtime.executor import Span
 
 CUDA = torch.cuda.is_available() and not block_configs.interpreting()
 DEVICE = torch.device("cuda")
@@ -221,6 +222,25 @@ def test_cuda_model_matches_cpu(on_cpu, budget, tmp_path):
         assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == tokens
         if budget is not None:
             assert llm.stats()["misses"] > 0
+
+
+def test_a_resident_forward_never_waits_for_the_gpu(on_cpu):
+    """With every expert resident the executor queues a whole forward without reading anything
+    back (no routing counts, no hit counts per layer), so the host runs ahead of the GPU; torch's
+    sync debug mode raises at the first wait and names it."""
+    _, folder, _, _ = on_cpu
+    with LLM(folder, device=DEVICE, dtype="bfloat16", progress=False) as llm:
+        llm.generate([PROMPT], SamplingParams(max_new_tokens=2))  # compiles every kernel first
+        assert llm.stats()["hits"] > 0  # counted on the device, read here
+        tokens = torch.tensor(PROMPT, device=DEVICE)
+        span = Span(llm.executor.new_cache(len(PROMPT)), len(PROMPT))
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            logits = llm.executor.forward(tokens, [span])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert logits.shape == (len(PROMPT), llm.spec.vocab_size) and logits.isfinite().all()
 
 
 def test_cuda_bfloat16_kernels_against_torch_references(on_cpu, tmp_path):

@@ -91,6 +91,18 @@ def test_full_budget_keeps_every_expert_resident_without_a_store(folder, tmp_pat
     assert not (tmp_path / "store").exists()
 
 
+def test_resident_hits_count_every_expert_access_of_the_offloaded_run(folder, tmp_path):
+    """Resident runs count hits on the device (no host read per layer); the same routing offloaded
+    needs each of those (layer, expert) accesses as a hit, a miss or a prefetch hit."""
+    with LLM(folder, progress=False) as resident:
+        resident.generate(PROMPTS, PARAMS)
+        hits = resident.stats()["hits"]
+    with LLM(folder, progress=False, expert_budget=L * E - 1, offload_dir=tmp_path) as offloaded:
+        offloaded.generate(PROMPTS, PARAMS)
+        stats = offloaded.stats()
+    assert hits == stats["hits"] + stats["misses"] + stats["prefetch_hits"] > 0
+
+
 def test_budget_below_one_layer_names_the_minimum(folder, tmp_path):
     with pytest.raises(OffloadConfigError, match=r"affords 7 expert slots; the minimum is 8"):
         LLM(folder, progress=False, expert_budget=E - 1, offload_dir=tmp_path)

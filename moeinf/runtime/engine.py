@@ -213,7 +213,9 @@ class LLM:
                     f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
                     f"model's {self.spec.max_position} positions"
                 )
-            eam = SequenceEAM(self.spec.num_moe_layers, self.spec.num_experts)
+            # the routing counts only an offloading policy learns from; counting them costs a
+            # device-to-host copy at every MoE layer
+            eam = None if self.policy is None else SequenceEAM(self.spec.num_moe_layers, self.spec.num_experts)
             self._sequences_started += 1
             running.append(
                 _Running(

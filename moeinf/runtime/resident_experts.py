@@ -38,13 +38,27 @@ class ResidentExperts:
                     self.b2[slot].copy_(weights.b2)
                 bar.update()
         bar.close()
-        self.stats = TrafficCounters()
+        self._stats = TrafficCounters()
+        # hits counted on the device and read when the counters are: reading them per layer would
+        # make the host wait for the GPU at every layer, and the host could no longer queue ahead
+        self._pending_hits = torch.zeros((), dtype=torch.int64, device=device)
+
+    @property
+    def stats(self) -> TrafficCounters:
+        """The traffic counters (the pool's interface): only hits, every needed expert being resident."""
+        pending = int(self._pending_hits)  # the one wait for the device, when counters are read
+        if pending:
+            self._pending_hits.zero_()
+            self._stats.add(hits=pending)
+        return self._stats
 
     def acquire(self, layer: int, topk_ids: torch.Tensor) -> torch.Tensor:
         """[E] int64: the slot holding each expert of `layer` (the pool's interface; here every
-        expert is always resident, so nothing loads and nothing needs pinning)."""
-        used = torch.bincount(topk_ids.reshape(-1), minlength=self.slot_table.shape[1]).count_nonzero()
-        self.stats.add(hits=int(used))
+        expert is always resident, so nothing loads and nothing needs pinning). topk_ids: [T, K]."""
+        flat = topk_ids.reshape(-1)  # [T*K]
+        counts = torch.zeros(self.slot_table.shape[1], dtype=torch.int64, device=flat.device)  # [E]
+        counts.scatter_add_(0, flat, torch.ones_like(flat))  # bincount would wait for the device to size its output
+        self._pending_hits += (counts > 0).sum()
         return self.slot_table[layer]
 
     def release(self, layer: int) -> None:

@@ -1,4 +1,5 @@
-"""`moeinf run ...` (the standalone run script) and `moeinf trace ...`. argparse lives only here."""
+"""`moeinf run ...` (the standalone run script), `moeinf serve ...` (HTTP) and `moeinf trace ...`. argparse
+lives only here."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from moeinf.loaders.default_model import ensure_default_model
 from moeinf.runtime.engine import LLM, resolve_dtype
 from moeinf.runtime.policies import DEFAULT_POLICY, POLICIES
 from moeinf.runtime.sampling import SamplingParams
+from moeinf.runtime.server import CompletionServer
 from moeinf.runtime.traces import TraceBuilder, write_trace
 
 DEFAULT_PROMPT = "The expert said"
@@ -35,10 +37,10 @@ def parse_token_ids(text: str) -> list[int]:
         raise RequestError(f"--prompt-ids: expected comma-separated token ids such as 1,2,3; found {text!r}") from None
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    model = args.model or ensure_default_model()
-    llm = LLM(
-        model,
+def llm_from_args(args: argparse.Namespace) -> LLM:
+    """The LLM that add_llm_arguments' options describe."""
+    return LLM(
+        args.model or ensure_default_model(),
         device=args.device,
         dtype=args.dtype,
         expert_budget=parse_budget_arg(args.budget),
@@ -47,6 +49,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         policy=args.policy,
         kernels=args.kernels,
     )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    llm = llm_from_args(args)
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -150,34 +156,64 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moeinf", description="Serve Mixture-of-Experts models.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="generate text from one prompt and print tokens/s")
-    run.add_argument("--model", help="Hugging Face checkpoint folder (default: the built-in default model)")
-    prompt = run.add_mutually_exclusive_group()
-    prompt.add_argument("--prompt", default=DEFAULT_PROMPT, help="text (needs the checkpoint's tokenizer.json)")
-    prompt.add_argument("--prompt-ids", help="comma-separated token ids, for checkpoints without a tokenizer")
-    run.add_argument("--max-new-tokens", type=int, default=32)
-    run.add_argument("--device", default="cpu", help="cpu or cuda")
-    run.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
-    run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    run.add_argument("--top-k", type=int, default=0)
-    run.add_argument("--top-p", type=float, default=1.0)
-    run.add_argument("--seed", type=int, default=None)
-    run.add_argument(
+def cmd_serve(args: argparse.Namespace) -> int:
+    llm = llm_from_args(args)
+    name = args.model_name or llm.checkpoint.path.name
+    server = CompletionServer(llm, (args.host, args.port), name, args.max_batch_prompts, log_requests=not args.quiet)
+    server.start()
+    print(f"moeinf serve: {name} on {server.url} (POST /v1/completions; GET /v1/models, /health, /stats)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("moeinf serve: stopping", flush=True)
+    finally:
+        server.server_close()  # requests already queued are answered first
+        llm.close()
+    return 0
+
+
+def add_llm_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that say which model to load and how: llm_from_args reads them."""
+    parser.add_argument("--model", help="Hugging Face checkpoint folder (default: the built-in default model)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
+    parser.add_argument(
         "--budget", help="device expert budget: fraction of expert bytes (0.25), size (2GiB, 25%%) or slot count (16)"
     )
-    run.add_argument("--host-budget", default="0", help="host-memory expert cache in front of the disk store")
-    run.add_argument("--offload-dir", help="folder of the packed expert store (default: under the cache dir)")
-    run.add_argument("--policy", default=DEFAULT_POLICY, choices=sorted(POLICIES), help="expert eviction policy")
-    run.add_argument(
+    parser.add_argument("--host-budget", default="0", help="host-memory expert cache in front of the disk store")
+    parser.add_argument("--offload-dir", help="folder of the packed expert store (default: under the cache dir)")
+    parser.add_argument("--policy", default=DEFAULT_POLICY, choices=sorted(POLICIES), help="expert eviction policy")
+    parser.add_argument(
         "--kernels",
         default="auto",
         choices=KERNEL_CHOICES,
         help="auto: Triton kernels on CUDA, torch on the CPU; torch: torch everywhere (a baseline on CUDA)",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moeinf", description="Serve Mixture-of-Experts models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="generate text from one prompt and print tokens/s")
+    add_llm_arguments(run)
+    prompt = run.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default=DEFAULT_PROMPT, help="text (needs the checkpoint's tokenizer.json)")
+    prompt.add_argument("--prompt-ids", help="comma-separated token ids, for checkpoints without a tokenizer")
+    run.add_argument("--max-new-tokens", type=int, default=32)
+    run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    run.add_argument("--top-k", type=int, default=0)
+    run.add_argument("--top-p", type=float, default=1.0)
+    run.add_argument("--seed", type=int, default=None)
     run.set_defaults(handler=cmd_run)
+
+    serve = sub.add_parser("serve", help="answer OpenAI-style completion requests over HTTP")
+    add_llm_arguments(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
+    serve.add_argument("--model-name", help="the model's name in requests and responses (default: its folder's)")
+    serve.add_argument("--max-batch-prompts", type=int, default=8, help="prompts one generate call may batch")
+    serve.add_argument("--quiet", action="store_true", help="no line per request on stderr")
+    serve.set_defaults(handler=cmd_serve)
 
     trace = sub.add_parser("trace", help="record expert routing traces (.npz) from real runs")
     trace.add_argument("--model", help="Hugging Face checkpoint folder (default: the built-in default model)")

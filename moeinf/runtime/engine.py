@@ -176,13 +176,21 @@ class LLM:
             raise TokenizerError(f"{self.checkpoint.path} has no tokenizer.json; pass prompts as token id lists")
         return self.codec.encode(text)
 
-    def _prompt_ids(self, prompt: Prompt) -> list[int]:
+    def prompt_ids(self, prompt: Prompt, max_new_tokens: int = 0) -> list[int]:
+        """A prompt (text, or token ids) as token ids, checked: not empty, ids in the vocabulary, and
+        room in the model's positions for max_new_tokens more. Raises RequestError (TokenizerError
+        for text without a tokenizer)."""
         ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not ids:
             raise RequestError("expected a prompt of at least one token, found an empty one")
         bad = [t for t in ids if not 0 <= t < self.spec.vocab_size]
         if bad:
             raise RequestError(f"prompt token ids must lie in [0, {self.spec.vocab_size}), found {bad[:5]}")
+        if len(ids) + max_new_tokens > self.spec.max_position:
+            raise RequestError(
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                f"model's {self.spec.max_position} positions"
+            )
         return ids
 
     def generate(
@@ -206,13 +214,8 @@ class LLM:
             generator.manual_seed(params.seed)
         running = []
         for prompt in prompts:
-            ids = self._prompt_ids(prompt)
+            ids = self.prompt_ids(prompt, params.max_new_tokens)
             capacity = len(ids) + params.max_new_tokens
-            if capacity > self.spec.max_position:
-                raise RequestError(
-                    f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
-                    f"model's {self.spec.max_position} positions"
-                )
             # the routing counts only an offloading policy learns from; counting them costs a
             # device-to-host copy at every MoE layer
             eam = None if self.policy is None else SequenceEAM(self.spec.num_moe_layers, self.spec.num_experts)
@@ -337,7 +340,7 @@ class LLM:
 
     def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
         """Full-sequence forward from an empty cache: [T, vocab] float32 on the CPU."""
-        ids = self._prompt_ids(token_ids)
+        ids = self.prompt_ids(token_ids)
         if self.policy is not None:
             self.policy.begin_batch()  # a batch of its own: no routing state carried in from the last
         span = Span(self.executor.new_cache(len(ids)), len(ids))

@@ -161,7 +161,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name = args.model_name or llm.checkpoint.path.name
     server = CompletionServer(llm, (args.host, args.port), name, args.max_batch_prompts, log_requests=not args.quiet)
     server.start()
-    print(f"moeinf serve: {name} on {server.url} (POST /v1/completions; GET /v1/models, /health, /stats)", flush=True)
+    print(
+        f"moeinf serve: {name} on {server.url} (batches of up to {server.max_batch_prompts} prompts; "
+        "POST /v1/completions; GET /v1/models, /health, /stats)",
+        flush=True,
+    )
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -211,7 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     serve.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
     serve.add_argument("--model-name", help="the model's name in requests and responses (default: its folder's)")
-    serve.add_argument("--max-batch-prompts", type=int, default=8, help="prompts one generate call may batch")
+    serve.add_argument(
+        "--max-batch-prompts",
+        type=int,
+        default=None,
+        help="prompts one generate call may batch (default: as many as the expert budget serves, at most 8)",
+    )
     serve.add_argument("--quiet", action="store_true", help="no line per request on stderr")
     serve.set_defaults(handler=cmd_serve)
 

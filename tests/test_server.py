@@ -19,16 +19,18 @@ from checkpoints import save_tiny_mixtral
 from moeinf import LLM, SamplingParams
 from moeinf.errors import RequestError
 from moeinf.loaders.default_model import build_byte_tokenizer
-from moeinf.runtime.server import CompletionServer, parse_completion
+from moeinf.runtime.server import MAX_BATCH_PROMPTS, CompletionServer, fitting_batch, parse_completion
 
 PROMPTS = [[5, 9, 13, 2, 7], list(range(3, 20)), [17]]
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    """A tiny Mixtral whose vocabulary is the default model's byte-level tokenizer."""
+    """A tiny Mixtral (4 layers x 8 experts, top-2) whose vocabulary is the default model's byte-level tokenizer."""
     folder = tmp_path_factory.mktemp("serve")
-    save_tiny_mixtral(folder, seed=12, vocab_size=259, bos_token_id=1, eos_token_id=2)
+    save_tiny_mixtral(
+        folder, seed=12, vocab_size=259, bos_token_id=1, eos_token_id=2, num_hidden_layers=4, num_local_experts=8
+    )
     build_byte_tokenizer().save(str(folder / "tokenizer.json"))
     return folder
 
@@ -179,6 +181,22 @@ def test_parse_completion_defaults_follow_openai():
     assert prompts == [[1, 2], "x"]
     with pytest.raises(RequestError, match="ignore_eos: expected true or false"):
         parse_completion(b'{"prompt": "hi", "ignore_eos": 1}')
+
+
+def test_the_default_batch_is_what_the_expert_slots_serve(folder, llm, tmp_path):
+    """4 layers x 8 experts, top-2: a step of B tokens is expected to route to 32 * (1 - 0.75^B)
+    experts: 8 for one, 14 for two, 18.5 for three; all resident, the cap alone limits."""
+    assert [fitting_batch(4, 8, 2, slots) for slots in (8, 13, 14, 18, 19, 31, 32)] == [1, 1, 2, 2, 3, 8, 8]
+    assert fitting_batch(4, 8, 2, 32, cap=3) == 3
+
+    def batch_cap(llm, **settings):
+        server = CompletionServer(llm, ("127.0.0.1", 0), "tiny", **settings)
+        server.server_close()
+        return server.max_batch_prompts
+
+    assert batch_cap(llm) == MAX_BATCH_PROMPTS
+    with LLM(folder, progress=False, expert_budget=14, offload_dir=tmp_path) as offloaded:
+        assert batch_cap(offloaded) == 2 and batch_cap(offloaded, max_batch_prompts=5) == 5
 
 
 def test_bad_server_settings_are_named_errors(llm):

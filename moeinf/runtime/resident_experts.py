@@ -7,6 +7,8 @@ slots than experts can take this class's place without touching the executor or 
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from tqdm import tqdm
 
@@ -42,14 +44,15 @@ class ResidentExperts:
         # hits counted on the device and read when the counters are: reading them per layer would
         # make the host wait for the GPU at every layer, and the host could no longer queue ahead
         self._pending_hits = torch.zeros((), dtype=torch.int64, device=device)
+        self._pending_lock = threading.Lock()  # stats may be read from another thread (moeinf serve's /stats)
 
     @property
     def stats(self) -> TrafficCounters:
         """The traffic counters (the pool's interface): only hits, every needed expert being resident."""
-        pending = int(self._pending_hits)  # the one wait for the device, when counters are read
-        if pending:
+        with self._pending_lock:
+            pending = int(self._pending_hits)  # the one wait for the device, when counters are read
             self._pending_hits.zero_()
-            self._stats.add(hits=pending)
+        self._stats.add(hits=pending)
         return self._stats
 
     def acquire(self, layer: int, topk_ids: torch.Tensor) -> torch.Tensor:
@@ -58,7 +61,8 @@ class ResidentExperts:
         flat = topk_ids.reshape(-1)  # [T*K]
         counts = torch.zeros(self.slot_table.shape[1], dtype=torch.int64, device=flat.device)  # [E]
         counts.scatter_add_(0, flat, torch.ones_like(flat))  # bincount would wait for the device to size its output
-        self._pending_hits += (counts > 0).sum()
+        with self._pending_lock:
+            self._pending_hits += (counts > 0).sum()
         return self.slot_table[layer]
 
     def release(self, layer: int) -> None:

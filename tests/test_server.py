@@ -19,7 +19,13 @@ from checkpoints import save_tiny_mixtral
 from moeinf import LLM, SamplingParams
 from moeinf.errors import RequestError
 from moeinf.loaders.default_model import build_byte_tokenizer
-from moeinf.runtime.server import MAX_BATCH_PROMPTS, CompletionServer, fitting_batch, parse_completion
+from moeinf.runtime.server import (
+    MAX_BATCH_PROMPTS,
+    CompletionServer,
+    ServerClosing,
+    fitting_batch,
+    parse_completion,
+)
 
 PROMPTS = [[5, 9, 13, 2, 7], list(range(3, 20)), [17]]
 
@@ -171,6 +177,23 @@ def test_paths_sizes_and_service_endpoints(server, llm):
     reply = json.loads(response.read())
     connection.close()
     assert response.status == 413 and "at most 1048576 bytes" in reply["error"]["message"]
+    for length in (None, "-5"):  # a body of unknown length is refused, not waited for
+        connection = http.client.HTTPConnection(*server.server_address[:2], timeout=60)
+        connection.putrequest("POST", "/v1/completions")
+        if length is not None:
+            connection.putheader("Content-Length", length)
+        connection.endheaders()
+        response = connection.getresponse()
+        reply = json.loads(response.read())
+        connection.close()
+        assert response.status == 411 and "expected a Content-Length >= 0" in reply["error"]["message"]
+
+
+def test_a_stopping_server_takes_no_new_work(llm):
+    server = CompletionServer(llm, ("127.0.0.1", 0), "tiny", log_requests=False)
+    server.server_close()
+    with pytest.raises(ServerClosing, match="found one shutting down"):
+        server.submit([PROMPTS[0]], SamplingParams(max_new_tokens=2))
 
 
 def test_parse_completion_defaults_follow_openai():

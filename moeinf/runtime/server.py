@@ -35,7 +35,8 @@ except at 50%, where two prompts a call still cost 13%.
 
 Errors come back as {"error": {"type": <exception name>, "message": ...}}: 400 for a bad request
 (checked before it joins a batch, so one bad request fails no other), 404 for an unknown path,
-413 for a body over MAX_BODY_BYTES, 500 if generation itself fails (every request of that batch).
+411 without a Content-Length, 413 for a body over MAX_BODY_BYTES, 503 once the server is stopping,
+500 if generation itself fails (every request of that batch).
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ SAMPLING_FIELDS = {
 }
 # fields OpenAI clients send by default, accepted only with the value that asks for nothing moeinf lacks
 INERT_FIELDS = {"n": 1, "stream": False, "stop": None, "echo": False, "logprobs": None, "suffix": None}
+
+
+class ServerClosing(RuntimeError):
+    """A request came in after the server began to stop; answered with 503."""
 
 
 @dataclass
@@ -193,7 +198,7 @@ class CompletionServer(ThreadingHTTPServer):
         work = Completion(ids, params, Future())
         with self._cv:
             if self._stopping:
-                raise RuntimeError("the server is shutting down")
+                raise ServerClosing("expected a running server, found one shutting down")
             self._waiting.append(work)
             self._cv.notify()
         return work.done
@@ -288,7 +293,11 @@ class CompletionHandler(BaseHTTPRequestHandler):
         try:
             length = int(self.headers.get("Content-Length", ""))
         except ValueError:
-            self._error(HTTPStatus.LENGTH_REQUIRED, "RequestError", "expected a Content-Length header")
+            length = -1
+        if length < 0:  # without a length the body's end is unknown: reading on would wait for ever
+            found = self.headers.get("Content-Length")
+            self.close_connection = True
+            self._error(HTTPStatus.LENGTH_REQUIRED, "RequestError", f"expected a Content-Length >= 0, found {found!r}")
             return
         if length > MAX_BODY_BYTES:
             self.close_connection = True  # the body is left unread
@@ -304,6 +313,9 @@ class CompletionHandler(BaseHTTPRequestHandler):
             done = self.server.submit(prompts, params)
         except MoeinfError as error:
             self._error(HTTPStatus.BAD_REQUEST, type(error).__name__, str(error))
+            return
+        except ServerClosing as error:
+            self._error(HTTPStatus.SERVICE_UNAVAILABLE, type(error).__name__, str(error))
             return
         try:
             outputs = done.result()

@@ -61,6 +61,18 @@ def test_batch_equals_one_prompt_at_a_time(llm):
     assert batched == alone
 
 
+def test_on_token_sees_every_token_as_it_is_generated(llm):
+    prompts = [[5, 9, 13], [17], list(range(3, 20))]
+    seen = []
+    outputs = llm.generate(prompts, SamplingParams(max_new_tokens=5), on_token=lambda *event: seen.append(event))
+    for i, out in enumerate(outputs):
+        mine = [(token, reason) for place, token, reason in seen if place == i]
+        assert [token for token, _ in mine] == out.token_ids
+        assert [reason for _, reason in mine] == [None] * (len(out.token_ids) - 1) + [out.finish_reason]
+    # step by step: every sequence's first token before any second one
+    assert [place for place, _, _ in seen[:3]] == [0, 1, 2]
+
+
 def test_eos_stops_a_sequence_and_ignore_eos_does_not(tmp_path):
     save_tiny_mixtral(tmp_path, seed=11)
     (first,) = LLM(tmp_path, progress=False).generate([PROMPTS[0]], SamplingParams(max_new_tokens=1))

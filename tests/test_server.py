@@ -23,6 +23,7 @@ from moeinf.runtime.server import (
     MAX_BATCH_PROMPTS,
     CompletionServer,
     ServerClosing,
+    StreamedText,
     fitting_batch,
     parse_completion,
 )
@@ -107,7 +108,7 @@ def test_waiting_requests_with_the_same_settings_share_a_generate_call(llm):
         ([PROMPTS[2]], other),
         ([PROMPTS[0]], greedy),
     ]
-    futures = [server.submit(prompts, params) for prompts, params in jobs]
+    futures = [server.submit(prompts, params).done for prompts, params in jobs]
     server.start()
     try:
         results = [f.result(timeout=120) for f in futures]
@@ -128,6 +129,40 @@ def test_concurrent_clients_all_get_their_own_answer(server, llm):
     assert sum(server.batch_sizes) == 6
 
 
+def stream(url: str, body: dict) -> tuple[str, list]:
+    """POSTs a streaming request; returns (Content-Type, the events' payloads, "[DONE]" as is)."""
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        kind, text = response.headers["Content-Type"], response.read().decode()
+    events = [block.removeprefix("data: ") for block in text.split("\n\n") if block]
+    return kind, [e if e == "[DONE]" else json.loads(e) for e in events]
+
+
+def test_a_streamed_completion_sends_each_token_as_it_comes(server, llm):
+    body = {"prompt": ["héllo", "experts"], "max_tokens": 6, "temperature": 0, "stream": True}
+    kind, events = stream(server.url + "/v1/completions", body)
+    expected = llm.generate(["héllo", "experts"], SamplingParams(max_new_tokens=6))
+    assert kind == "text/event-stream" and events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert len({c["id"] for c in chunks}) == 1 and all(len(c["choices"]) == 1 for c in chunks)
+    assert len(chunks) == sum(len(o.token_ids) for o in expected)  # one event a token
+    for i, out in enumerate(expected):
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == i]
+        assert [t for c in mine for t in c["token_ids"]] == out.token_ids
+        assert "".join(c["text"] for c in mine) == out.text  # the pieces add up to the whole text
+        assert [c["finish_reason"] for c in mine] == [None] * (len(mine) - 1) + [out.finish_reason]
+
+
+def test_a_token_inside_a_multibyte_character_waits_for_the_rest(llm):
+    """The byte-level tokenizer: a token per byte. 'é' is c3 a9, and c3 alone decodes to U+FFFD:
+    its piece waits for the token that completes it. Without a tokenizer every piece is None."""
+    x, c3, a9 = llm.encode("xé")[1:]  # after <s>
+    text = StreamedText(llm.codec)
+    assert [text.add(t, last=False) for t in (x, c3, a9)] + [text.add(c3, last=True)] == ["x", "", "é", "\ufffd"]
+    assert text.sent == llm.codec.decode([x, c3, a9, c3])
+    assert StreamedText(None).add(x, last=True) is None
+
+
 @pytest.mark.parametrize(
     "body, kind, message",
     [
@@ -135,7 +170,7 @@ def test_concurrent_clients_all_get_their_own_answer(server, llm):
         ([1, 2], "RequestError", "expected a JSON object, found list"),
         ({"max_tokens": 4}, "RequestError", "prompt: expected a string, a list of token ids"),
         ({"prompt": "hi", "best_of": 2}, "RequestError", "found best_of, which moeinf does not do"),
-        ({"prompt": "hi", "stream": True}, "RequestError", "stream: moeinf serves only false, found true"),
+        ({"prompt": "hi", "stream": "yes"}, "RequestError", "stream: expected true or false, found 'yes'"),
         ({"prompt": "hi", "n": 2}, "RequestError", "n: moeinf serves only 1"),
         ({"prompt": "hi", "max_tokens": "8"}, "RequestError", "max_tokens: expected an integer, found '8'"),
         ({"prompt": "hi", "temperature": -1}, "RequestError", "expected temperature >= 0"),
@@ -197,11 +232,11 @@ def test_a_stopping_server_takes_no_new_work(llm):
 
 
 def test_parse_completion_defaults_follow_openai():
-    prompts, params = parse_completion(b'{"prompt": "hi"}')
-    assert prompts == ["hi"]
+    prompts, params, stream = parse_completion(b'{"prompt": "hi"}')
+    assert prompts == ["hi"] and not stream
     assert params == SamplingParams(max_new_tokens=16, temperature=1.0, top_p=1.0, top_k=0, seed=None)
-    prompts, _ = parse_completion(b'{"prompt": [[1, 2], "x"], "stop": null, "echo": false}')
-    assert prompts == [[1, 2], "x"]
+    prompts, _, stream = parse_completion(b'{"prompt": [[1, 2], "x"], "stop": null, "echo": false, "stream": true}')
+    assert prompts == [[1, 2], "x"] and stream
     with pytest.raises(RequestError, match="ignore_eos: expected true or false"):
         parse_completion(b'{"prompt": "hi", "ignore_eos": 1}')
 

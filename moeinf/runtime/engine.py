@@ -6,7 +6,7 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Callable, Sequence, Union
 
 import torch
 
@@ -28,6 +28,8 @@ from moeinf.runtime.sampling import SamplingParams, sample_next
 from moeinf.runtime.traces import TraceBuilder
 
 Prompt = Union[str, Sequence[int]]
+# on_token(prompt index, token id, finish reason or None): generate's per-token hook
+TokenCallback = Callable[[int, int, Union[str, None]], None]
 # expert traffic also counted per phase in stats(), e.g. decode_stall_s
 PHASE_COUNTERS = ("hits", "misses", "prefetch_hits", "prefetch_late", "stall_s", "bytes_to_device", "bytes_from_disk")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -44,6 +46,7 @@ class RequestOutput:
 @dataclass
 class _Running:
     key: int  # names the sequence in a recorded trace
+    place: int  # the prompt's index in its generate call
     prompt: list[int]
     span: Span
     generated: list[int] = field(default_factory=list)
@@ -198,10 +201,13 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         params: SamplingParams | None = None,
         trace: TraceBuilder | None = None,
+        on_token: TokenCallback | None = None,
     ) -> list[RequestOutput]:
         """Generates for every prompt (text, or a list of token ids) in one batch. With `trace`,
         every token's routing (experts, weights, next-layer lookahead) goes into it, one trace
-        sequence per prompt."""
+        sequence per prompt. on_token(i, token, finish_reason) is called for every token as it is
+        generated, i the index of its prompt in `prompts` and finish_reason None but for a
+        sequence's last token (streaming); it runs on the generating thread, between steps."""
         params = params or SamplingParams()
         if isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -213,7 +219,7 @@ class LLM:
         else:
             generator.manual_seed(params.seed)
         running = []
-        for prompt in prompts:
+        for place, prompt in enumerate(prompts):
             ids = self.prompt_ids(prompt, params.max_new_tokens)
             capacity = len(ids) + params.max_new_tokens
             # the routing counts only an offloading policy learns from; counting them costs a
@@ -222,7 +228,10 @@ class LLM:
             self._sequences_started += 1
             running.append(
                 _Running(
-                    self._sequences_started - 1, ids, Span(self.executor.new_cache(capacity), len(ids), eam, PREFILL)
+                    self._sequences_started - 1,
+                    place,
+                    ids,
+                    Span(self.executor.new_cache(capacity), len(ids), eam, PREFILL),
                 )
             )
         if self.policy is not None:
@@ -241,7 +250,7 @@ class LLM:
             logits = self.executor.forward(tokens.to(self.device), [r.span for r, _ in step], rows).cpu()
             self._keep_records(trace, [r for r, _ in step])
             if ends:  # a step that only feeds the middle of prompts samples nothing
-                self._accept([r for r, _ in ends], sample_next(logits, params, generator), params)
+                self._accept([r for r, _ in ends], sample_next(logits, params, generator), params, on_token)
         self._stats["prefill_tokens"] += sum(len(r.prompt) for r in running)
         self._stats["prefill_s"] += time.perf_counter() - start
         self._count_phase_traffic("prefill")
@@ -257,7 +266,7 @@ class LLM:
                 self._start_records(trace, group)
                 logits = self.executor.forward(tokens, [r.span for r in group]).cpu()
                 self._keep_records(trace, group)
-                self._accept(group, sample_next(logits, params, generator), params)
+                self._accept(group, sample_next(logits, params, generator), params, on_token)
                 decoded += len(group)
             active = [r for r in active if r.finish_reason is None]
         self._stats["decode_tokens"] += decoded
@@ -328,13 +337,21 @@ class LLM:
         size = self.max_batch_tokens or len(active)
         return [active[i : i + size] for i in range(0, len(active), size)]
 
-    def _accept(self, running: list[_Running], next_tokens: list[int], params: SamplingParams) -> None:
+    def _accept(
+        self,
+        running: list[_Running],
+        next_tokens: list[int],
+        params: SamplingParams,
+        on_token: TokenCallback | None,
+    ) -> None:
         for r, token in zip(running, next_tokens):
             r.generated.append(token)
             if token in self.spec.eos_token_ids and not params.ignore_eos:
                 r.finish_reason = "eos"
             elif len(r.generated) >= params.max_new_tokens:
                 r.finish_reason = "length"
+            if on_token is not None:
+                on_token(r.place, token, r.finish_reason)
             if r.finish_reason is not None and self.policy is not None:
                 self.policy.sequence_finished(r.span.eam.total())
 

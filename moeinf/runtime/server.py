@@ -2,18 +2,24 @@
 
     POST /v1/completions   {"prompt": "text" | [ids] | ["text", ...] | [[ids], ...],
                             "max_tokens": 16, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
-                            "seed": null, "ignore_eos": false}
+                            "seed": null, "ignore_eos": false, "stream": false}
         200 {"id", "object": "text_completion", "created", "model",
              "choices": [{"index", "text", "token_ids", "finish_reason"}, ...],  one per prompt
              "usage": {"prompt_tokens", "completion_tokens", "total_tokens"}}
+        with "stream": true, 200 text/event-stream: one event per generated token,
+             data: {"id", "object", "created", "model",
+                    "choices": [{"index", "text": <new text>, "token_ids": [token], "finish_reason"}]}
+             then data: [DONE] (or data: {"error": ...}, then [DONE], if generation fails)
     GET  /v1/models        {"object": "list", "data": [{"id": <model>, "object": "model", ...}]}
     GET  /health           {"status": "ok"}
     GET  /stats            LLM.stats(): tokens, seconds and expert traffic since the server started
 
-Defaults follow OpenAI's completions API (max_tokens 16, temperature 1); "model", "n": 1,
-"stream": false and "stop": null are accepted as OpenAI clients send them, anything else that
-moeinf does not do (streaming, n > 1, stop strings, logprobs, ...) is refused with a 400 that names
-the field. "text" is null where the checkpoint has no tokenizer.json (prompts are then token ids).
+Defaults follow OpenAI's completions API (max_tokens 16, temperature 1); "model", "n": 1 and
+"stop": null are accepted as OpenAI clients send them, anything else that moeinf does not do
+(n > 1, stop strings, logprobs, ...) is refused with a 400 that names the field. "text" is null
+where the checkpoint has no tokenizer.json (prompts are then token ids). A streamed token whose
+text ends inside a multi-byte character sends "" and the text follows with the next token, so the
+streamed texts add up to the whole text.
 
 Batching. HTTP requests are parsed and checked on their own threads; one generation thread owns
 the LLM. It takes the oldest waiting request and every other waiting one with the same sampling
@@ -42,6 +48,7 @@ Errors come back as {"error": {"type": <exception name>, "message": ...}}: 400 f
 from __future__ import annotations
 
 import json
+import queue
 import threading
 import time
 import uuid
@@ -52,6 +59,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from moeinf.errors import MoeinfError, RequestError
+from moeinf.loaders.tokenizer import TextCodec
 from moeinf.runtime.engine import LLM, RequestOutput
 from moeinf.runtime.sampling import SamplingParams
 
@@ -67,7 +75,7 @@ SAMPLING_FIELDS = {
     "ignore_eos": ("ignore_eos", False),
 }
 # fields OpenAI clients send by default, accepted only with the value that asks for nothing moeinf lacks
-INERT_FIELDS = {"n": 1, "stream": False, "stop": None, "echo": False, "logprobs": None, "suffix": None}
+INERT_FIELDS = {"n": 1, "stop": None, "echo": False, "logprobs": None, "suffix": None}
 
 
 class ServerClosing(RuntimeError):
@@ -81,6 +89,8 @@ class Completion:
     prompt_ids: list[list[int]]  # [prompts][tokens], checked against the model
     params: SamplingParams
     done: Future  # -> list[RequestOutput], one per prompt
+    # streaming: (prompt index, token, finish reason) per token as generated, then None once done
+    events: queue.SimpleQueue | None = None
 
 
 def fitting_batch(num_layers: int, num_experts: int, top_k: int, slots: int, cap: int = MAX_BATCH_PROMPTS) -> int:
@@ -123,17 +133,18 @@ def parse_prompts(prompt) -> list:
     )
 
 
-def parse_completion(body: bytes) -> tuple[list, SamplingParams]:
-    """The JSON body of POST /v1/completions -> (prompts, SamplingParams); RequestError names what is wrong."""
+def parse_completion(body: bytes) -> tuple[list, SamplingParams, bool]:
+    """The JSON body of POST /v1/completions -> (prompts, SamplingParams, stream); RequestError
+    names what is wrong."""
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise RequestError(f"request body: expected a JSON object, found invalid JSON ({error})") from None
     if not isinstance(data, dict):
         raise RequestError(f"request body: expected a JSON object, found {type(data).__name__}")
-    unknown = sorted(set(data) - set(SAMPLING_FIELDS) - set(INERT_FIELDS) - {"prompt", "model"})
+    unknown = sorted(set(data) - set(SAMPLING_FIELDS) - set(INERT_FIELDS) - {"prompt", "model", "stream"})
     if unknown:
-        known = ", ".join(["prompt", "model", *SAMPLING_FIELDS, *INERT_FIELDS])
+        known = ", ".join(["prompt", "model", "stream", *SAMPLING_FIELDS, *INERT_FIELDS])
         raise RequestError(
             f"request: expected fields among {known}; found {', '.join(unknown)}, which moeinf does not do"
         )
@@ -141,16 +152,38 @@ def parse_completion(body: bytes) -> tuple[list, SamplingParams]:
         if field in data and data[field] != inert:
             raise RequestError(f"{field}: moeinf serves only {json.dumps(inert)}, found {json.dumps(data[field])}")
     settings = {}
-    for field, (name, default) in SAMPLING_FIELDS.items():
-        if field == "ignore_eos":
+    for field, (name, default) in [*SAMPLING_FIELDS.items(), ("stream", ("stream", False))]:
+        if field in ("ignore_eos", "stream"):
             value = data.get(field, default)
             if not isinstance(value, bool):
-                raise RequestError(f"ignore_eos: expected true or false, found {value!r}")
+                raise RequestError(f"{field}: expected true or false, found {value!r}")
             settings[name] = value
         else:
             kind = float if isinstance(default, float) else int
             settings[name] = _expect_number(data, field, kind, default)
-    return parse_prompts(data.get("prompt")), SamplingParams(**settings)
+    stream = settings.pop("stream")
+    return parse_prompts(data.get("prompt")), SamplingParams(**settings), stream
+
+
+class StreamedText:
+    """One streamed sequence's text, handed out a piece per token: the pieces add up to the text of
+    all its tokens. A token that ends inside a multi-byte character decodes to U+FFFD; its piece
+    is "" and the character comes with the token that completes it (or with the last token)."""
+
+    def __init__(self, codec: TextCodec | None):
+        self.codec = codec  # None: the checkpoint has no tokenizer, and every piece is None
+        self.tokens: list[int] = []
+        self.sent = ""  # the text handed out so far
+
+    def add(self, token: int, last: bool) -> str | None:
+        self.tokens.append(token)
+        if self.codec is None:
+            return None
+        whole = self.codec.decode(self.tokens)
+        if not last and whole.endswith("\ufffd"):
+            return ""
+        piece, self.sent = whole[len(self.sent) :], whole
+        return piece
 
 
 class CompletionServer(ThreadingHTTPServer):
@@ -191,17 +224,18 @@ class CompletionServer(ThreadingHTTPServer):
     def start(self) -> None:
         self._worker.start()
 
-    def submit(self, prompts: list, params: SamplingParams) -> Future:
+    def submit(self, prompts: list, params: SamplingParams, stream: bool = False) -> Completion:
         """Checks each prompt against the model (RequestError here, before it joins a batch) and
-        queues the request; the future gives one RequestOutput per prompt."""
+        queues the request; its future gives one RequestOutput per prompt, and with stream its
+        events queue gets each token as it is generated."""
         ids = [self.llm.prompt_ids(p, params.max_new_tokens) for p in prompts]
-        work = Completion(ids, params, Future())
+        work = Completion(ids, params, Future(), queue.SimpleQueue() if stream else None)
         with self._cv:
             if self._stopping:
                 raise ServerClosing("expected a running server, found one shutting down")
             self._waiting.append(work)
             self._cv.notify()
-        return work.done
+        return work
 
     def _next_batch(self) -> list[Completion]:
         """Blocks for the oldest waiting request; takes along the waiting ones it can share a
@@ -225,16 +259,26 @@ class CompletionServer(ThreadingHTTPServer):
     def _generate_loop(self) -> None:
         while batch := self._next_batch():
             prompts = [ids for work in batch for ids in work.prompt_ids]
+            owners = [(work, i) for work in batch for i in range(len(work.prompt_ids))]  # [prompts]
             self.batch_sizes.append(len(prompts))
+
+            def on_token(place: int, token: int, reason: str | None) -> None:
+                work, i = owners[place]
+                if work.events is not None:
+                    work.events.put((i, token, reason))
+
             try:
-                outputs = self.llm.generate(prompts, batch[0].params)
+                outputs = self.llm.generate(prompts, batch[0].params, on_token=on_token)
             except BaseException as error:  # noqa: BLE001 - handed to every request of the batch
                 for work in batch:
                     work.done.set_exception(error)
-                continue
+            else:
+                for work in batch:
+                    work.done.set_result(outputs[: len(work.prompt_ids)])
+                    outputs = outputs[len(work.prompt_ids) :]
             for work in batch:
-                work.done.set_result(outputs[: len(work.prompt_ids)])
-                outputs = outputs[len(work.prompt_ids) :]
+                if work.events is not None:
+                    work.events.put(None)
 
     def server_close(self) -> None:
         with self._cv:
@@ -309,20 +353,49 @@ class CompletionHandler(BaseHTTPRequestHandler):
             return
         body = self.rfile.read(length)
         try:
-            prompts, params = parse_completion(body)
-            done = self.server.submit(prompts, params)
+            prompts, params, stream = parse_completion(body)
+            work = self.server.submit(prompts, params, stream)
         except MoeinfError as error:
             self._error(HTTPStatus.BAD_REQUEST, type(error).__name__, str(error))
             return
         except ServerClosing as error:
             self._error(HTTPStatus.SERVICE_UNAVAILABLE, type(error).__name__, str(error))
             return
+        if work.events is not None:
+            self._stream(work)
+            return
         try:
-            outputs = done.result()
+            outputs = work.done.result()
         except Exception as error:  # noqa: BLE001 - generation failed: the client gets the reason
             self._error(HTTPStatus.INTERNAL_SERVER_ERROR, type(error).__name__, str(error))
             return
         self._reply(HTTPStatus.OK, self.server.completion_response(outputs))
+
+    def _stream(self, work: Completion) -> None:
+        """Server-sent events, one per token as the generation thread hands it over."""
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")  # the stream's end is the connection's
+        self.end_headers()
+        self.close_connection = True
+        server = self.server
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time())}
+        texts = [StreamedText(server.llm.codec) for _ in work.prompt_ids]  # [prompts]
+        while (event := work.events.get()) is not None:
+            i, token, reason = event
+            text = texts[i].add(token, last=reason is not None)
+            choice = {"index": i, "text": text, "token_ids": [token], "finish_reason": reason}
+            self._event({**head, "model": server.model_name, "choices": [choice]})
+        error = work.done.exception()
+        if error is not None:
+            self._event({"error": {"type": type(error).__name__, "message": str(error)}})
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
+
+    def _event(self, payload: dict) -> None:
+        self.wfile.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
+        self.wfile.flush()
 
     def _error(self, status: HTTPStatus, kind: str, message: str) -> None:
         self._reply(status, {"error": {"type": kind, "message": message}})

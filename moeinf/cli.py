@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -166,11 +168,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "POST /v1/completions; GET /v1/models, /health, /stats)",
         flush=True,
     )
+    # SIGTERM (kill, systemd, docker stop) stops it as Ctrl-C does: serve_forever returns once
+    # shutdown() is called from another thread (the handler runs on the thread serving)
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
     try:
         server.serve_forever()
     except KeyboardInterrupt:
-        print("moeinf serve: stopping", flush=True)
+        pass
     finally:
+        print("moeinf serve: stopping", flush=True)
         server.server_close()  # requests already queued are answered first
         llm.close()
     return 0

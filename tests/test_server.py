@@ -1,6 +1,7 @@
 """moeinf serve: completions over HTTP equal LLM.generate, requests batch, bad requests get named
 400s, and the command starts, answers and stops."""
 
+import functools
 import http.client
 import json
 import os
@@ -262,10 +263,15 @@ def test_bad_server_settings_are_named_errors(llm):
         CompletionServer(llm, ("127.0.0.1", 0), "tiny", max_batch_prompts=0)
 
 
-def test_the_serve_command_starts_answers_and_stops_on_ctrl_c(folder):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_the_serve_command_starts_answers_and_stops(folder, stop):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "moeinf.cli", "serve", "--model", str(folder), "--port", "0", "--quiet"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # a shell's background job inherits SIGINT ignored; the server, like a terminal's, gets it as is
+    restore = functools.partial(signal.signal, signal.SIGINT, signal.SIG_DFL)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=restore
+    )
     try:
         line = process.stdout.readline()  # "moeinf serve: <name> on http://127.0.0.1:<port> (...)"
         assert " on http://127.0.0.1:" in line, line + process.stderr.read()
@@ -273,7 +279,11 @@ def test_the_serve_command_starts_answers_and_stops_on_ctrl_c(folder):
         status, reply = call(url + "/v1/completions", {"prompt": "hi", "max_tokens": 3, "temperature": 0})
         assert status == 200 and len(reply["choices"][0]["token_ids"]) <= 3 and reply["model"] == folder.name
     finally:
-        process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=60)
+        process.send_signal(stop)
+        try:
+            out, err = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            out, err = process.communicate()
     assert process.returncode == 0, err
     assert "stopping" in out

@@ -115,6 +115,13 @@ def _expect_number(data: dict, field: str, kind: type, default):
     return kind(value)
 
 
+def _expect_flag(data: dict, field: str, default: bool) -> bool:
+    value = data.get(field, default)
+    if not isinstance(value, bool):
+        raise RequestError(f"{field}: expected true or false, found {value!r}")
+    return value
+
+
 def parse_prompts(prompt) -> list:
     """ "prompt" of a completions request -> [text | [ids]]: one text, one id list, or a list of either."""
     if isinstance(prompt, str):
@@ -152,16 +159,13 @@ def parse_completion(body: bytes) -> tuple[list, SamplingParams, bool]:
         if field in data and data[field] != inert:
             raise RequestError(f"{field}: moeinf serves only {json.dumps(inert)}, found {json.dumps(data[field])}")
     settings = {}
-    for field, (name, default) in [*SAMPLING_FIELDS.items(), ("stream", ("stream", False))]:
-        if field in ("ignore_eos", "stream"):
-            value = data.get(field, default)
-            if not isinstance(value, bool):
-                raise RequestError(f"{field}: expected true or false, found {value!r}")
-            settings[name] = value
+    for field, (name, default) in SAMPLING_FIELDS.items():
+        if isinstance(default, bool):
+            settings[name] = _expect_flag(data, field, default)
         else:
             kind = float if isinstance(default, float) else int
             settings[name] = _expect_number(data, field, kind, default)
-    stream = settings.pop("stream")
+    stream = _expect_flag(data, "stream", False)
     return parse_prompts(data.get("prompt")), SamplingParams(**settings), stream
 
 

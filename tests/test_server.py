@@ -243,9 +243,10 @@ def test_parse_completion_defaults_follow_openai():
 
 
 def test_the_default_batch_is_what_the_expert_slots_serve(folder, llm, tmp_path):
-    """4 layers x 8 experts, top-2: a step of B tokens is expected to route to 32 * (1 - 0.75^B)
-    experts: 8 for one, 14 for two, 18.5 for three; all resident, the cap alone limits."""
-    assert [fitting_batch(4, 8, 2, slots) for slots in (8, 13, 14, 18, 19, 31, 32)] == [1, 1, 2, 2, 3, 8, 8]
+    """4 layers x 8 experts, top-2: 1.5 steps of B prompts are expected to route to
+    32 * (1 - 0.75^(1.5 B)) experts: 11.2 for one, 18.5 for two, 23.2 for three, 28.3 for five;
+    all resident, the cap alone limits."""
+    assert [fitting_batch(4, 8, 2, slots) for slots in (8, 18, 19, 23, 24, 29, 32)] == [1, 1, 2, 2, 3, 5, 8]
     assert fitting_batch(4, 8, 2, 32, cap=3) == 3
 
     def batch_cap(llm, **settings):
@@ -254,7 +255,7 @@ def test_the_default_batch_is_what_the_expert_slots_serve(folder, llm, tmp_path)
         return server.max_batch_prompts
 
     assert batch_cap(llm) == MAX_BATCH_PROMPTS
-    with LLM(folder, progress=False, expert_budget=14, offload_dir=tmp_path) as offloaded:
+    with LLM(folder, progress=False, expert_budget=19, offload_dir=tmp_path) as offloaded:
         assert batch_cap(offloaded) == 2 and batch_cap(offloaded, max_batch_prompts=5) == 5
 
 

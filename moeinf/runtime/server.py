@@ -31,13 +31,8 @@ batch (tests/test_generate.py: batch equals one prompt at a time).
 How many prompts to batch depends on the expert budget. Offloaded, a step of B prompts routes to
 the union of their experts; once that outgrows the slots, the batch reloads more than its batched
 GEMMs save. So by default (max_batch_prompts=None) the server batches only as many prompts as the
-slots are expected to serve, fitting_batch, at most MAX_BATCH_PROMPTS. `python bench/serve.py`
-(default model, 8 clients x 3 requests of 32 + 32 tokens, 2-core CPU; bench/results/serve-cpu.json)
-measured throughput against one prompt per generate call, at 25 / 50 / 75 / 100% of the experts:
-batching every waiting request (4 prompts a call on average) 0.98 / 0.77 / 1.18 / 1.99x, the
-default 1.01 / 0.87 / 1.31 / 1.74x (1 / 2 / 3.4 / 4 prompts a call; at 100% the two are the same
-setting, the gap is noise). The estimate is right where batching pays and where it does not,
-except at 50%, where two prompts a call still cost 13%.
+slots are expected to serve, fitting_batch, at most MAX_BATCH_PROMPTS (figures: bench/serve.py and
+bench/results/serve-cpu.json).
 
 Errors come back as {"error": {"type": <exception name>, "message": ...}}: 400 for a bad request
 (checked before it joins a batch, so one bad request fails no other), 404 for an unknown path,
@@ -65,6 +60,10 @@ from moeinf.runtime.sampling import SamplingParams
 
 MAX_BODY_BYTES = 1 << 20
 MAX_BATCH_PROMPTS = 8  # prompts one generate call batches, at most, by default
+# Decode steps of routing the slots should hold at once for a batch to pay: one step's experts and
+# about half the next's, which its prompts route elsewhere. Fitted with bench/serve.py (default
+# model, 25 / 50 / 75 / 100% budgets): at 1 a 2-prompt batch at 50% lost 13% to one prompt a call.
+STEP_SPAN = 1.5
 # OpenAI's completions fields moeinf runs -> (SamplingParams field, default)
 SAMPLING_FIELDS = {
     "max_tokens": ("max_new_tokens", 16),
@@ -94,12 +93,13 @@ class Completion:
 
 
 def fitting_batch(num_layers: int, num_experts: int, top_k: int, slots: int, cap: int = MAX_BATCH_PROMPTS) -> int:
-    """The most prompts (1 .. cap) whose decode step is expected to route to no more experts than
-    `slots` hold: B tokens route each of L MoE layers to E * (1 - (1 - k / E)^B) distinct experts
-    when routing is uniform (skewed routing touches fewer, so this errs on the small side)."""
+    """The most prompts (1 .. cap) whose routing over STEP_SPAN decode steps is expected to need no
+    more experts than `slots` hold: n routings a layer reach E * (1 - (1 - k / E)^(n / k)) distinct
+    experts when routing is uniform and independent (real routing repeats itself more, so this errs
+    on the small side); B prompts make B * STEP_SPAN tokens' worth."""
     best = 1
     for batch in range(2, cap + 1):
-        if num_layers * num_experts * (1.0 - (1.0 - top_k / num_experts) ** batch) > slots:
+        if num_layers * num_experts * (1.0 - (1.0 - top_k / num_experts) ** (batch * STEP_SPAN)) > slots:
             break
         best = batch
     return best

@@ -43,6 +43,7 @@ from machine import cpu_model, load_average, write_atomic  # bench/machine.py, b
 from tqdm import tqdm
 
 from moeinf import LLM, SamplingParams, ensure_default_model
+from moeinf.loaders.checkpoint import Checkpoint
 from moeinf.runtime.server import CompletionServer
 
 # name -> max_batch_prompts: "clients" batches every waiting request, None the server's default
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     model = args.model or ensure_default_model()
     budgets = [float(b) for b in args.budgets.split(",")]
     rng = random.Random(args.seed)
-    vocab = LLM(model, progress=False).spec.vocab_size
+    vocab = Checkpoint.open(model).spec.vocab_size  # the config alone: no weights loaded for it
     bodies = [
         [
             {
@@ -113,9 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     with tqdm(total=total * len(CONFIGS) * len(budgets), desc="requests", unit="req") as bar:
         for budget in budgets:
             llm = LLM(model, progress=False, expert_budget=None if budget >= 1 else budget)
-            llm.generate(
-                [bodies[0][0]["prompt"]], SamplingParams(max_new_tokens=2)
-            )  # warm-up: first-call costs untimed
+            warm_up = SamplingParams(max_new_tokens=2)  # first-call costs stay out of the timings
+            llm.generate([bodies[0][0]["prompt"]], warm_up)
             results[str(budget)], answers = {}, {}
             for name, max_batch in CONFIGS.items():
                 cap = args.clients if max_batch == "clients" else max_batch

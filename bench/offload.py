@@ -66,8 +66,8 @@ from tqdm import tqdm
 from moeinf import LLM, SamplingParams, ensure_default_model
 from moeinf.loaders.checkpoint import Checkpoint
 from moeinf.loaders.expert_store import ExpertStore, aligned_buffer
-from moeinf.runtime.budget import OffloadConfig
 from moeinf.runtime.engine import PHASE_COUNTERS
+from moeinf.runtime.setup import OffloadConfig
 
 SPECIAL_IDS = 3  # ids 0, 1, 2 (<unk>, <s>, </s>) are never used in the prompt
 CHUNK = 8 * 2**20  # bytes per plain read

@@ -5,9 +5,9 @@ Run:
   python bench/policy.py --report [--out bench/results] [--jobs 2] [--only POLICY,...]
 
 The first form replays FILE through moeinf's CacheController with each policy registered in
-moeinf.runtime.policies.POLICIES at run time (lru, lfu, and activation-aware / lookahead once
+moeinf.runtime.cache.registry.POLICIES at run time (lru, lfu, and activation-aware / lookahead once
 registered) and Belady's MIN, with capacity * layers * experts device slots, over the virtual
-link of the profile (moeinf.runtime.replay documents the timing model and its numbers). It prints
+link of the profile (moeinf/runtime/replay/ documents the timing model and its numbers). It prints
 a table, or with --json exactly
   {"policies": {"lru": {"hit_rate", "misses", "bytes", "stall_s", "tpot_s"}, ...},
    "bound": {"tpot_s"}}.
@@ -44,17 +44,11 @@ from pathlib import Path
 import synthetic  # bench/synthetic.py, beside this script
 from tqdm.auto import tqdm
 
-from moeinf.runtime.policies import POLICIES
-from moeinf.runtime.replay import (
-    LINKS,
-    MODELS,
-    BeladyPolicy,
-    ReplayProfile,
-    ReplayResult,
-    lower_bound_tpot,
-    profile_for,
-    replay,
-)
+from moeinf.runtime.cache.registry import POLICIES
+from moeinf.runtime.replay.belady import BeladyPolicy, lower_bound_tpot
+from moeinf.runtime.replay.cost import LINKS, MODELS, ReplayProfile, profile_for
+from moeinf.runtime.replay.loop import replay
+from moeinf.runtime.replay.result import ReplayResult
 from moeinf.runtime.traces import Trace, read_trace, write_trace
 
 CAPACITIES = (0.125, 0.25, 0.5)
@@ -149,7 +143,7 @@ def report_sources() -> list[Source]:
                 Source(file.removesuffix(".npz"), f"real: {', '.join(trace.meta.get('sequences', []))}", trace, True)
             )
     # Sizes are bounded by replay speed. Evictions no longer bound it: the residency keeps its
-    # evictable set as arrays over the slots (runtime/residency.py), so a victim at DeepSeek's shape
+    # evictable set as arrays over the slots (runtime/cache/residency.py), so a victim at DeepSeek's shape
     # and 25% costs ~11 us (bench/scorer.py) where scanning every slot in Python cost ~1.4 ms, and a
     # DeepSeek replay at 25% takes 0.1-0.4 ms per layer-step (lru to lookahead; 2-core VM), 3 ms before.
     skewed = ("arxiv", "github", "wikipedia")  # the domains whose routing skews most (C4 and books stay nearer uniform)
@@ -316,7 +310,7 @@ def write_tables(results: dict, path: Path) -> None:
         "",
         f"Written {results['written']} by `{results['command']}`; link profile {results['link']} unless said.",
         "",
-        "Costs per model (moeinf/runtime/replay.py states the sources):",
+        "Costs per model (moeinf/runtime/replay/cost.py states the sources):",
         "",
         "| model | expert MB | decode ms per layer | ms per token, all resident | "
         + " | ".join(f"load ms, {lk}" for lk in links)

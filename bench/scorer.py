@@ -40,10 +40,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moeinf.runtime.activation_policy import ActivationAwareLookaheadPolicy, ActivationAwarePolicy
-from moeinf.runtime.cache_policy import LFUPolicy, LRUPolicy
-from moeinf.runtime.residency import Residency
-from moeinf.runtime.scorer import eviction_order, eviction_order_ref, prefetch_order, prefetch_order_ref
+from moeinf.runtime.cache.activation_aware import ActivationAwareLookaheadPolicy, ActivationAwarePolicy
+from moeinf.runtime.cache.policy import LFUPolicy, LRUPolicy
+from moeinf.runtime.cache.residency import Residency
+from moeinf.runtime.cache.scorer import eviction_order, eviction_order_ref, prefetch_order, prefetch_order_ref
 
 SHAPES = [(32, 8), (48, 128), (58, 256)]
 EPS = 1e-3

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from moeinf import LLM, SamplingParams, ensure_default_model
 from moeinf.loaders.checkpoint import Checkpoint
-from moeinf.runtime.server import CompletionServer
+from moeinf.serve.http_server import CompletionServer
 
 # name -> max_batch_prompts: "clients" batches every waiting request, None the server's default
 CONFIGS = {"batched": "clients", "fitting": None, "one-by-one": 1}

@@ -50,8 +50,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from moeinf.errors import ReplayConfigError
-from moeinf.runtime.eam import DECODE, PREFILL
-from moeinf.runtime.replay import MODELS
+from moeinf.runtime.cache.eam import DECODE, PREFILL
+from moeinf.runtime.replay.cost import MODELS
 from moeinf.runtime.traces import NO_NEXT_LAYER, Trace, read_trace, write_trace
 
 SHARED_TRACES = Path(__file__).resolve().parent.parent.parent / "shared" / "traces"
@@ -71,7 +71,7 @@ CALIBRATION_SEED = 1234  # common random numbers across bisection steps, so the 
 class Workload:
     """Parameters of one synthetic workload."""
 
-    model: str = "mixtral-8x7b"  # a name in moeinf.runtime.replay.MODELS: sets L, E, K
+    model: str = "mixtral-8x7b"  # a name in moeinf.runtime.replay.cost.MODELS: sets L, E, K
     sequences: int = 64
     min_tokens: int = 32  # decode tokens per sequence, uniform in [min_tokens, max_tokens]
     max_tokens: int = 32

@@ -17,13 +17,16 @@ from tqdm import tqdm
 from moeinf.errors import MoeinfError, RequestError
 from moeinf.kernels.ops import KERNEL_CHOICES
 from moeinf.loaders.default_model import ensure_default_model
-from moeinf.runtime.engine import LLM, resolve_dtype
-from moeinf.runtime.policies import DEFAULT_POLICY, POLICIES
+from moeinf.runtime.cache.registry import DEFAULT_POLICY, POLICIES
+from moeinf.runtime.engine import LLM
+from moeinf.runtime.replay.cost import traced_model_cost
 from moeinf.runtime.sampling import SamplingParams
-from moeinf.runtime.server import CompletionServer
+from moeinf.runtime.setup import resolve_dtype
 from moeinf.runtime.traces import TraceBuilder, write_trace
+from moeinf.serve.http_server import CompletionServer
 
 DEFAULT_PROMPT = "The expert said"
+CUDA = torch.device("cuda")
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -121,21 +124,6 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
-def replay_cost(llm: LLM) -> dict:
-    """What trace replay needs to time this model's steps (runtime/replay.py, ModelCost): the bytes
-    a decode token reads, in the dtype moeinf serves the checkpoint in on CUDA."""
-    spec, dense = llm.spec, llm.executor.dense
-    itemsize = torch.empty((), dtype=resolve_dtype("auto", spec.torch_dtype, torch.device("cuda"))).element_size()
-    moe_layer_params = [dense.layer_params(layer) for layer in spec.moe_layers]
-    dense_layer_params = [dense.layer_params(layer) for layer in range(spec.num_layers) if layer not in spec.moe_layers]
-    return {
-        "expert_bytes": spec.expert_params * itemsize,
-        "layer_dense_bytes": round(sum(moe_layer_params) / len(moe_layer_params)) * itemsize,
-        "step_bytes": (dense.head_params() + sum(dense_layer_params)) * itemsize,
-        "bytes_per_param": itemsize,
-    }
-
-
 def cmd_trace(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.prompts)
     llm = LLM(args.model or ensure_default_model(), device=args.device, dtype=args.dtype)
@@ -146,7 +134,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
         spec.top_k,
         model=str(llm.checkpoint.path.name),
         source=f"moeinf trace --prompts {Path(args.prompts).name}",
-        cost=replay_cost(llm),
+        # the bytes a decode token reads in the dtype moeinf serves the checkpoint in on CUDA
+        cost=traced_model_cost(llm.spec, llm.executor.dense, resolve_dtype("auto", spec.torch_dtype, CUDA).itemsize),
     )
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed)
     batches = range(0, len(prompts), args.batch_size)

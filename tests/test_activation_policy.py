@@ -12,10 +12,10 @@ from checkpoints import save_tiny_mixtral
 
 from moeinf import LLM, SamplingParams
 from moeinf.errors import EAMCError, OffloadConfigError
-from moeinf.runtime.activation_policy import ActivationAwareLookaheadPolicy, ActivationAwarePolicy, LookaheadPolicy
-from moeinf.runtime.budget import OffloadConfig
-from moeinf.runtime.eam_collection import EAMCollection, normalise_rows
-from moeinf.runtime.policies import POLICIES, make_policy
+from moeinf.runtime.cache.activation_aware import ActivationAwareLookaheadPolicy, ActivationAwarePolicy, LookaheadPolicy
+from moeinf.runtime.cache.eam_collection import EAMCollection, normalise_rows
+from moeinf.runtime.cache.registry import POLICIES, make_policy
+from moeinf.runtime.setup import OffloadConfig
 
 TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"
 

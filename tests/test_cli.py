@@ -72,7 +72,8 @@ def test_trace_records_every_token_of_every_prompt(tmp_path, capsys):
     from checkpoints import save_tiny_mixtral
 
     from moeinf.loaders.default_model import build_byte_tokenizer
-    from moeinf.runtime.replay import profile_for, replay
+    from moeinf.runtime.replay.cost import profile_for
+    from moeinf.runtime.replay.loop import replay
     from moeinf.runtime.traces import read_trace
 
     folder = tmp_path / "model"

@@ -9,11 +9,11 @@ from checkpoints import save_tiny_mixtral
 
 from moeinf import LLM, SamplingParams
 from moeinf.errors import OffloadConfigError
-from moeinf.runtime.budget import OffloadConfig, parse_budget
-from moeinf.runtime.cache_controller import CacheController, PolicyError
-from moeinf.runtime.counters import TrafficCounters
-from moeinf.runtime.policies import LFUPolicy, LRUPolicy
-from moeinf.runtime.transfer import TransferQueue
+from moeinf.runtime.cache.controller import CacheController, PolicyError
+from moeinf.runtime.cache.counters import TrafficCounters
+from moeinf.runtime.cache.registry import LFUPolicy, LRUPolicy
+from moeinf.runtime.experts.transfer import TransferQueue
+from moeinf.runtime.setup import OffloadConfig, parse_budget
 
 L, E = 4, 8  # the test checkpoint: 32 experts, minimum budget one layer = 8 slots
 PROMPTS = [[5, 9, 13, 2, 7], list(range(3, 40)), [17]]

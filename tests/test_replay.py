@@ -14,18 +14,12 @@ import numpy as np
 import pytest
 
 from moeinf.errors import ReplayConfigError
-from moeinf.runtime.counters import TrafficCounters
-from moeinf.runtime.policies import LRUPolicy
-from moeinf.runtime.replay import (
-    BeladyPolicy,
-    Gpu,
-    ModelCost,
-    ReplayProfile,
-    VirtualLink,
-    lower_bound_tpot,
-    profile_for,
-    replay,
-)
+from moeinf.runtime.cache.counters import TrafficCounters
+from moeinf.runtime.cache.registry import LRUPolicy
+from moeinf.runtime.replay.belady import BeladyPolicy, lower_bound_tpot
+from moeinf.runtime.replay.cost import Gpu, ModelCost, ReplayProfile, profile_for
+from moeinf.runtime.replay.link import VirtualLink
+from moeinf.runtime.replay.loop import replay
 from moeinf.runtime.traces import Trace, write_trace
 
 ROOT = Path(__file__).resolve().parent.parent

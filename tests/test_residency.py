@@ -6,11 +6,11 @@ per-candidate scan picked."""
 import numpy as np
 import pytest
 
-from moeinf.runtime.activation_policy import ActivationAwarePolicy
-from moeinf.runtime.cache_policy import LFUPolicy, LRUPolicy
-from moeinf.runtime.replay import BeladyPolicy
-from moeinf.runtime.residency import Residency, ResidencyError, SlotState
-from moeinf.runtime.scorer import eviction_order_slots, eviction_order_slots_ref, lowest_slot, lowest_slot_ref
+from moeinf.runtime.cache.activation_aware import ActivationAwarePolicy
+from moeinf.runtime.cache.policy import LFUPolicy, LRUPolicy
+from moeinf.runtime.cache.residency import Residency, ResidencyError, SlotState
+from moeinf.runtime.cache.scorer import eviction_order_slots, eviction_order_slots_ref, lowest_slot, lowest_slot_ref
+from moeinf.runtime.replay.belady import BeladyPolicy
 
 
 class Model:

@@ -4,7 +4,7 @@ reference (what bench/scorer.py times it against) gives the very same orders."""
 import numpy as np
 import pytest
 
-from moeinf.runtime.scorer import (
+from moeinf.runtime.cache.scorer import (
     eviction_order,
     eviction_order_ref,
     eviction_order_slots,

@@ -20,14 +20,9 @@ from checkpoints import save_tiny_mixtral
 from moeinf import LLM, SamplingParams
 from moeinf.errors import RequestError
 from moeinf.loaders.default_model import build_byte_tokenizer
-from moeinf.runtime.server import (
-    MAX_BATCH_PROMPTS,
-    CompletionServer,
-    ServerClosing,
-    StreamedText,
-    fitting_batch,
-    parse_completion,
-)
+from moeinf.serve.batching import MAX_BATCH_PROMPTS, ServerClosing, fitting_batch
+from moeinf.serve.http_server import CompletionServer
+from moeinf.serve.protocol import StreamedText, parse_completion
 
 PROMPTS = [[5, 9, 13, 2, 7], list(range(3, 20)), [17]]
 

@@ -14,8 +14,8 @@ from typing import Any, NamedTuple
 import torch
 
 from moeinf.errors import ConfigError, TensorDtypeError, TensorShapeError
-from moeinf.loaders.fp8 import FP8_DTYPE, SCALE_SUFFIX, dequantize_fp8, scale_shape
-from moeinf.loaders.mxfp4 import dequantize_mxfp4
+from moeinf.kernels.fp8 import FP8_DTYPE, SCALE_SUFFIX, dequantize_fp8, scale_shape
+from moeinf.kernels.mxfp4 import dequantize_mxfp4
 from moeinf.loaders.safetensors_index import TensorIndex
 from moeinf.models.family import EXPERT_ROLES, Family
 from moeinf.models.registry import spec_from_config

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from moeinf.loaders.fp8 import FP8_DTYPE
+from moeinf.kernels.fp8 import FP8_DTYPE
 from moeinf.models.spec import ModelSpec
 
 Shape = tuple[str | int, ...]
@@ -62,7 +62,7 @@ ROLE_SHAPES: dict[str, Shape] = {
     "experts_gate_up_bias": ("num_experts", "gate_up_dim"),
     "experts_down": ("num_experts", "expert_ffn", "hidden_size"),
     "experts_down_bias": ("num_experts", "hidden_size"),
-    # the same, MXFP4-packed (loaders/mxfp4.py): [E, rows, blocks of 32, 16 bytes] and a scale per block,
+    # the same, MXFP4-packed (kernels/mxfp4.py): [E, rows, blocks of 32, 16 bytes] and a scale per block,
     # rows in the slot layout's orientation (gate and up rows interleaved)
     "experts_gate_up_blocks": ("num_experts", "gate_up_dim", "hidden_blocks", 16),
     "experts_gate_up_scales": ("num_experts", "gate_up_dim", "hidden_blocks"),

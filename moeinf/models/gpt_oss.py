@@ -7,7 +7,7 @@ whose top-k logits are softmaxed among themselves, and experts with biases and a
 x @ W layout, gate and up interleaved on the last dim; the loader reads one expert's row of each and
 lays it out like every other family's (Checkpoint.expert_weights). OpenAI's checkpoints hold the
 expert weights in MXFP4 (quantization_config quant_method "mxfp4"): packed blocks and scales,
-dequantized to the compute dtype when the expert store is built (loaders/mxfp4.py).
+dequantized to the compute dtype when the expert store is built (kernels/mxfp4.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 from moeinf.errors import ConfigError
 from moeinf.kernels.expert_activation import ExpertActivation
-from moeinf.loaders.mxfp4 import BLOCK
+from moeinf.kernels.mxfp4 import BLOCK
 from moeinf.models.family import DECODER_TENSOR_NAMES, ROLE_SHAPES, Family
 from moeinf.models.moe_config import read_moe_spec
 from moeinf.models.spec import ConfigReader, ModelSpec

@@ -106,8 +106,8 @@ class ModelSpec:
     expert_bias: bool = False  # routed experts' projections carry biases (GPT-OSS)
     expert_activation: ExpertActivation = SILU  # how an expert combines its gate and up projections
     # How the checkpoint is quantized; moeinf dequantizes on load and computes in the compute dtype.
-    # "mxfp4": GPT-OSS's experts packed (loaders/mxfp4.py); "fp8": linear weights float8 with a scale
-    # per quant_block of [rows, cols] (loaders/fp8.py); None: plain float weights
+    # "mxfp4": GPT-OSS's experts packed (kernels/mxfp4.py); "fp8": linear weights float8 with a scale
+    # per quant_block of [rows, cols] (kernels/fp8.py); None: plain float weights
     quantization: str | None = None
     quant_block: tuple[int, int] | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,20 +10,22 @@ from typing import Callable, Sequence, Union
 import torch
 
 from moeinf.errors import OffloadConfigError, RequestError, TokenizerError
-from moeinf.kernels.block_configs import interpreting
-from moeinf.kernels.ops import KERNEL_CHOICES, Kernels
 from moeinf.loaders.checkpoint import Checkpoint
-from moeinf.loaders.default_model import cache_dir
-from moeinf.loaders.expert_store import ExpertStore
 from moeinf.loaders.tokenizer import TextCodec
-from moeinf.runtime.budget import Budget, OffloadConfig, parse_budget
-from moeinf.runtime.eam import DECODE, PREFILL, SequenceEAM
-from moeinf.runtime.executor import Executor, ExpertSource, Span
-from moeinf.runtime.expert_pool import ExpertPool
-from moeinf.runtime.policies import DEFAULT_POLICY, CachePolicy, make_policy
-from moeinf.runtime.resident_experts import ResidentExperts
+from moeinf.runtime.cache.eam import DECODE, PREFILL, SequenceEAM
+from moeinf.runtime.cache.policy import CachePolicy
+from moeinf.runtime.cache.registry import DEFAULT_POLICY
+from moeinf.runtime.executor import Executor, Span
 from moeinf.runtime.routing_record import RoutingRecord
 from moeinf.runtime.sampling import SamplingParams, sample_next
+from moeinf.runtime.setup import (
+    Budget,
+    OffloadConfig,
+    build_expert_source,
+    resolve_device,
+    resolve_dtype,
+    resolve_kernels,
+)
 from moeinf.runtime.traces import TraceBuilder
 
 Prompt = Union[str, Sequence[int]]
@@ -32,7 +33,6 @@ Prompt = Union[str, Sequence[int]]
 TokenCallback = Callable[[int, int, Union[str, None]], None]
 # expert traffic also counted per phase in stats(), e.g. decode_stall_s
 PHASE_COUNTERS = ("hits", "misses", "prefetch_hits", "prefetch_late", "stall_s", "bytes_to_device", "bytes_from_disk")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -51,80 +51,6 @@ class _Running:
     span: Span
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RequestError("device 'cuda' was requested, but torch sees no CUDA device on this machine")
-    if device.type not in ("cpu", "cuda"):
-        raise RequestError(f"expected device 'cpu' or 'cuda', found {str(device)!r}")
-    return device
-
-
-def resolve_kernels(kernels: str, device: torch.device) -> Kernels:
-    """'auto' runs the Triton kernels on CUDA and their torch references on the CPU; 'torch' the
-    references everywhere; 'triton' the kernels everywhere, which on the CPU means Triton's
-    interpreter (slow; how tests check the kernels inside the runtime without a GPU)."""
-    if kernels not in KERNEL_CHOICES:
-        raise RequestError(f"expected kernels one of {', '.join(KERNEL_CHOICES)}; found {kernels!r}")
-    if kernels == "triton" and device.type == "cpu" and not interpreting():
-        raise RequestError(
-            "kernels='triton' on the CPU runs in Triton's interpreter, which needs TRITON_INTERPRET=1 in the "
-            "environment before triton is imported; found it unset (use 'auto' or 'torch' on the CPU)"
-        )
-    return Kernels(kernels)
-
-
-def resolve_dtype(dtype: str, checkpoint_dtype: str, device: torch.device) -> torch.dtype:
-    """'auto' computes in float32 on the CPU and in the checkpoint's own dtype on CUDA."""
-    if dtype == "auto":
-        dtype = checkpoint_dtype if device.type == "cuda" and checkpoint_dtype in DTYPES else "float32"
-    if dtype not in DTYPES:
-        raise RequestError(f"expected dtype one of auto, {', '.join(DTYPES)}; found {dtype!r}")
-    return DTYPES[dtype]
-
-
-def default_store_dir(checkpoint: Checkpoint) -> Path:
-    """One store folder per checkpoint folder, under the cache directory."""
-    digest = hashlib.sha1(str(checkpoint.path.resolve()).encode()).hexdigest()[:12]
-    return cache_dir() / "stores" / f"{checkpoint.path.name}-{digest}"
-
-
-def build_expert_source(
-    checkpoint: Checkpoint,
-    offload: OffloadConfig,
-    device: torch.device,
-    dtype: torch.dtype,
-    progress: bool,
-    max_batch_tokens: int | None,
-) -> tuple[ExpertSource, CachePolicy | None]:
-    """Every expert resident when the budget affords them all; else a pool of slots over the store,
-    run by the configured policy (returned too: the engine and executor tell it what happens)."""
-    spec = checkpoint.spec
-    total = spec.num_moe_layers * spec.num_experts
-    expert_nbytes = spec.expert_params * torch.empty((), dtype=dtype).element_size()
-    slots = parse_budget(offload.expert_budget, expert_nbytes, total, "expert_budget")
-    policy = make_policy(offload.policy, spec.num_moe_layers, spec.num_experts)
-    if slots >= total:
-        return ResidentExperts(checkpoint, device, dtype, progress), None
-    # A layer computes only with all its routed experts resident at once: one step's tokens route
-    # to at most top_k each, and without max_batch_tokens a prefill can reach every expert.
-    minimum = spec.num_experts
-    if max_batch_tokens is not None:
-        minimum = min(minimum, spec.top_k * max_batch_tokens)
-    if slots < minimum:
-        raise OffloadConfigError(
-            f"expert_budget {offload.expert_budget!r} affords {slots} expert slots; the minimum is {minimum} "
-            f"(one layer's experts for a step of {max_batch_tokens or 'any number of'} tokens, "
-            f"{minimum * expert_nbytes / 2**20:.1f} MiB in {str(dtype).split('.')[-1]})"
-        )
-    host_records = parse_budget(offload.host_budget, expert_nbytes, total, "host_budget")
-    if offload.io_threads < 1:
-        raise OffloadConfigError(f"io_threads: expected >= 1, found {offload.io_threads}")
-    store_dir = Path(offload.offload_dir) if offload.offload_dir else default_store_dir(checkpoint)
-    store = ExpertStore.open_or_build(checkpoint, store_dir, dtype, progress=progress)
-    return ExpertPool(store, slots, host_records, device, dtype, policy, offload.io_threads), policy
 
 
 class LLM:
@@ -163,12 +89,11 @@ class LLM:
         self.kernels = resolve_kernels(kernels, self.device)
         tokenizer_file = self.checkpoint.tokenizer_file
         self.codec = TextCodec(tokenizer_file) if tokenizer_file else None
-        self.experts, self.policy = build_expert_source(
+        # where the executor finds each layer's experts, and the one it tells what each step routes
+        self.experts = build_expert_source(
             self.checkpoint, self.offload, self.device, self.dtype, progress, max_batch_tokens
         )
-        self.executor = Executor(
-            self.checkpoint, self.experts, self.policy, self.device, self.dtype, self.kernels, progress
-        )
+        self.executor = Executor(self.checkpoint, self.experts, self.device, self.dtype, self.kernels, progress)
         self._sequences_started = 0
         self._stats = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
         self._stats.update({f"{phase}_{key}": 0 for phase in ("prefill", "decode") for key in PHASE_COUNTERS})
@@ -224,7 +149,7 @@ class LLM:
             capacity = len(ids) + params.max_new_tokens
             # the routing counts only an offloading policy learns from; counting them costs a
             # device-to-host copy at every MoE layer
-            eam = None if self.policy is None else SequenceEAM(self.spec.num_moe_layers, self.spec.num_experts)
+            eam = SequenceEAM(self.spec.num_moe_layers, self.spec.num_experts) if self.experts.tracks_routing else None
             self._sequences_started += 1
             running.append(
                 _Running(
@@ -234,8 +159,7 @@ class LLM:
                     Span(self.executor.new_cache(capacity), len(ids), eam, PREFILL),
                 )
             )
-        if self.policy is not None:
-            self.policy.begin_batch()
+        self.experts.begin_batch()
 
         start = time.perf_counter()
         for step in self._prefill_steps(running):
@@ -352,16 +276,22 @@ class LLM:
                 r.finish_reason = "length"
             if on_token is not None:
                 on_token(r.place, token, r.finish_reason)
-            if r.finish_reason is not None and self.policy is not None:
-                self.policy.sequence_finished(r.span.eam.total())
+            if r.finish_reason is not None and r.span.eam is not None:
+                self.experts.sequence_finished(r.span.eam.total())
 
     def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
         """Full-sequence forward from an empty cache: [T, vocab] float32 on the CPU."""
         ids = self.prompt_ids(token_ids)
-        if self.policy is not None:
-            self.policy.begin_batch()  # a batch of its own: no routing state carried in from the last
+        self.experts.begin_batch()  # a batch of its own: no routing state carried in from the last
         span = Span(self.executor.new_cache(len(ids)), len(ids))
         return self.executor.forward(torch.tensor(ids, device=self.device), [span]).cpu()
+
+    @property
+    def policy(self) -> CachePolicy | None:
+        """The offloading policy (None when every expert is resident), for inspection: its EAM
+        collection holds what it learned (policy.eamc.save(path)). Only the expert source's cache
+        controller calls it."""
+        return self.experts.policy
 
     def stats(self) -> dict[str, float]:
         """Counters since this LLM was built: tokens and seconds in prefill and decode, and the

@@ -19,18 +19,11 @@ from moeinf.models.attention import attend
 from moeinf.models.mlp import swiglu
 from moeinf.models.rope import RotaryTable, apply_rope
 from moeinf.models.routing import route
-from moeinf.runtime.cache_policy import CachePolicy
+from moeinf.runtime.cache.eam import PREFILL, SequenceEAM
 from moeinf.runtime.dense_weights import DenseWeights, LayerWeights
-from moeinf.runtime.eam import PREFILL, SequenceEAM
-from moeinf.runtime.expert_pool import ExpertPool
+from moeinf.runtime.experts.source import ExpertSource, LayerRouting
 from moeinf.runtime.kv_cache import SequenceKVCache
-from moeinf.runtime.resident_experts import ResidentExperts
 from moeinf.runtime.routing_record import RoutingRecord
-
-# Where the executor finds experts: all resident, or a pool of fewer slots fed from host and disk.
-# Both expose w13 [S, 2F, D], w2 [S, D, F], b13 [S, 2F] | None, b2 [S, D] | None and
-# acquire(layer, topk_ids) -> [E] slots / release(layer).
-ExpertSource = ResidentExperts | ExpertPool
 
 
 @dataclass
@@ -49,7 +42,6 @@ class Executor:
         self,
         checkpoint: Checkpoint,
         experts: ExpertSource,
-        policy: CachePolicy | None,
         device: torch.device,
         dtype: torch.dtype,
         kernels: Kernels,
@@ -58,8 +50,7 @@ class Executor:
         self.spec = checkpoint.spec
         self.device, self.dtype = device, dtype
         self.dense = DenseWeights.load(checkpoint, device, dtype, progress)
-        self.experts = experts
-        self.policy = policy  # the offloading policy, told the next layer's routing if it asks
+        self.experts = experts  # where each MoE layer's experts are found, told what each step routes
         self.rotary = RotaryTable(self.spec.rope, device)
         self.kernels = kernels  # norms, routing and experts: Triton kernels or their torch references
 
@@ -144,21 +135,18 @@ class Executor:
         """Routed experts (+ the shared expert) of one MoE layer. h: [T, D] residual stream after
         attention (what the next MoE layer's router is applied to for lookahead); x: [T, D] normed."""
         spec, m = self.spec, lw.moe_index
-        wants_lookahead = self.policy is not None and self.policy.wants_lookahead
         recording = any(span.record is not None for span in spans)
-        next_ids = None
-        if m + 1 < spec.num_moe_layers and (wants_lookahead or recording):
-            next_ids = self._route_next(h, m + 1)
-            if wants_lookahead:
-                self.policy.lookahead(m, torch.bincount(next_ids.reshape(-1), minlength=spec.num_experts).tolist())
+        next_routing = None
+        if m + 1 < spec.num_moe_layers and (self.experts.wants_lookahead or recording):
+            next_routing = LayerRouting(self._route_next(h, m + 1), None, spec.num_experts)
         ids, weights = self._route(self.dense.layers[spec.moe_layers[m]], x)
         if not spec.router_weights_fp32:
             weights = weights.to(self.dtype)  # the family weighs expert outputs in the model dtype
-        self._trace(m, ids, weights, next_ids, spans)
-        slots = self.experts.acquire(m, ids)
-        experts = self.experts
+        routing = LayerRouting(ids, weights, spec.num_experts)
+        self._trace(m, routing, next_routing, spans)
+        experts = self.experts.acquire(m, routing, next_routing if self.experts.wants_lookahead else None)
         y = self.kernels.moe_experts(
-            x, ids, weights, experts.w13, experts.w2, slots,
+            x, ids, weights, experts.w13, experts.w2, experts.slots,
             b13=experts.b13, b2=experts.b2, activation=spec.expert_activation,
         )  # fmt: skip
         self.experts.release(m)
@@ -182,22 +170,20 @@ class Executor:
         return ids
 
     @staticmethod
-    def _trace(
-        moe_index: int, ids: torch.Tensor, weights: torch.Tensor, next_ids: torch.Tensor | None, spans: list[Span]
-    ) -> None:
+    def _trace(moe_index: int, routing: LayerRouting, next_routing: LayerRouting | None, spans: list[Span]) -> None:
         """Counts each span's routing at MoE layer `moe_index` into its EAM and, when recording,
-        keeps it per token. ids, weights: [T, K]; next_ids: [T, K] the next MoE layer's guess."""
+        keeps it per token (next_routing: the next MoE layer's guess)."""
         if all(span.eam is None and span.record is None for span in spans):
             return
-        ids_np = ids.cpu().numpy()
+        ids = routing.host_ids()  # [T, K]
         offset = 0
         for span in spans:
             rows = slice(offset, offset + span.count)
             if span.eam is not None:
-                span.eam.add(span.phase, moe_index, ids_np[rows])
+                span.eam.add(span.phase, moe_index, ids[rows])
             if span.record is not None:
-                span.record.experts[:, moe_index] = ids_np[rows]
-                span.record.weights[:, moe_index] = weights[rows].float().cpu().numpy()
-                if next_ids is not None:
-                    span.record.lookahead[:, moe_index] = next_ids[rows].cpu().numpy()
+                span.record.experts[:, moe_index] = ids[rows]
+                span.record.weights[:, moe_index] = routing.weights[rows].float().cpu().numpy()
+                if next_routing is not None:
+                    span.record.lookahead[:, moe_index] = next_routing.host_ids()[rows]
             offset += span.count

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-NO_NEXT_LAYER = -1  # lookahead of the last MoE layer: there is no next layer
+from moeinf.runtime.traces import NO_NEXT_LAYER
 
 
 class RoutingRecord:

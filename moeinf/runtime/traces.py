@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from moeinf.errors import TraceFormatError
-from moeinf.runtime.eam import DECODE, PREFILL
+from moeinf.runtime.cache.eam import DECODE, PREFILL, expert_counts
 
 REQUIRED_META = ("model", "num_layers", "num_experts", "top_k", "source")
 ARRAYS = ("experts", "weights", "seq_starts", "phase", "meta")  # lookahead is optional
@@ -82,12 +82,10 @@ class Trace:
         """[L, E] int32: tokens sequence i routed to each expert of each layer; prefill and decode
         summed (what the runtime hands CachePolicy.sequence_finished), or only `phase`'s tokens."""
         rows = self.sequence(i)
-        ids = self.experts[rows].astype(np.int64)  # [n, L, K]
+        ids = self.experts[rows]  # [n, L, K]
         if phase is not None:
             ids = ids[self.phase[rows] == phase]
-        L, E = self.num_layers, self.num_experts
-        flat = (np.arange(L)[None, :, None] * E + ids).reshape(-1)
-        return np.bincount(flat, minlength=L * E).reshape(L, E).astype(np.int32)
+        return expert_counts(ids, self.num_experts).astype(np.int32)
 
 
 def read_trace(path: str | os.PathLike) -> Trace:

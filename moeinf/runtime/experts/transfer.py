@@ -14,13 +14,14 @@ import threading
 from concurrent.futures import Future
 from typing import Callable
 
-URGENT, PREFETCH = 0, 1  # queue priorities: lower runs first
+from moeinf.runtime.cache.mechanism import PREFETCH, URGENT
+from moeinf.runtime.cache.residency import Key
 
 
 class TransferQueue:
-    def __init__(self, load: Callable[[tuple[int, int], int], None], workers: int, name: str = "moeinf-io"):
+    def __init__(self, load: Callable[[Key, int], None], workers: int, name: str = "moeinf-io"):
         self._load = load
-        self._heap: list[tuple[int, int, Future, tuple[int, int], int]] = []
+        self._heap: list[tuple[int, int, Future, Key, int]] = []
         self._order = itertools.count()  # FIFO within a priority
         self._cv = threading.Condition()
         self._closed = False
@@ -30,12 +31,12 @@ class TransferQueue:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, key: tuple[int, int], slot: int, urgent: bool) -> Future:
+    def submit(self, key: Key, slot: int, urgent: bool) -> Future:
         ticket: Future = Future()
         self._push(ticket, key, slot, URGENT if urgent else PREFETCH)
         return ticket
 
-    def promote(self, ticket: Future, key: tuple[int, int], slot: int) -> None:
+    def promote(self, ticket: Future, key: Key, slot: int) -> None:
         """A queued prefetch became needed now: queue it again behind the on-demand loads already
         waiting, ahead of every prefetch. The entry left behind is skipped when a worker reaches it."""
         self._push(ticket, key, slot, URGENT)
@@ -45,7 +46,7 @@ class TransferQueue:
         with self._cv:
             return ticket.cancel()
 
-    def _push(self, ticket: Future, key: tuple[int, int], slot: int, priority: int) -> None:
+    def _push(self, ticket: Future, key: Key, slot: int, priority: int) -> None:
         with self._cv:
             if self._closed:
                 raise RuntimeError("transfer queue is closed")

@@ -24,7 +24,7 @@ layer l computes:
 Ties go to the entry met first: for prefetch the nearer layer, then the lower expert; for
 eviction the earlier candidate.
 
-Victims are chosen over the residency's slot arrays (runtime/residency.py: layer_of, expert_of
+Victims are chosen over the residency's slot arrays (runtime/cache/residency.py: layer_of, expert_of
 [S] and the evictable mask [S]), which it keeps up to date as slots change state, so choosing one
 is a single compiled pass over the slots, with no per-candidate Python: eviction_order_slots for
 the activation-aware priority (candidates in slot order), lowest_slot for the recency/frequency

@@ -10,7 +10,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-Key = tuple[int, int]
+from moeinf.runtime.cache.residency import Key
 
 
 class HostCache:

@@ -1,36 +1,26 @@
-"""The decisions of the expert cache, apart from the mechanism that moves bytes.
+"""The decisions of the expert cache, apart from the mechanism that moves bytes, and the one caller
+of the cache policy.
 
-For each MoE layer the controller is told how many tokens each expert got; it pins the resident
-ones, claims slots for the missing ones (evicting the policy's victims), asks the policy what to
-prefetch, cancels prefetches the layer proved stale, and waits for what the layer needs. Loads
-themselves go through a LoadMechanism: the runtime's pool (threads, CuPy streams) or trace
-replay's virtual link. Both therefore run exactly this code.
+A step is told to the controller through four entry points, in this order: begin_batch() when a
+batch of sequences starts, then per MoE layer acquire(layer, counts, next_counts) and release(),
+and sequence_finished(eam) as sequences end. acquire hands the policy the next layer's guess (if
+it wants one) and the layer's routing, pins the resident experts, claims slots for the missing
+ones (evicting the policy's victims), asks the policy what to prefetch, cancels prefetches the
+layer proved stale, and waits for what the layer needs. Loads themselves go through a
+LoadMechanism: the runtime's pool (threads, CuPy streams) or trace replay's virtual link. Both
+drive exactly this code, through the same entry points.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Sequence
 
-from moeinf.runtime.cache_policy import CachePolicy
-from moeinf.runtime.counters import TrafficCounters
-from moeinf.runtime.residency import Key, Residency, SlotState
+import numpy as np
 
-
-class LoadMechanism(Protocol):
-    def start_load(self, key: Key, slot: int, urgent: bool) -> None:
-        """Queues a copy of `key` into `slot`; urgent (on-demand) loads go before prefetches."""
-
-    def promote(self, key: Key, slot: int) -> None:
-        """A queued prefetch into `slot` is needed now: queue it with the on-demand loads."""
-
-    def try_cancel(self, slot: int) -> bool:
-        """Drops the load into `slot` if it has not started."""
-
-    def wait(self, slot: int) -> None:
-        """Blocks until the load into `slot` has landed; raises if it failed."""
-
-    def finished(self) -> list[int]:
-        """Slots whose loads have landed since the last wait on them (does not block)."""
+from moeinf.runtime.cache.counters import TrafficCounters
+from moeinf.runtime.cache.mechanism import LoadMechanism
+from moeinf.runtime.cache.policy import CachePolicy
+from moeinf.runtime.cache.residency import Key, Residency, SlotState
 
 
 class PolicyError(RuntimeError):
@@ -48,12 +38,28 @@ class CacheController:
         self.counters = counters
         self._pinned: list[int] = []  # slots pinned by the layer computing now
 
-    def acquire(self, layer: int, token_counts: Sequence[int]) -> list[int]:
-        """token_counts: [E] tokens routed to each expert of `layer`. Returns [E] slots (-1 for
-        experts without tokens) once every routed expert is resident; they stay pinned until
-        release()."""
+    @property
+    def wants_lookahead(self) -> bool:
+        """Whether acquire() should be given next_counts (the policy asks for the lookahead)."""
+        return self.policy.wants_lookahead
+
+    def begin_batch(self) -> None:
+        """A batch of sequences begins at layer 0: no routing state carries over from the last."""
+        self.policy.begin_batch()
+
+    def sequence_finished(self, eam: np.ndarray) -> None:
+        """A sequence of the batch ended. eam: [L, E] tokens it routed to each expert."""
+        self.policy.sequence_finished(eam)
+
+    def acquire(self, layer: int, token_counts: Sequence[int], next_counts: Sequence[int] | None = None) -> list[int]:
+        """token_counts: [E] tokens routed to each expert of `layer`; next_counts: [E] tokens that
+        layer + 1's router, applied to this layer's hidden state, sends to each of its experts
+        (None: not guessed, or no next layer). Returns [E] slots (-1 for experts without tokens)
+        once every routed expert is resident; they stay pinned until release()."""
         res = self.residency
         needed = [e for e, count in enumerate(token_counts) if count]
+        if next_counts is not None and self.policy.wants_lookahead:
+            self.policy.lookahead(layer, next_counts)
         self.policy.observe(layer, token_counts)
         for slot in self.mechanism.finished():
             self._landed(slot)

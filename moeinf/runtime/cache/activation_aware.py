@@ -47,7 +47,7 @@ gsm8k then humaneval.
   loads per access against 84.9% for 0.82.
 
 Time, and the prefetch gate (MIN_USE). In trace replay over a virtual PCIe 4 link
-(runtime/replay.py), where each copy holds the link for 14 ms against 0.3 ms of compute per layer,
+(runtime/replay/), where each copy holds the link for 14 ms against 0.3 ms of compute per layer,
 the ungated PREFETCH 1 made the time per token on gsm8k 888 / 679 / 362 ms (32 / 64 / 128 slots)
 against 754 / 604 / 362 with prefetch=0 and LRU's 912 / 603 / 430: three prefetches in four went
 unused, and a wrong prefetch delays the misses queued behind it. A prefetch pays in link time only
@@ -81,9 +81,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from moeinf.errors import OffloadConfigError
-from moeinf.runtime.cache_policy import CachePolicy, Key
-from moeinf.runtime.eam_collection import EAMCollection
-from moeinf.runtime.scorer import eviction_order_slots, prefetch_order
+from moeinf.runtime.cache.eam_collection import EAMCollection
+from moeinf.runtime.cache.policy import CachePolicy, Key
+from moeinf.runtime.cache.scorer import eviction_order_slots, prefetch_order
 
 DECAY = 0.95  # weight of a step's routing after each later step
 PRIOR_WEIGHT = 8.0  # routings of evidence the prior (EAMC match, or uniform) counts for

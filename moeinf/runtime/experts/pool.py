@@ -1,5 +1,6 @@
-"""The device expert pool: a fixed number of slots, experts streamed in from the host tier and the
-disk store, evictions chosen by a policy, every transfer counted.
+"""The device expert pool, an ExpertSource: a fixed number of slots, experts streamed in from the
+host tier and the disk store, evictions and prefetches decided by a CacheController running a
+policy (the pool is its LoadMechanism), every transfer counted.
 
 Slots live in one buffer of records, records: [S, record_nbytes] uint8, laid out exactly like a
 record of the expert store (w13 then w2, then any biases, in the compute dtype). w13 [S, 2F, D],
@@ -19,13 +20,14 @@ import torch
 
 from moeinf.errors import StoreChecksumError
 from moeinf.loaders.expert_store import ExpertStore, aligned_buffer
-from moeinf.runtime.cache_controller import CacheController
-from moeinf.runtime.cache_policy import CachePolicy
-from moeinf.runtime.counters import TrafficCounters
-from moeinf.runtime.cuda_copy import CudaSlotCopier, cuda_copies_available
-from moeinf.runtime.host_cache import HostCache
-from moeinf.runtime.residency import Key
-from moeinf.runtime.transfer import TransferQueue
+from moeinf.runtime.cache.controller import CacheController
+from moeinf.runtime.cache.counters import TrafficCounters
+from moeinf.runtime.cache.policy import CachePolicy
+from moeinf.runtime.cache.residency import Key
+from moeinf.runtime.experts.cuda_copy import CudaSlotCopier, cuda_copies_available
+from moeinf.runtime.experts.host_cache import HostCache
+from moeinf.runtime.experts.source import LayerExperts, LayerRouting
+from moeinf.runtime.experts.transfer import TransferQueue
 
 
 class ExpertPool:
@@ -43,6 +45,8 @@ class ExpertPool:
         self.store, self.layout, self.policy = store, layout, policy
         self.num_experts = store.num_experts
         self.device = device
+        self.num_slots = num_slots
+        self.tracks_routing = True  # the policy learns from finished sequences' EAMs
         S, R = num_slots, layout.record_nbytes
         if device.type == "cuda":
             self.records = torch.empty((S, R), dtype=torch.uint8, device=device)
@@ -132,21 +136,31 @@ class ExpertPool:
             self._tickets.pop(slot).result()  # a failed load raises here, not silently later
         return done
 
-    # ------------------------------------------------------------------ compute side
+    # ------------------------------------------------------------------ compute side (ExpertSource)
 
-    def acquire(self, layer: int, topk_ids: torch.Tensor) -> torch.Tensor:
-        """Makes the experts that `topk_ids` [T, K] routes to resident and pins them until
-        release(). Returns the slot of each expert of `layer`, [E] int64 (-1: not routed)."""
-        counts = torch.bincount(topk_ids.reshape(-1), minlength=self.num_experts).tolist()
-        table = self.controller.acquire(layer, counts)
+    @property
+    def wants_lookahead(self) -> bool:
+        return self.controller.wants_lookahead
+
+    def begin_batch(self) -> None:
+        self.controller.begin_batch()
+
+    def acquire(self, layer: int, routing: LayerRouting, next_routing: LayerRouting | None) -> LayerExperts:
+        """Makes the experts `routing` sends tokens to resident and pins them until release()."""
+        next_counts = None if next_routing is None else next_routing.counts().tolist()
+        table = self.controller.acquire(layer, routing.counts().tolist(), next_counts)
         if self.copier is not None:
             self.copier.compute_waits_for([slot for slot in table if slot >= 0])
-        return torch.tensor(table, dtype=torch.int64, device=self.device)
+        slots = torch.tensor(table, dtype=torch.int64, device=self.device)  # [E]
+        return LayerExperts(slots, self.w13, self.w2, self.b13, self.b2)
 
     def release(self, layer: int) -> None:
         slots = self.controller.release()
         if self.copier is not None:
             self.copier.compute_released(slots)
+
+    def sequence_finished(self, eam: np.ndarray) -> None:
+        self.controller.sequence_finished(eam)
 
     def resident_experts(self) -> int:
         return self.controller.resident_experts()

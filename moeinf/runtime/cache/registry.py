@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 from moeinf.errors import OffloadConfigError
-from moeinf.runtime.activation_policy import (
+from moeinf.runtime.cache.activation_aware import (
     ActivationAwareLookaheadPolicy,
     ActivationAwarePolicy,
     LookaheadPolicy,
 )
-from moeinf.runtime.cache_policy import CachePolicy, Key, LFUPolicy, LRUPolicy
+from moeinf.runtime.cache.policy import CachePolicy, Key, LFUPolicy, LRUPolicy
 
 __all__ = ["POLICIES", "DEFAULT_POLICY", "make_policy", "CachePolicy", "Key", "LRUPolicy", "LFUPolicy"]
 
 POLICIES: dict[str, type[CachePolicy]] = {
-    p.name: p
-    for p in (LRUPolicy, LFUPolicy, ActivationAwarePolicy, LookaheadPolicy, ActivationAwareLookaheadPolicy)
+    p.name: p for p in (LRUPolicy, LFUPolicy, ActivationAwarePolicy, LookaheadPolicy, ActivationAwareLookaheadPolicy)
 }
 DEFAULT_POLICY = ActivationAwarePolicy.name
 

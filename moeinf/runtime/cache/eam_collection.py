@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from moeinf.errors import EAMCError
+from moeinf.runtime.cache.eam import expert_counts
 
 FORMAT_VERSION = 1
 
@@ -202,10 +203,8 @@ class EAMCollection:
                 f"routing trace seq_starts: expected non-decreasing offsets from 0 to {N}, found {starts!r:.80}"
             )
         eamc = cls(L, E, capacity)
-        flat = (np.arange(L)[None, :, None] * E + experts).reshape(N, -1)  # [N, L * K] as layer * E + expert
         for begin, end in itertools.pairwise(starts):
-            eam = np.bincount(flat[begin:end].reshape(-1), minlength=L * E).reshape(L, E)
-            eamc.insert(eam)
+            eamc.insert(expert_counts(experts[begin:end], E))
         return eamc
 
 

@@ -7,7 +7,7 @@ keys (layer, expert), or with slots where it chooses among the residency's slots
 Python, numpy and Numba over small arrays, with no tensors, so trace replay can run the very code
 the runtime runs.
 
-Victims: the controller hands victim_slot() the residency's slot arrays (runtime/residency.py),
+Victims: the controller hands victim_slot() the residency's slot arrays (runtime/cache/residency.py),
 which are kept up to date as slots change state; the policy scores the candidates in one
 compiled pass (scorer.py) over per-expert state it keeps as [L, E] arrays. No eviction builds a
 list or a tuple per slot, so its cost in Python does not grow with the pool.
@@ -20,9 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
-from moeinf.runtime.scorer import lowest_slot
-
-Key = tuple[int, int]  # (layer, expert)
+from moeinf.runtime.cache.residency import Key
+from moeinf.runtime.cache.scorer import lowest_slot
 
 
 class CachePolicy(ABC):

@@ -1,19 +1,23 @@
-"""Every routed expert resident on the compute device, in slot-indexed buffers.
+"""Every routed expert resident on the compute device, in slot-indexed buffers: the trivial
+ExpertSource (nothing to load, pin, evict or learn).
 
-The buffers have the layout of the device expert pool (one buffer per weight kind, [S, ...]),
-and the executor reads experts only through `slots(layer)`, so an offloading pool with fewer
-slots than experts can take this class's place without touching the executor or the kernels.
+The buffers have the layout of the device expert pool (one buffer per weight kind, [S, ...], slot
+= layer * E + expert), and the executor reads experts only through the LayerExperts acquire()
+returns, so the pool, with fewer slots than experts, takes this class's place without touching the
+executor or the kernels.
 """
 
 from __future__ import annotations
 
 import threading
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from moeinf.loaders.checkpoint import Checkpoint
-from moeinf.runtime.counters import TrafficCounters
+from moeinf.runtime.cache.counters import TrafficCounters
+from moeinf.runtime.experts.source import LayerExperts, LayerRouting
 
 
 class ResidentExperts:
@@ -28,6 +32,9 @@ class ResidentExperts:
             self.b2 = torch.empty((L * E, D), device=device, dtype=dtype)
         # slot_table: [L, E] slot of each (layer, expert); slot = layer * E + expert
         self.slot_table = torch.arange(L * E, device=device, dtype=torch.int64).view(L, E)
+        self.num_slots = L * E
+        self.wants_lookahead = self.tracks_routing = False
+        self.policy = None
         bar = tqdm(total=L * E, desc="experts", unit="expert", disable=not progress)
         for layer in range(L):
             for expert in range(E):
@@ -55,25 +62,23 @@ class ResidentExperts:
         self._stats.add(hits=pending)
         return self._stats
 
-    def acquire(self, layer: int, topk_ids: torch.Tensor) -> torch.Tensor:
-        """[E] int64: the slot holding each expert of `layer` (the pool's interface; here every
-        expert is always resident, so nothing loads and nothing needs pinning). topk_ids: [T, K]."""
-        flat = topk_ids.reshape(-1)  # [T*K]
-        counts = torch.zeros(self.slot_table.shape[1], dtype=torch.int64, device=flat.device)  # [E]
-        counts.scatter_add_(0, flat, torch.ones_like(flat))  # bincount would wait for the device to size its output
+    def begin_batch(self) -> None:
+        """Nothing to reset: no policy."""
+
+    def acquire(self, layer: int, routing: LayerRouting, next_routing: LayerRouting | None) -> LayerExperts:
+        """The slots of `layer`'s experts (every one resident, so nothing loads or needs pinning)."""
         with self._pending_lock:
-            self._pending_hits += (counts > 0).sum()
-        return self.slot_table[layer]
+            self._pending_hits += (routing.device_counts() > 0).sum()
+        return LayerExperts(self.slot_table[layer], self.w13, self.w2, self.b13, self.b2)
 
     def release(self, layer: int) -> None:
         """Nothing to unpin: resident experts are never evicted."""
+
+    def sequence_finished(self, eam: np.ndarray) -> None:
+        """Nothing learns from it (tracks_routing is False, so it is not called)."""
 
     def resident_experts(self) -> int:
         return self.slot_table.numel()
 
     def close(self) -> None:
         """Nothing to stop: no I/O threads."""
-
-    def nbytes(self) -> int:
-        buffers = [t for t in (self.w13, self.w2, self.b13, self.b2) if t is not None]
-        return sum(t.numel() * t.element_size() for t in buffers)

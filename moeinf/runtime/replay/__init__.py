@@ -1,0 +1,1 @@
+"""Trace replay: the cache controller and policies driven by a recorded trace on a virtual clock."""

@@ -1,0 +1,216 @@
+"""What a replayed step costs: the GPU computing, the model whose experts move, the link they cross.
+
+Per-layer compute is the time to stream the weights a decode token reads through HBM on one
+H100-class GPU, since batch-1 decode is memory-bound; prefill steps take the larger of that and
+their FLOPs at an effective tensor-core rate. Attention's KV reads are left out (short contexts:
+Mixtral reads 4 KB of KV per layer per cached token, under 1% of its 84 MB of attention weights at
+1k tokens). The figures and their sources are beside each constant below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from moeinf.errors import ReplayConfigError
+from moeinf.runtime.traces import Trace
+
+if TYPE_CHECKING:  # annotations only: replay runs where torch is not installed
+    from moeinf.models.spec import ModelSpec
+    from moeinf.runtime.dense_weights import DenseWeights
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """What the compute side of one step costs."""
+
+    name: str
+    hbm_bytes_per_s: float  # effective, for streaming weights (memory-bound decode)
+    flops_per_s: float  # effective dense tensor-core rate (only prefill steps get near it)
+    layer_overhead_s: float  # kernel launches and host bookkeeping per layer
+
+
+# H100 SXM5: HBM3 peak 3.35 TB/s and 989 TFLOP/s dense BF16 (NVIDIA H100 datasheet). Memory-bound
+# GEMV-like kernels reach roughly 75-80% of peak bandwidth, hence 2.6 TB/s; large GEMMs about 60%
+# of the tensor-core peak, hence 600 TFLOP/s. About a dozen kernels per layer at 1-2 us each, and
+# the runtime's per-layer Python, give ~20 us of fixed cost per layer.
+H100 = Gpu("H100-SXM-class", hbm_bytes_per_s=2.6e12, flops_per_s=600e12, layer_overhead_s=20e-6)
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """What one decode token reads, for one model. Layers are the trace's layers (MoE layers)."""
+
+    name: str
+    num_layers: int
+    num_experts: int
+    top_k: int
+    expert_bytes: int  # one routed expert: w1, w3 [F, D] and w2 [D, F]
+    layer_dense_bytes: int  # per MoE layer, read every step: attention, router, shared experts
+    step_bytes: int  # per step outside the MoE layers: lm head, dense-FFN layers
+    bytes_per_param: float
+    aliases: tuple[str, ...] = ()  # lower-case substrings of meta["model"] that name this model
+
+    def matches(self, num_layers: int, num_experts: int, top_k: int) -> bool:
+        return (self.num_layers, self.num_experts, self.top_k) == (num_layers, num_experts, top_k)
+
+
+MODELS: dict[str, ModelCost] = {
+    m.name: m
+    for m in (
+        # Mixtral-8x7B (config.json: hidden 4096, intermediate 14336, 32 heads / 8 KV heads of 128,
+        # vocab 32000), served in bf16 as this runtime does (the shared traces were recorded with
+        # FP8 weights, which changes routing by little and bytes not at all for us).
+        # expert 3 * 4096 * 14336 * 2 B = 352 MB; attention 4096 * (4096 + 2 * 1024) + 4096 * 4096
+        # params + router 4096 * 8 -> 84 MB per layer; lm head 32000 * 4096 * 2 B = 262 MB.
+        ModelCost(
+            "mixtral-8x7b",
+            32,
+            8,
+            2,
+            expert_bytes=3 * 4096 * 14336 * 2,
+            layer_dense_bytes=(4096 * (4096 + 2 * 1024) + 4096 * 4096 + 4096 * 8) * 2,
+            step_bytes=32000 * 4096 * 2,
+            bytes_per_param=2,
+            aliases=("mixtral-8x7b", "mixtral 8x7b"),
+        ),
+        # Qwen3-30B-A3B (config.json: hidden 2048, moe_intermediate 768, 32 heads / 4 KV heads of
+        # 128, 48 layers, 128 experts top-8, vocab 151936, untied lm head), bf16.
+        # expert 3 * 2048 * 768 * 2 B = 9.4 MB; attention 2048 * 4096 + 2 * 2048 * 512 + 4096 * 2048
+        # params + router 2048 * 128 -> 40 MB per layer; lm head 151936 * 2048 * 2 B = 622 MB.
+        ModelCost(
+            "qwen3-30b-a3b",
+            48,
+            128,
+            8,
+            expert_bytes=3 * 2048 * 768 * 2,
+            layer_dense_bytes=(2048 * 4096 + 2 * 2048 * 512 + 4096 * 2048 + 2048 * 128) * 2,
+            step_bytes=151936 * 2048 * 2,
+            bytes_per_param=2,
+            aliases=("qwen3-30b-a3b",),
+        ),
+        # DeepSeek-V3 (config.json: hidden 7168, moe_intermediate 2048, 61 layers of which the first
+        # 3 are dense (intermediate 18432), 256 routed experts top-8 + 1 shared, MLA with q_lora
+        # 1536, kv_lora 512, 128 heads, vocab 129280), in its native FP8 (1 B/param, block scales
+        # negligible). expert 3 * 7168 * 2048 B = 44 MB. Per MoE layer: MLA (q_a 7168x1536, q_b
+        # 1536x24576, kv_a 7168x576, kv_b 512x32768, o 16384x7168 = 187 M) + shared expert (44 M)
+        # + router (7168x256) -> 233 MB. Per step: 3 dense layers (187 M + 3 * 7168 * 18432 each)
+        # = 1.75 GB and the bf16 lm head 129280 * 7168 * 2 B = 1.85 GB.
+        ModelCost(
+            "deepseek-v3",
+            58,
+            256,
+            8,
+            expert_bytes=3 * 7168 * 2048,
+            layer_dense_bytes=(
+                7168 * 1536 + 1536 * 24576 + 7168 * 576 + 512 * 32768 + 16384 * 7168 + 3 * 7168 * 2048 + 7168 * 256
+            ),
+            step_bytes=3 * (7168 * 1536 + 1536 * 24576 + 7168 * 576 + 512 * 32768 + 16384 * 7168 + 3 * 7168 * 18432)
+            + 129280 * 7168 * 2,
+            bytes_per_param=1,
+            aliases=("deepseek-v3", "deepseek v3"),
+        ),
+    )
+}
+
+# Effective host-to-device bandwidth of the link experts cross.
+LINKS: dict[str, float] = {
+    # PCIe 4.0 x16: 31.5 GB/s raw per direction; pinned H2D copies measure 24-26 GB/s (CUDA
+    # bandwidthTest on A100-class hosts).
+    "pcie4": 25e9,
+    # PCIe 5.0 x16: 63 GB/s raw; pinned H2D copies on H100 hosts measure 50-55 GB/s.
+    "pcie5": 50e9,
+    # One PCIe 4.0 x4 NVMe SSD: ~7 GB/s sequential read (e.g. Samsung 990 Pro: 7.45 GB/s), the
+    # bottleneck when experts come from disk with no host tier.
+    "nvme": 7e9,
+}
+
+
+@dataclass(frozen=True)
+class ReplayProfile:
+    """The link experts cross, the model whose experts they are, and the GPU computing."""
+
+    link: str
+    link_bytes_per_s: float
+    model: ModelCost
+    gpu: Gpu = H100
+
+    @property
+    def load_s(self) -> float:
+        """Time one expert occupies the link."""
+        return self.model.expert_bytes / self.link_bytes_per_s
+
+    def layer_s(self, tokens: int, active_experts: int) -> tuple[float, float]:
+        """(dense_s, expert_s): one layer's attention + router, then its experts, for a step of
+        `tokens` tokens that routes to `active_experts` distinct experts."""
+        m, g = self.model, self.gpu
+        dense_flops = 2 * tokens * m.layer_dense_bytes / m.bytes_per_param
+        expert_flops = 2 * tokens * m.top_k * m.expert_bytes / m.bytes_per_param
+        dense_s = max(m.layer_dense_bytes / g.hbm_bytes_per_s, dense_flops / g.flops_per_s) + g.layer_overhead_s
+        expert_s = max(active_experts * m.expert_bytes / g.hbm_bytes_per_s, expert_flops / g.flops_per_s)
+        return dense_s, expert_s
+
+    def step_s(self) -> float:
+        """The per-step remainder outside the MoE layers (memory-bound; one row of logits)."""
+        return self.model.step_bytes / self.gpu.hbm_bytes_per_s
+
+    def decode_compute_s(self) -> float:
+        """Time of one decode token with every expert resident."""
+        dense_s, expert_s = self.layer_s(1, self.model.top_k)
+        return self.model.num_layers * (dense_s + expert_s) + self.step_s()
+
+
+COST_FIELDS = ("expert_bytes", "layer_dense_bytes", "step_bytes", "bytes_per_param")
+
+
+def model_for(meta: dict) -> ModelCost:
+    """The ModelCost a trace's meta describes: its own meta["cost"] (ModelCost's byte fields, as
+    `moeinf trace` records them for the model it ran), else a known model by name (meta["model"]
+    containing an alias), else by shape (num_layers, num_experts, top_k)."""
+    shape = (meta["num_layers"], meta["num_experts"], meta["top_k"])
+    if "cost" in meta:
+        cost = meta["cost"]
+        if not isinstance(cost, dict) or sorted(cost) != sorted(COST_FIELDS):
+            raise ReplayConfigError(f"trace meta.cost: expected the keys {', '.join(COST_FIELDS)}, found {cost!r}")
+        for key in COST_FIELDS:
+            value = cost[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ReplayConfigError(f"trace meta.cost.{key}: expected a positive number, found {value!r}")
+        return ModelCost(str(meta.get("model", "traced")), *shape, **cost)
+    name = str(meta.get("model", "")).lower()
+    for model in MODELS.values():
+        if any(alias in name for alias in model.aliases):
+            if not model.matches(*shape):
+                raise ReplayConfigError(
+                    f"trace model {meta['model']!r}: expected {model.name}'s shape (layers, experts, top_k) = "
+                    f"{(model.num_layers, model.num_experts, model.top_k)}, found {shape}"
+                )
+            return model
+    for model in MODELS.values():
+        if model.matches(*shape):
+            return model
+    known = ", ".join(f"{m.name} {(m.num_layers, m.num_experts, m.top_k)}" for m in MODELS.values())
+    raise ReplayConfigError(
+        f"trace model {meta.get('model')!r} with (layers, experts, top_k) = {shape}: expected one of {known}; "
+        "build a ReplayProfile with its ModelCost to replay others"
+    )
+
+
+def profile_for(trace: Trace, link: str = "pcie4", gpu: Gpu = H100) -> ReplayProfile:
+    """The profile of `link` (one of LINKS) for the model `trace` was recorded on."""
+    if link not in LINKS:
+        raise ReplayConfigError(f"link profile: expected one of {', '.join(LINKS)}, found {link!r}")
+    return ReplayProfile(link, LINKS[link], model_for(trace.meta), gpu)
+
+
+def traced_model_cost(spec: ModelSpec, dense: DenseWeights, bytes_per_param: int) -> dict:
+    """meta["cost"] of a trace `moeinf trace` records (ModelCost's byte fields, model_for reads
+    them): the bytes one decode token of this model reads, with weights of `bytes_per_param`."""
+    moe_layer_params = [dense.layer_params(layer) for layer in spec.moe_layers]
+    dense_layer_params = [dense.layer_params(layer) for layer in range(spec.num_layers) if layer not in spec.moe_layers]
+    return {
+        "expert_bytes": spec.expert_params * bytes_per_param,
+        "layer_dense_bytes": round(sum(moe_layer_params) / len(moe_layer_params)) * bytes_per_param,
+        "step_bytes": (dense.head_params() + sum(dense_layer_params)) * bytes_per_param,
+        "bytes_per_param": bytes_per_param,
+    }

@@ -1,0 +1,153 @@
+"""What LLM's arguments turn into: the device, the compute dtype, the kernels, and the expert source
+(every expert resident, or a pool of slots over the packed store, run by a cache policy).
+
+Memory budgets are written as a fraction of all expert bytes (0.25), a byte size ("2GiB",
+"512MB", "1.5G"), a percentage ("25%"), or a slot count (an int); None means everything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moeinf.errors import OffloadConfigError, RequestError
+from moeinf.kernels.block_configs import interpreting
+from moeinf.kernels.ops import KERNEL_CHOICES, Kernels
+from moeinf.loaders.checkpoint import Checkpoint
+from moeinf.loaders.default_model import cache_dir
+from moeinf.loaders.expert_store import ExpertStore
+from moeinf.runtime.cache.registry import DEFAULT_POLICY, make_policy
+from moeinf.runtime.experts.pool import ExpertPool
+from moeinf.runtime.experts.resident import ResidentExperts
+from moeinf.runtime.experts.source import ExpertSource
+
+Budget = int | float | str | None
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}  # fmt: skip
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_budget(value: Budget, expert_nbytes: int, total_experts: int, what: str = "expert_budget") -> int:
+    """Slots (whole experts) that `value` affords, at most `total_experts`."""
+    if value is None:
+        return total_experts
+    if isinstance(value, bool):
+        raise OffloadConfigError(f"{what}: expected a fraction, a byte size or a slot count, found {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise OffloadConfigError(f"{what}: expected a slot count >= 0, found {value}")
+        return min(value, total_experts)
+    if isinstance(value, float):
+        if not 0 <= value <= 1:
+            raise OffloadConfigError(f"{what}: expected a fraction of all expert bytes in [0, 1], found {value}")
+        return math.floor(value * total_experts + 1e-9)
+    if isinstance(value, str):
+        text = value.strip()
+        if text.endswith("%"):
+            try:
+                return parse_budget(float(text[:-1]) / 100, expert_nbytes, total_experts, what)
+            except ValueError:
+                pass
+        match = _SIZE.match(text)
+        if match and match.group(2).lower() in _UNITS:
+            nbytes = float(match.group(1)) * _UNITS[match.group(2).lower()]
+            return min(int(nbytes // expert_nbytes), total_experts)
+        raise OffloadConfigError(f"{what}: expected a byte size such as '2GiB', '512MB' or '25%', found {value!r}")
+    raise OffloadConfigError(f"{what}: expected a fraction, a byte size or a slot count, found {type(value).__name__}")
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    """Where experts live. The defaults keep every expert resident on the compute device."""
+
+    expert_budget: Budget = None  # device slots
+    host_budget: Budget = 0  # host-memory cache of expert records in front of the disk store
+    offload_dir: str | None = None  # packed expert store; default: under the cache directory
+    policy: str = DEFAULT_POLICY  # which experts to evict and prefetch; see runtime/cache/registry.py
+    io_threads: int = 2  # store reads in flight at once
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RequestError("device 'cuda' was requested, but torch sees no CUDA device on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise RequestError(f"expected device 'cpu' or 'cuda', found {str(device)!r}")
+    return device
+
+
+def resolve_kernels(kernels: str, device: torch.device) -> Kernels:
+    """'auto' runs the Triton kernels on CUDA and their torch references on the CPU; 'torch' the
+    references everywhere; 'triton' the kernels everywhere, which on the CPU means Triton's
+    interpreter (slow; how tests check the kernels inside the runtime without a GPU)."""
+    if kernels not in KERNEL_CHOICES:
+        raise RequestError(f"expected kernels one of {', '.join(KERNEL_CHOICES)}; found {kernels!r}")
+    if kernels == "triton" and device.type == "cpu" and not interpreting():
+        raise RequestError(
+            "kernels='triton' on the CPU runs in Triton's interpreter, which needs TRITON_INTERPRET=1 in the "
+            "environment before triton is imported; found it unset (use 'auto' or 'torch' on the CPU)"
+        )
+    return Kernels(kernels)
+
+
+def resolve_dtype(dtype: str, checkpoint_dtype: str, device: torch.device) -> torch.dtype:
+    """'auto' computes in float32 on the CPU and in the checkpoint's own dtype on CUDA."""
+    if dtype == "auto":
+        dtype = checkpoint_dtype if device.type == "cuda" and checkpoint_dtype in DTYPES else "float32"
+    if dtype not in DTYPES:
+        raise RequestError(f"expected dtype one of auto, {', '.join(DTYPES)}; found {dtype!r}")
+    return DTYPES[dtype]
+
+
+def default_store_dir(checkpoint: Checkpoint) -> Path:
+    """One store folder per checkpoint folder, under the cache directory."""
+    digest = hashlib.sha1(str(checkpoint.path.resolve()).encode()).hexdigest()[:12]
+    return cache_dir() / "stores" / f"{checkpoint.path.name}-{digest}"
+
+
+def build_expert_source(
+    checkpoint: Checkpoint,
+    offload: OffloadConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: bool,
+    max_batch_tokens: int | None,
+) -> ExpertSource:
+    """Every expert resident when the budget affords them all; else a pool of slots over the store,
+    run by the configured policy."""
+    spec = checkpoint.spec
+    total = spec.num_moe_layers * spec.num_experts
+    expert_nbytes = spec.expert_params * torch.empty((), dtype=dtype).element_size()
+    slots = parse_budget(offload.expert_budget, expert_nbytes, total, "expert_budget")
+    policy = make_policy(offload.policy, spec.num_moe_layers, spec.num_experts)
+    if slots >= total:
+        return ResidentExperts(checkpoint, device, dtype, progress)
+    # A layer computes only with all its routed experts resident at once: one step's tokens route
+    # to at most top_k each, and without max_batch_tokens a prefill can reach every expert.
+    minimum = spec.num_experts
+    if max_batch_tokens is not None:
+        minimum = min(minimum, spec.top_k * max_batch_tokens)
+    if slots < minimum:
+        raise OffloadConfigError(
+            f"expert_budget {offload.expert_budget!r} affords {slots} expert slots; the minimum is {minimum} "
+            f"(one layer's experts for a step of {max_batch_tokens or 'any number of'} tokens, "
+            f"{minimum * expert_nbytes / 2**20:.1f} MiB in {str(dtype).split('.')[-1]})"
+        )
+    host_records = parse_budget(offload.host_budget, expert_nbytes, total, "host_budget")
+    if offload.io_threads < 1:
+        raise OffloadConfigError(f"io_threads: expected >= 1, found {offload.io_threads}")
+    store_dir = Path(offload.offload_dir) if offload.offload_dir else default_store_dir(checkpoint)
+    store = ExpertStore.open_or_build(checkpoint, store_dir, dtype, progress=progress)
+    return ExpertPool(store, slots, host_records, device, dtype, policy, offload.io_threads)

@@ -1,0 +1,1 @@
+"""`moeinf serve`: an OpenAI-style HTTP server over one LLM."""

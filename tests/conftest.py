@@ -4,7 +4,8 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from checkpoints import save_tiny_mixtral  # noqa: E402
+
+from tests.checkpoints import save_tiny_mixtral  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -69,12 +69,11 @@ def test_run_with_an_expert_budget_offloads_and_reports_traffic(tiny_mixtral, ca
 
 
 def test_trace_records_every_token_of_every_prompt(tmp_path, capsys):
-    from checkpoints import save_tiny_mixtral
-
     from moeinf.loaders.default_model import build_byte_tokenizer
     from moeinf.runtime.replay.cost import profile_for
     from moeinf.runtime.replay.loop import replay
     from moeinf.runtime.traces import read_trace
+    from tests.checkpoints import save_tiny_mixtral
 
     folder = tmp_path / "model"
     save_tiny_mixtral(folder, seed=4, vocab_size=259, bos_token_id=1, eos_token_id=2)

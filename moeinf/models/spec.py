@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moeinf.errors import ConfigError
+from moeinf.kernels import mxfp4
 from moeinf.kernels.expert_activation import SILU, ExpertActivation
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -127,13 +128,13 @@ class ModelSpec:
 
     @property
     def hidden_blocks(self) -> int:
-        """MXFP4 scale blocks along hidden_size (32 values each)."""
-        return self.hidden_size // 32
+        """MXFP4 scale blocks along hidden_size (mxfp4.BLOCK values each)."""
+        return self.hidden_size // mxfp4.BLOCK
 
     @property
     def ffn_blocks(self) -> int:
         """MXFP4 scale blocks along expert_ffn."""
-        return self.expert_ffn // 32
+        return self.expert_ffn // mxfp4.BLOCK
 
     @property
     def attn_out_dim(self) -> int:

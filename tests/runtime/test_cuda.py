@@ -17,12 +17,12 @@ import math
 
 import pytest
 import torch
-from checkpoints import save_tiny
 
 from moeinf import LLM, SamplingParams
 from moeinf.kernels import block_configs, moe, norm, reference, routing
 from moeinf.kernels.expert_activation import SILU, ExpertActivation
 from moeinf.runtime.executor import Span
+from tests.checkpoints import save_tiny
 
 CUDA = torch.cuda.is_available() and not block_configs.interpreting()
 DEVICE = torch.device("cuda")

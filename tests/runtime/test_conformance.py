@@ -3,9 +3,9 @@ relative error and identical greedy tokens, single prompts and batches of differ
 
 import pytest
 import torch
-from checkpoints import save_tiny_mixtral
 
 from moeinf import LLM, SamplingParams
+from tests.checkpoints import save_tiny_mixtral
 
 # Each variant stresses one thing the executor must get right.
 VARIANTS = {

@@ -8,13 +8,13 @@ import math
 
 import pytest
 import torch
-from checkpoints import TINY_MIXTRAL, save_tiny_mixtral
 
 from moeinf import LLM
 from moeinf.errors import ConfigError
 from moeinf.models.registry import spec_from_config
 from moeinf.models.rope import inverse_frequencies
 from moeinf.models.spec import ROPE_TYPES, ConfigReader, RopeSpec, read_rope
+from tests.checkpoints import TINY_MIXTRAL, save_tiny_mixtral
 
 THETA = 10000.0
 LLAMA3 = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoints import save_tiny_mixtral
 from safetensors.torch import load_file, save_file
 
 from moeinf import LLM
@@ -27,6 +26,7 @@ from moeinf.errors import (
     UnsupportedArchitectureError,
 )
 from moeinf.loaders.checkpoint import Checkpoint
+from tests.checkpoints import save_tiny_mixtral
 
 EXPERT_TENSOR = "model.layers.1.block_sparse_moe.experts.2.w3.weight"  # [intermediate, hidden] = [96, 64]
 ROUTER_TENSOR = "model.layers.0.block_sparse_moe.gate.weight"  # [experts, hidden] = [4, 64]

@@ -15,7 +15,6 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from checkpoints import save_tiny_mixtral
 
 from moeinf import LLM, SamplingParams
 from moeinf.errors import RequestError
@@ -23,6 +22,7 @@ from moeinf.loaders.default_model import build_byte_tokenizer
 from moeinf.serve.batching import MAX_BATCH_PROMPTS, ServerClosing, fitting_batch
 from moeinf.serve.http_server import CompletionServer
 from moeinf.serve.protocol import StreamedText, parse_completion
+from tests.checkpoints import save_tiny_mixtral
 
 PROMPTS = [[5, 9, 13, 2, 7], list(range(3, 20)), [17]]
 

@@ -8,7 +8,6 @@ import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,9 +20,8 @@ from moeinf.runtime.replay.cost import Gpu, ModelCost, ReplayProfile, profile_fo
 from moeinf.runtime.replay.link import VirtualLink
 from moeinf.runtime.replay.loop import replay
 from moeinf.runtime.traces import Trace, write_trace
+from tests.paths import ROOT, SHARED_TRACES
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED_TRACES = ROOT.parent / "shared" / "traces"
 needs_shared = pytest.mark.skipif(not SHARED_TRACES.exists(), reason="../shared/traces is absent")
 
 

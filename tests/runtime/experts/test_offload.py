@@ -5,7 +5,6 @@ import threading
 import numpy as np
 import pytest
 import torch
-from checkpoints import save_tiny_mixtral
 
 from moeinf import LLM, SamplingParams
 from moeinf.errors import OffloadConfigError
@@ -14,6 +13,7 @@ from moeinf.runtime.cache.counters import TrafficCounters
 from moeinf.runtime.cache.registry import LFUPolicy, LRUPolicy
 from moeinf.runtime.experts.transfer import TransferQueue
 from moeinf.runtime.setup import OffloadConfig, parse_budget
+from tests.checkpoints import save_tiny_mixtral
 
 L, E = 4, 8  # the test checkpoint: 32 experts, minimum budget one layer = 8 slots
 PROMPTS = [[5, 9, 13, 2, 7], list(range(3, 40)), [17]]

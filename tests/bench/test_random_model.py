@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from random_model import SHAPES, save_random_model  # noqa: E402
 
 from moeinf.loaders.checkpoint import Checkpoint  # noqa: E402

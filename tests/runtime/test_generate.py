@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
-from checkpoints import save_tiny_mixtral
 
 from moeinf import LLM, SamplingParams
 from moeinf.errors import RequestError, TokenizerError
 from moeinf.loaders.default_model import build_byte_tokenizer
+from tests.checkpoints import save_tiny_mixtral
 
 PROMPTS = [[5, 9, 13], [21, 34, 55, 89, 44, 33, 22, 11], [17]]
 

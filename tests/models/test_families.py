@@ -3,9 +3,9 @@ float32 logits within 1e-4 relative error and 20 identical greedy tokens."""
 
 import pytest
 import torch
-from checkpoints import FAMILIES, save_tiny
 
 from moeinf import LLM, SamplingParams
+from tests.checkpoints import FAMILIES, save_tiny
 
 PROMPT = [7, 3, 55, 21, 9, 14, 80, 33, 3, 61, 47, 12, 5, 90, 28, 16, 72, 4, 39, 11, 50, 23]
 

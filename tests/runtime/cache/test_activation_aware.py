@@ -3,12 +3,10 @@ offloaded runs under them that stay exact."""
 
 import json
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from checkpoints import save_tiny_mixtral
 
 from moeinf import LLM, SamplingParams
 from moeinf.errors import EAMCError, OffloadConfigError
@@ -16,8 +14,10 @@ from moeinf.runtime.cache.activation_aware import ActivationAwareLookaheadPolicy
 from moeinf.runtime.cache.eam_collection import EAMCollection, normalise_rows
 from moeinf.runtime.cache.registry import POLICIES, make_policy
 from moeinf.runtime.setup import OffloadConfig
+from tests.checkpoints import save_tiny_mixtral
+from tests.paths import SHARED_TRACES
 
-TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"
+TRACES = SHARED_TRACES
 
 
 def eam(rows):

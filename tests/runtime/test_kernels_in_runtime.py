@@ -4,11 +4,11 @@ tables, strides, biases, activations and routing rules the runtime really hands 
 kernel tests (synthetic inputs) cannot show. On a GPU the same wiring runs on CUDA tensors."""
 
 import pytest
-from checkpoints import FAMILIES, save_tiny
 
 from moeinf import LLM, SamplingParams
 from moeinf.errors import RequestError
 from moeinf.kernels.block_configs import interpreting
+from tests.checkpoints import FAMILIES, save_tiny
 
 PROMPTS = [[7, 3, 55, 21, 9, 14, 80, 33, 3, 61, 47], [12, 5, 90]]
 

@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from checkpoints import save_tiny_mixtral
 
 from moeinf.errors import MoeinfError, StoreBufferError, StoreChecksumError, StoreError, StoreRecordError
 from moeinf.loaders import expert_store
 from moeinf.loaders.checkpoint import Checkpoint
 from moeinf.loaders.expert_store import ALIGN, STORE_VERSION, ExpertStore, aligned_buffer, checkpoint_fingerprint
+from tests.checkpoints import save_tiny_mixtral
 
 FFN = 72  # expert_ffn: payload 3 * 72 * 64 * itemsize is not a multiple of 4096
 

@@ -11,7 +11,6 @@ import re
 
 import pytest
 import torch
-from checkpoints import FAMILIES, save_tiny
 from safetensors.torch import load_file, save_file
 
 from moeinf import LLM, SamplingParams
@@ -20,6 +19,7 @@ from moeinf.errors import ConfigError, MissingTensorError
 from moeinf.loaders.checkpoint import Checkpoint
 from moeinf.models.registry import spec_from_config
 from moeinf.models.rope import inverse_frequencies
+from tests.checkpoints import FAMILIES, save_tiny
 
 # DeepSeek-V2-Lite's config.json (transformers 4 layout: rope_theta + rope_scaling with "type")
 DEEPSEEK_V2_LITE = {

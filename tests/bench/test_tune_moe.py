@@ -6,7 +6,6 @@ import importlib.util
 import json
 import math
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +13,7 @@ import torch
 from moeinf.kernels import block_configs
 from moeinf.kernels.block_configs import INTERPRETER_DEVICE, BlockConfig
 from moeinf.kernels.moe import fused_moe
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.paths import ROOT
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ _HOMES = {
     "MoeinfError": "moeinf.errors",
     "ensure_default_model": "moeinf.loaders.default_model",
 }
-__all__ = list(_HOMES)
+__all__ = ["LLM", "SamplingParams", "OffloadConfig", "RequestOutput", "MoeinfError", "ensure_default_model"]
 
 
 def __getattr__(name: str):

@@ -43,7 +43,9 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", durable: bool = True
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Writes `text` to `path` through atomic_write (not fsynced: results and configs, not data)."""
+    """Writes `text` to `path` through atomic_write, creating its folder if need be (not fsynced:
+    results and configs, not data)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path, "w", durable=False) as f:
         f.write(text)
 

@@ -36,12 +36,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from functools import cache
 from pathlib import Path
 
 import torch
+
+from moeinf.atomic_write import write_text_atomic
 
 CONFIG_DIR = Path(__file__).with_name("configs")
 INTERPRETER_DEVICE = "triton_interpreter"
@@ -146,15 +147,7 @@ def write_config_file(
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / config_file_name(num_experts, ffn, hidden, dtype, device)
     data = {"tuned": bool(tuned), "source": source, "configs": {str(m): asdict(configs[m]) for m in sorted(configs)}}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(data, indent=2) + "\n")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; config files are read by others
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
     _tuned_table.cache_clear()
     return path
 

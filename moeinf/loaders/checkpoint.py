@@ -106,14 +106,6 @@ class Checkpoint:
         candidate = self.path / "tokenizer.json"
         return candidate if candidate.exists() else None
 
-    def expert_bytes(self) -> int:
-        """Bytes of all routed experts on disk."""
-        return sum(
-            self.index.info(name).nbytes
-            for layer in self.spec.moe_layers
-            for name in self.family.expert_tensor_names(self.spec, layer)
-        )
-
 
 def check_tensors(family: Family, spec: ModelSpec, index: TensorIndex) -> None:
     for name, (shape, dtypes) in family.expected_tensors(spec).items():

@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from moeinf.atomic_write import atomic_write
 from moeinf.errors import StoreBufferError, StoreChecksumError, StoreError, StoreRecordError
 from moeinf.loaders.checkpoint import Checkpoint
 
@@ -244,20 +244,6 @@ def trusted_header(path: Path, expected: dict[str, Any], num_records: int) -> tu
     return meta, ""
 
 
-def fsync_directory(directory: Path) -> None:
-    """Makes a rename in `directory` durable; some file systems cannot open a folder, which is fine."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 class ExpertStore:
     """One opened store file. `read_into` is thread-safe: it only issues positional reads."""
 
@@ -335,10 +321,6 @@ class ExpertStore:
                 f"found layer {layer}, expert {expert}"
             )
         return layer * self.num_experts + expert
-
-    def record_offset(self, layer: int, expert: int) -> int:
-        """Byte offset of record (layer, expert) in the file; a multiple of ALIGN."""
-        return self.data_offset + self._record_index(layer, expert) * self.layout.record_nbytes
 
     def read_into(self, layer: int, expert: int, out: Any) -> None:
         """Reads record (layer, expert) into `out` (>= record_nbytes bytes) and checks its crc32.
@@ -420,9 +402,8 @@ def build(
     record = aligned_buffer(layout.record_nbytes)
     record[layout.payload_nbytes :] = 0  # padding stays zero for every record
     crcs = []
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)
+    with atomic_write(path) as f:  # a crash mid-build leaves no store, and no temporary file
+        fd = f.fileno()  # written with pwrite only, so the file object buffers nothing
         bar = tqdm(total=L * E, desc=f"expert store ({dtype_name(layout.dtype)})", unit="expert", disable=not progress)
         with bar:
             for layer in range(L):
@@ -436,15 +417,4 @@ def build(
         if len(header) > data_offset:
             raise StoreError(f"expected the store header to fit in {data_offset} bytes, found {len(header)}")
         pwrite_full(fd, header, 0)
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.replace(temp, path)
-        temp = None
-        fsync_directory(path.parent)
-        return full
-    finally:
-        if fd >= 0:
-            os.close(fd)
-        if temp is not None:
-            Path(temp).unlink(missing_ok=True)
+    return full

@@ -122,13 +122,3 @@ class DenseWeights:
         """Parameters the last step reads once per token after the layers: final norm and lm head."""
         tensors = (self.final_norm, self.lm_head, self.final_norm_bias, self.lm_head_bias)
         return sum(t.numel() for t in tensors if t is not None)
-
-    def nbytes(self) -> int:
-        parts = [vars(lw) for lw in self.layers] + [vars(lw.mla) for lw in self.layers if lw.mla is not None]
-        tensors = [self.embed, self.final_norm] + [
-            t for part in parts for t in part.values() if isinstance(t, torch.Tensor)
-        ]
-        tensors += [t for t in (self.final_norm_bias, self.lm_head_bias) if t is not None]
-        if self.lm_head is not self.embed:
-            tensors.append(self.lm_head)
-        return sum(t.numel() * t.element_size() for t in tensors)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from moeinf.atomic_write import atomic_write
 from moeinf.errors import TraceFormatError
 from moeinf.runtime.cache.eam import DECODE, PREFILL, expert_counts
 
@@ -127,7 +127,6 @@ def read_trace(path: str | os.PathLike) -> Trace:
 def write_trace(path: str | os.PathLike, trace: Trace) -> None:
     """Writes `trace` to `path` atomically (temporary file in the same folder, then rename)."""
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
     arrays = {
         "experts": trace.experts,
         "weights": trace.weights,
@@ -137,17 +136,8 @@ def write_trace(path: str | os.PathLike, trace: Trace) -> None:
     }
     if trace.lookahead is not None:
         arrays["lookahead"] = trace.lookahead
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".trace-", suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as f:
+        np.savez(f, **arrays)
 
 
 @dataclass
@@ -183,24 +173,6 @@ class TraceBuilder:
         self._open: dict[Hashable, _Sequence] = {}
         self._all: list[_Sequence] = []
         self._with_lookahead: bool | None = None  # fixed by the first token added
-
-    def add_token(
-        self,
-        seq: Hashable,
-        experts: np.ndarray,
-        weights: np.ndarray,
-        phase: int,
-        lookahead: np.ndarray | None = None,
-    ) -> None:
-        """experts, weights: [L, K] this token's routing; lookahead: [L, K] or [L - 1, K] (the
-        last layer has no next layer; it is stored as NO_NEXT_LAYER)."""
-        self.add_tokens(
-            seq,
-            np.asarray(experts)[None],
-            np.asarray(weights)[None],
-            phase,
-            None if lookahead is None else np.asarray(lookahead)[None],
-        )
 
     def add_tokens(
         self,

@@ -133,7 +133,11 @@ def test_file_format_on_disk(single_saved, store_dir):
     ckpt = Checkpoint.open(single_saved)
     with ExpertStore.open_or_build(ckpt, store_dir, torch.bfloat16, progress=False) as store:
         lay, E = store.layout, store.num_experts
-        offsets = {(la, e): store.record_offset(la, e) for la in range(store.num_layers) for e in range(E)}
+        read = {}  # (layer, expert) -> the record as the reader reads it
+        for la in range(store.num_layers):
+            for e in range(E):
+                read[(la, e)] = aligned_buffer(lay.record_nbytes)
+                store.read_into(la, e, read[(la, e)])
     raw = store.path.read_bytes()
     magic, version, reserved, json_len = struct.unpack_from("<8sIIQ", raw)
     assert (magic, version, reserved) == (b"MOEINFXS", STORE_VERSION, 0)
@@ -145,9 +149,10 @@ def test_file_format_on_disk(single_saved, store_dir):
     assert meta["record_nbytes"] == lay.record_nbytes
     data_offset = meta["data_offset"]
     assert data_offset % ALIGN == 0 and data_offset >= 24 + json_len
-    assert len(raw) == data_offset + len(offsets) * lay.record_nbytes
-    for (layer, expert), offset in offsets.items():
-        assert offset == data_offset + (layer * E + expert) * lay.record_nbytes
+    assert len(raw) == data_offset + len(read) * lay.record_nbytes
+    for (layer, expert), record in read.items():
+        offset = data_offset + (layer * E + expert) * lay.record_nbytes
+        assert record[: lay.payload_nbytes].tobytes() == raw[offset : offset + lay.payload_nbytes]
         payload = raw[offset : offset + lay.payload_nbytes]
         want13, want2 = expected_record(ckpt, torch.bfloat16, layer, expert)
         assert payload == want13.view(torch.uint8).numpy().tobytes() + want2.view(torch.uint8).numpy().tobytes()
@@ -256,7 +261,9 @@ def test_damaged_store_is_rebuilt(damage, ckpt_dir, store_dir):
 def test_corrupt_record_is_named_and_rebuildable(ckpt_dir, store_dir):
     with open_store(ckpt_dir, store_dir) as store:
         lay = store.layout
-        flip_bytes(store.path, store.record_offset(1, 2) + lay.payload_nbytes // 2)
+        flip_bytes(
+            store.path, store.data_offset + (1 * store.num_experts + 2) * lay.record_nbytes + lay.payload_nbytes // 2
+        )
     with open_store(ckpt_dir, store_dir) as store:
         assert not store.built  # the header is intact: records are checked when read, not when opened
         ckpt = Checkpoint.open(ckpt_dir)
@@ -368,7 +375,7 @@ def test_bad_buffers_and_indices_are_named(single_saved, store_dir):
         with pytest.raises(StoreRecordError, match="found layer 2, expert 0"):
             store.read_into(2, 0, aligned_buffer(n))
         with pytest.raises(StoreRecordError, match="found layer 0, expert -1"):
-            store.record_offset(0, -1)
+            store.read_into(0, -1, aligned_buffer(n))
     with pytest.raises(StoreError, match="closed"):
         store.read_into(0, 0, aligned_buffer(n))
 

@@ -214,15 +214,20 @@ def test_write_is_atomic(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["t.npz"]
 
 
+def add_token(builder, seq, experts, weights, phase, lookahead=None):
+    """One token: experts, weights [L, K]; lookahead [L, K] or [L - 1, K]."""
+    builder.add_tokens(seq, experts[None], weights[None], phase, None if lookahead is None else lookahead[None])
+
+
 def test_builder_interleaves_sequences_and_orders_them_by_start():
     a = arrays(n_tokens=(3, 2))
     ex, w, la = a["experts"], a["weights"], a["lookahead"]
     b = TraceBuilder(L, E, K, model="toy", source="test")
     b.add_tokens("x", ex[0:1], w[0:1], 0, la[0:1])  # prefill of x
-    b.add_token("y", ex[3], w[3], 0, la[3, :-1])  # [L - 1, K] lookahead is padded
-    b.add_token("x", ex[1], w[1], 1, la[1])
-    b.add_token("y", ex[4], w[4], 1, la[4])
-    b.add_token("x", ex[2], w[2], 1, la[2])
+    add_token(b, "y", ex[3], w[3], 0, la[3, :-1])  # [L - 1, K] lookahead is padded
+    add_token(b, "x", ex[1], w[1], 1, la[1])
+    add_token(b, "y", ex[4], w[4], 1, la[4])
+    add_token(b, "x", ex[2], w[2], 1, la[2])
     assert b.num_tokens == 5
     t = b.build()
     np.testing.assert_array_equal(t.experts, ex)
@@ -237,25 +242,25 @@ def test_builder_finish_reuses_keys_and_rejects_bad_tokens():
     a = arrays(n_tokens=(2, 2), lookahead=False)
     ex, w = a["experts"], a["weights"]
     b = TraceBuilder(L, E, K, model="toy", source="test", note="extra meta is kept")
-    b.add_token(0, ex[0], w[0], 1)
+    add_token(b, 0, ex[0], w[0], 1)
     b.finish(0)
-    b.add_token(0, ex[1], w[1], 1)
+    add_token(b, 0, ex[1], w[1], 1)
     t = b.build()
     assert t.num_sequences == 2 and t.lookahead is None and t.meta["note"] == "extra meta is kept"
     with pytest.raises(KeyError, match="expected an open sequence"):
         b.finish("never")
     with pytest.raises(TraceFormatError, match=r"experts: expected \[T, 3, 2\], found \[1, 2, 2\]"):
-        b.add_token(1, ex[0, :2], w[0, :2], 1)
+        add_token(b, 1, ex[0, :2], w[0, :2], 1)
     with pytest.raises(TraceFormatError, match="weights: expected"):
-        b.add_token(1, ex[0], w[0, :, :1], 1)
+        add_token(b, 1, ex[0], w[0, :, :1], 1)
     with pytest.raises(TraceFormatError, match=r"expert ids in \[0, 5\), found 9"):
-        b.add_token(1, np.full((L, K), 9), w[0], 1)
+        add_token(b, 1, np.full((L, K), 9), w[0], 1)
     with pytest.raises(TraceFormatError, match="phase: expected 0"):
-        b.add_token(1, ex[0], w[0], 3)
+        add_token(b, 1, ex[0], w[0], 3)
     with pytest.raises(TraceFormatError, match="expected every token without it"):
-        b.add_token(1, ex[0], w[0], 1, ex[0])
+        add_token(b, 1, ex[0], w[0], 1, ex[0])
     with pytest.raises(TraceFormatError, match="found prefill after decode"):
-        b.add_token(0, ex[2], w[2], 0)
+        add_token(b, 0, ex[2], w[2], 0)
     with pytest.raises(TraceFormatError, match="meta.source: expected a string, found None"):
         TraceBuilder(L, E, K, model="toy", source=None)
 
@@ -264,7 +269,7 @@ def test_builder_lookahead_shape_error():
     a = arrays(n_tokens=(1,))
     b = TraceBuilder(L, E, K, model="toy", source="test")
     with pytest.raises(TraceFormatError, match=r"lookahead: expected \[1, 3, 2\] or \[1, 2, 2\], found \[1, 1, 2\]"):
-        b.add_token(0, a["experts"][0], a["weights"][0], 1, a["lookahead"][0, :1])
+        add_token(b, 0, a["experts"][0], a["weights"][0], 1, a["lookahead"][0, :1])
 
 
 def test_empty_builder_builds_an_empty_trace():

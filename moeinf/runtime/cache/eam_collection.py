@@ -6,7 +6,7 @@ probabilities, so that long and short sequences weigh alike and a member can be 
 into a prediction. The collection has a fixed capacity (memory stays bounded however long the
 server runs); once full, a new EAM replaces the member most similar to it (cosine), which keeps
 the collection diverse: a burst of look-alike requests refreshes one member instead of pushing
-out every other kind of request. It is saved atomically (a temporary file, then os.replace), so
+out every other kind of request. It is saved atomically (moeinf/atomic_write.py: a temporary file, then a rename), so
 a crash mid-save leaves the previous file whole, and it can be warm-started from a routing trace.
 """
 
@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from moeinf.atomic_write import atomic_write
 from moeinf.errors import EAMCError
 from moeinf.runtime.cache.eam import expert_counts
 
@@ -123,23 +122,14 @@ class EAMCollection:
     def save(self, path: str | Path) -> None:
         """Writes an .npz next to `path` and renames it into place, so that `path` is always
         either the previous collection or this one, never a torn file."""
-        path = Path(path)
         meta = {
             "format": FORMAT_VERSION,
             "num_layers": self.num_layers,
             "num_experts": self.num_experts,
             "capacity": self.capacity,
         }
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, members=self.members, meta=np.array(json.dumps(meta)))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(path) as f:
+            np.savez(f, members=self.members, meta=np.array(json.dumps(meta)))
 
     @classmethod
     def load(cls, path: str | Path) -> EAMCollection:

@@ -74,18 +74,6 @@ class CachePolicy(ABC):
         expects back for one. By default the prefetch evicts what a miss would."""
         return self.victim_slot(layer_of, expert_of, evictable)
 
-    def victim(self, candidates: Sequence[Key]) -> Key:
-        """Which of `candidates` (resident, unpinned keys, in slot order) to evict: victim_slot
-        over a pool holding just them, for tests and tools that have keys rather than a pool."""
-        if not candidates:
-            raise ValueError(f"{self.name} victim: expected at least one candidate, found none")
-        keys = np.array(candidates, dtype=np.int64).reshape(-1, 2)  # [C, 2] (layer, expert)
-        layer_of, expert_of = keys[:, 0].copy(), keys[:, 1].copy()  # [C] each, contiguous
-        evictable = np.ones(len(candidates), np.bool_)  # [C]
-        for array in (layer_of, expert_of, evictable):
-            array.flags.writeable = False  # as the residency hands them over
-        return candidates[self.victim_slot(layer_of, expert_of, evictable)]
-
     def prefetch(self, layer: int) -> list[Key]:
         """After `layer` is routed: keys to load ahead, most urgent first."""
         return []

@@ -64,11 +64,6 @@ class Residency:
         """How many slots are READY and unpinned."""
         return self._evictable_count
 
-    def evictable(self) -> list[Key]:
-        """Keys in READY, unpinned slots, by slot. For tests and tools: the controller hands the
-        arrays (layer_of, expert_of, evictable_mask) to the policy instead."""
-        return [self.key_in[slot] for slot in np.flatnonzero(self._evictable).tolist()]
-
     def loading(self) -> list[int]:
         """Slots in LOADING, lowest first."""
         return sorted(self._loading)

@@ -149,15 +149,6 @@ def eviction_order_slots(pred, layer_of, expert_of, evictable, layer, n, eps):
 
 
 @njit(cache=True)
-def eviction_order(pred, keys_in, layer, n, eps):
-    """pred: [L, E] float64; keys_in: [C, 2] int64 candidate (layer, expert) pairs. Positions
-    into keys_in of the n candidates of lowest eviction priority, lowest first. Returns int64
-    [min(n, C)]."""
-    every = np.ones(keys_in.shape[0], np.bool_)  # [C]
-    return eviction_order_slots(pred, keys_in[:, 0], keys_in[:, 1], every, layer, n, eps)
-
-
-@njit(cache=True)
 def lowest_slot(first, second, layer_of, expert_of, evictable):
     """first, second: [L, E] int64 per-expert keys; layer_of, expert_of: [S] int64 the (layer,
     expert) each slot holds; evictable: [S] bool the candidates. The candidate slot whose

@@ -16,6 +16,7 @@ from moeinf.runtime.cache.registry import POLICIES, make_policy
 from moeinf.runtime.setup import OffloadConfig
 from tests.checkpoints import save_tiny_mixtral
 from tests.paths import SHARED_TRACES
+from tests.runtime.cache.keyed import victim
 
 TRACES = SHARED_TRACES
 
@@ -233,9 +234,9 @@ def test_activation_aware_evicts_the_layer_just_computed_and_the_unlikely_first(
             policy.observe(layer, [2, 0])  # expert 0 everywhere, expert 1 never
     policy.observe(0, [2, 0])
     # layer 0 just ran: its experts are needed last; within a layer, the unused expert goes first
-    assert policy.victim([(1, 0), (2, 0), (0, 0)]) == (0, 0)
-    assert policy.victim([(1, 0), (1, 1), (2, 0)]) == (1, 1)
-    assert policy.victim([(1, 0), (2, 0)]) == (2, 0)  # layer 1 runs next: keep it
+    assert victim(policy, [(1, 0), (2, 0), (0, 0)]) == (0, 0)
+    assert victim(policy, [(1, 0), (1, 1), (2, 0)]) == (1, 1)
+    assert victim(policy, [(1, 0), (2, 0)]) == (2, 0)  # layer 1 runs next: keep it
 
 
 def test_a_prefetch_never_evicts_what_the_last_step_used():

@@ -11,6 +11,7 @@ from moeinf.runtime.cache.policy import LFUPolicy, LRUPolicy
 from moeinf.runtime.cache.residency import Residency, ResidencyError, SlotState
 from moeinf.runtime.cache.scorer import eviction_order_slots, eviction_order_slots_ref, lowest_slot, lowest_slot_ref
 from moeinf.runtime.replay.belady import BeladyPolicy
+from tests.runtime.cache.keyed import evictable_keys, victim
 
 
 class Model:
@@ -43,7 +44,7 @@ def check(res, model):
     assert np.array_equal(res.layer_of, layer_of) and np.array_equal(res.expert_of, expert_of)
     assert res.evictable_count == int(mask.sum())
     assert np.flatnonzero(mask).tolist() == model.evictable()
-    assert res.evictable() == [res.key_in[s] for s in model.evictable()]
+    assert evictable_keys(res) == [res.key_in[s] for s in model.evictable()]
     assert res.loading() == [s for s, v in enumerate(model.slots) if v and v["state"] == SlotState.LOADING]
     assert res.resident() == sum(1 for v in model.slots if v and v["state"] == SlotState.READY)
     for slot, v in enumerate(model.slots):
@@ -188,8 +189,8 @@ def test_victim_slot_picks_what_the_scan_of_every_candidate_picked(kind, seed):
         if not res.evictable_count:
             continue
         chosen = policy.victim_slot(res.layer_of, res.expert_of, res.evictable_mask)
-        assert res.key_in[chosen] == old_victim(policy, res.evictable())
-        assert policy.victim(res.evictable()) == res.key_in[chosen]  # the keys-in convenience agrees
+        assert res.key_in[chosen] == old_victim(policy, evictable_keys(res))
+        assert victim(policy, evictable_keys(res)) == res.key_in[chosen]  # the keys-in convenience agrees
 
 
 @pytest.mark.parametrize("seed", range(4))

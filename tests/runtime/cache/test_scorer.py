@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 
 from moeinf.runtime.cache.scorer import (
-    eviction_order,
     eviction_order_ref,
     eviction_order_slots,
     lowest_slot,
     prefetch_order,
     prefetch_order_ref,
 )
+from tests.runtime.cache.keyed import eviction_order
 
 
 def keys_of(flat, E):

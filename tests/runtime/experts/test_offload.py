@@ -14,6 +14,7 @@ from moeinf.runtime.cache.registry import LFUPolicy, LRUPolicy
 from moeinf.runtime.experts.transfer import TransferQueue
 from moeinf.runtime.setup import OffloadConfig, parse_budget
 from tests.checkpoints import save_tiny_mixtral
+from tests.runtime.cache.keyed import victim
 
 L, E = 4, 8  # the test checkpoint: 32 experts, minimum budget one layer = 8 slots
 PROMPTS = [[5, 9, 13, 2, 7], list(range(3, 40)), [17]]
@@ -113,7 +114,7 @@ def test_budget_below_one_layer_names_the_minimum(folder, tmp_path):
 def test_corrupted_record_is_caught_and_reread_from_the_checkpoint(folder, resident, tmp_path):
     with LLM(folder, progress=False, expert_budget=E, offload_dir=tmp_path) as llm:
         store = llm.experts.store
-        path, offset = store.path, store.record_offset(1, 3)
+        path, offset = store.path, store.data_offset + (1 * store.num_experts + 3) * store.layout.record_nbytes
     with open(path, "r+b") as f:  # flip bytes in the middle of expert (1, 3)'s record
         f.seek(offset + 100)
         f.write(b"\xff" * 64)
@@ -185,8 +186,8 @@ def test_policies_choose_their_victims():
         policy.observe(1, [0, 1, 0, 0])
         policy.observe(0, [0, 0, 0, 1])  # expert 3 used most recently
     candidates = [(0, 0), (0, 3), (1, 1)]
-    assert lru.victim(candidates) == (0, 0)  # oldest use
-    assert lfu.victim(candidates) == (1, 1)  # fewest tokens (1), older than (0, 3)'s 2
+    assert victim(lru, candidates) == (0, 0)  # oldest use
+    assert victim(lfu, candidates) == (1, 1)  # fewest tokens (1), older than (0, 3)'s 2
 
 
 class InstantLoads:

@@ -17,61 +17,14 @@ prior[l] is the EAMC match (uniform while there is none). The match counts as PR
 routings of evidence, so it leads for a sequence's first few tokens and the sequence's own
 counts lead after (decayed at DECAY 0.95 and top-2, they level off at 40 routings: weight 0.83).
 
-The constants were chosen by replaying the shared Mixtral-8x7B decode traces (gsm8k: 2 sequences,
-244 tokens; humaneval: 1 sequence, 59 tokens; 32 layers, 8 experts, top-2) through the real
-CacheController with loads landing at once, sequences in order, the EAMC learning only from
-finished sequences. Hit rate = (hits + prefetch hits) / accesses; cells are 32 / 64 / 128 slots,
-gsm8k then humaneval.
-
-- Eviction distance measured from the layer computing now (scorer.py), not from layer 0: without
-  prefetch 17.6 / 34.1 / 61.0, 19.2 / 37.2 / 62.7 against 15.3 / 29.5 / 54.4, 16.3 / 30.0 / 53.4.
-- PREFETCH 1 expert per layer, HORIZON 1 layer ahead (no MIN_USE gate, loads landing at once):
-  27.1 / 38.4 / 61.5, 28.6 / 40.3 / 62.4,
-  for 1.02 / 0.76 / 0.39 loads per access (LRU 34.3% and 0.66 at 64 slots on gsm8k). Two per
-  layer: 45.1% for 0.95 at 64 slots; one from two layers ahead: 36.5% for 0.72 (the nearer
-  layer's best guess is the better bet). At 64 slots the one prefetch per layer bought 4.3
-  points of hit rate for 0.10 more loads per access: about 2 prefetches in 5 get used. Where
-  the link is the bottleneck that traffic costs time: see the note below.
-- DECAY 0.95: mean hit rate over the six cells 43.0% against 42.6% without decay, 42.8% at 0.9,
-  42.2% at 0.8, 40.3% at 0.6.
-- PRIOR_WEIGHT 8, MATCHES 1: the traces cannot tell them apart (means 43.0 to 43.3% from 0.5 to
-  1e9; warm-starting the EAMC from the other file moves cells by under 1 point): only gsm8k's
-  second sequence has a finished sequence to match, and Mixtral routes close to uniformly. So
-  they are set by the reasoning above, and the gain over LRU and LFU on these traces comes from
-  the layer-aware eviction and the next-layer prefetch, not from the EAMC.
-- Lookahead (no shared trace has it; simulated from the traces' own next-layer routing, each
-  expert wrong 20% of the time): victims by this eviction priority hit 84.9% at 64 slots on
-  gsm8k against 72.6% with LRU's; letting the lookahead overwrite layer + 1's predicted row cut
-  it to 78.9% (a wrong lookahead made the truly needed expert the first victim), so it only adds
-  prefetches. Adding the predicted prefetch on top (activation-aware+lookahead): 86.0% for 0.91
-  loads per access against 84.9% for 0.82.
-
-Time, and the prefetch gate (MIN_USE). In trace replay over a virtual PCIe 4 link
-(runtime/replay/), where each copy holds the link for 14 ms against 0.3 ms of compute per layer,
-the ungated PREFETCH 1 made the time per token on gsm8k 888 / 679 / 362 ms (32 / 64 / 128 slots)
-against 754 / 604 / 362 with prefetch=0 and LRU's 912 / 603 / 430: three prefetches in four went
-unused, and a wrong prefetch delays the misses queued behind it. A prefetch pays in link time only
-if the step uses it more likely than not (each used one replaces a miss of the same bytes), so an
-expert is prefetched only when 1 - (1 - pred)^r >= MIN_USE, r the step's routings (tokens x
-top-k). Raising MIN_USE from 0 to 0.3 / 0.4 / 0.5 gave 880 / 774 / 755 ms at 32 slots and 671 /
-615 / 605 at 64 (humaneval alike); at 0.5: 755 / 605 / 362 on gsm8k, 741 / 577 / 347 on
-humaneval (LRU 912 / 584 / 413). One token at top-2 needs pred >= 0.29, which Mixtral's near-
-uniform routing rarely reaches; a batch of 8 needs 0.04. Lower min_use where copies are cheap
-against compute (the link idles): then a likely-unused prefetch costs little.
-
-The working-set guard. With no slot free, a prefetch evicts, and where the cache holds little
-more than one step's working set the victim is one the next step likely needs: a miss traded for
-a guess. So a prefetch never evicts an expert used within the last step (the last L routed
-layers, this one included); it is dropped instead (counted as prefetch_declined; guard=False
-turns this off, for links fast enough that an early copy beats a kept expert). On the
-built-in default model (8 layers x 8 experts, routing sticky from token to token; a 12-prompt
-`moeinf trace`, 1983 tokens, replayed over PCIe 4) at 16 slots, exactly one decode step's
-working set, the time per token went from 0.59 to 0.55 ms (LRU: 0.50, its victim is always the
-expert the current layer just stopped using), and for activation-aware+lookahead from 1.24 to
-0.60 ms. On the synthetic Mixtral workload the lookahead policies went from 822 / 669 / 411 ms to
-750 / 620 / 407 (12.5 / 25 / 50%). No cell of bench/results/policy.md got slower by more than
-0.1%; the activation-aware policy alone moved by under 0.4% there, as the gate above already
-drops most of its prefetches.
+Prefetches: the lookahead's experts of the next layer when it is given, then the next layer's
+likeliest expert, but only if the coming step is more likely than not to use it (MIN_USE: a wrong
+prefetch holds a link-bound copy engine while misses wait). Victims: the lowest (pred + eps) x
+(1 - distance / L), distance the layers that run before the expert's layer runs again, so the
+layers needed soonest are kept; a prefetch never evicts an expert the last step used (the
+working-set guard: a miss is not traded for a guess). How each constant was chosen, and what it
+bought on the shared Mixtral traces, is in bench/results/policy.md ("How the activation-aware
+constants were chosen").
 """
 
 from __future__ import annotations
@@ -82,7 +35,8 @@ import numpy as np
 
 from moeinf.errors import OffloadConfigError
 from moeinf.runtime.cache.eam_collection import EAMCollection
-from moeinf.runtime.cache.policy import CachePolicy, Key
+from moeinf.runtime.cache.policy import CachePolicy
+from moeinf.runtime.cache.residency import Key
 from moeinf.runtime.cache.scorer import eviction_order_slots, prefetch_order
 
 DECAY = 0.95  # weight of a step's routing after each later step

@@ -29,8 +29,8 @@ class CachePolicy(ABC):
     loading only)."""
 
     name = "base"
-    # True: before each layer's experts are acquired, the executor applies the next layer's router
-    # to this layer's hidden state and reports the result through lookahead()
+    # True: at each layer the executor also applies the next layer's router to this layer's hidden
+    # state, and the controller reports what it picks through lookahead() before observe()
     wants_lookahead = False
 
     def __init_subclass__(cls, **kwargs):

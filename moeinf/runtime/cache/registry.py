@@ -8,9 +8,9 @@ from moeinf.runtime.cache.activation_aware import (
     ActivationAwarePolicy,
     LookaheadPolicy,
 )
-from moeinf.runtime.cache.policy import CachePolicy, Key, LFUPolicy, LRUPolicy
+from moeinf.runtime.cache.policy import CachePolicy, LFUPolicy, LRUPolicy
 
-__all__ = ["POLICIES", "DEFAULT_POLICY", "make_policy", "CachePolicy", "Key", "LRUPolicy", "LFUPolicy"]
+__all__ = ["POLICIES", "DEFAULT_POLICY", "make_policy", "CachePolicy", "LRUPolicy", "LFUPolicy"]
 
 POLICIES: dict[str, type[CachePolicy]] = {
     p.name: p for p in (LRUPolicy, LFUPolicy, ActivationAwarePolicy, LookaheadPolicy, ActivationAwareLookaheadPolicy)

@@ -1,6 +1,6 @@
 """Residency bookkeeping of the device expert pool: which expert each slot holds, which slots are
-loading, which are pinned by the layer computing now. Plain Python and numpy, no tensors: the pool
-drives it on the executor's thread, and trace replay can drive the same code without a model.
+loading, which are pinned by the layer computing now. Plain Python and numpy, no tensors: the cache
+controller drives it on the executor's thread, and in trace replay without a model.
 
 The evictable set (READY, unpinned slots) is kept as slots change state, not found by a scan at
 each eviction: an eviction at DeepSeek-V3's shape (58 x 256 experts, a quarter resident, ~3700

@@ -55,7 +55,7 @@ class ResidentExperts:
 
     @property
     def stats(self) -> TrafficCounters:
-        """The traffic counters (the pool's interface): only hits, every needed expert being resident."""
+        """The traffic counters: only hits, every needed expert being resident."""
         with self._pending_lock:
             pending = int(self._pending_hits)  # the one wait for the device, when counters are read
             self._pending_hits.zero_()

@@ -27,4 +27,4 @@ test: $(TEST_VENV)/.installed
 	$(TEST_VENV)/bin/python -m pytest -q
 
 bench: $(TEST_VENV)/.installed
-	$(TEST_VENV)/bin/python bench/e2e.py
+	$(TEST_VENV)/bin/python -m bench.e2e

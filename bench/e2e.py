@@ -1,6 +1,6 @@
 """End-to-end CPU benchmark: moeinf against Hugging Face transformers on the same checkpoint.
 
-Run:  python bench/e2e.py [--model DIR] [--prompt-tokens 128] [--new-tokens 64] [--repeats 3]
+Run:  python -m bench.e2e [--model DIR] [--prompt-tokens 128] [--new-tokens 64] [--repeats 3]
                           [--threads N] [--seed 0] [--out bench/results]
 
 Both engines compute in float32 on the CPU, batch size 1, greedy decoding, on one fixed seeded
@@ -24,48 +24,27 @@ Units and shapes:
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
-import os
-import platform
-import random
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
 import torch
 import transformers
-from machine import cpu_model, load_average, write_atomic  # bench/machine.py, beside this script
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
+from bench.common import csv_text, fmt, machine_info, make_prompt, write_results
+from bench.machine import load_average
 from moeinf import LLM, SamplingParams, ensure_default_model
 
 ENGINES = ("moeinf", "transformers")
-SPECIAL_IDS = 3  # ids 0, 1, 2 (<unk>, <s>, </s>) are never used in the prompt
 MATCH_TOKENS = 8  # greedy tokens compared between the engines
 
 
 # ----------------------------------------------------------------------------- machine and model
-
-
-def machine_info() -> dict:
-    """What the numbers were measured on."""
-    return {
-        "platform": platform.platform(),
-        "processor": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "timestamp_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "load_average_start": load_average(),
-    }
 
 
 def model_summary(path: Path) -> dict:
@@ -88,12 +67,6 @@ def model_summary(path: Path) -> dict:
     summary = {"path": str(path), **{k: config.get(k) for k in keys}}
     summary["stored_dtype"] = config.get("dtype", config.get("torch_dtype"))
     return summary
-
-
-def make_prompt(vocab_size: int, length: int, seed: int) -> list[int]:
-    """`length` seeded random token ids in [SPECIAL_IDS, vocab_size): no <unk>, <s> or </s>."""
-    rng = random.Random(seed)
-    return [rng.randrange(SPECIAL_IDS, vocab_size) for _ in range(length)]
 
 
 # ----------------------------------------------------------------------------- the two engines
@@ -160,9 +133,7 @@ def timed(fn: Callable[[], list[int]]) -> tuple[float, list[int]]:
     return time.perf_counter() - start, result
 
 
-def measure(
-    runners: list, prompt: list[int], new_tokens: int, repeats: int
-) -> dict[str, dict[str, list[float]]]:
+def measure(runners: list, prompt: list[int], new_tokens: int, repeats: int) -> dict[str, dict[str, list[float]]]:
     """One warm-up, then `repeats` timed rounds, interleaving the engines.
 
     Each round runs, per engine, a prefill run (1 token) and a full run (exactly new_tokens).
@@ -227,19 +198,19 @@ def check_tokens(runners: list, prompt: list[int]) -> dict:
 # ----------------------------------------------------------------------------- output
 
 
-def csv_text(results: dict) -> str:
+CSV_COLUMNS = (
+    "engine", "prefill_tok_s", "decode_tok_s", "prefill_s_median", "full_s_median", "load_s",
+    "prefill_ratio", "decode_ratio", "tokens_match", "prompt_tokens", "new_tokens", "repeats",
+    "torch_threads", "processor", "timestamp_utc",
+)  # fmt: skip
+
+
+def csv_rows(results: dict) -> list[dict]:
     """One row per engine, plus the run's settings, for spreadsheets."""
-    columns = [
-        "engine", "prefill_tok_s", "decode_tok_s", "prefill_s_median", "full_s_median", "load_s",
-        "prefill_ratio", "decode_ratio", "tokens_match", "prompt_tokens", "new_tokens", "repeats",
-        "torch_threads", "processor", "timestamp_utc",
-    ]  # fmt: skip
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
+    rows = []
     for name in ENGINES:
         engine = results["engines"][name]
-        writer.writerow(
+        rows.append(
             {
                 "engine": name,
                 **{k: engine[k] for k in ("prefill_tok_s", "decode_tok_s", "prefill_s_median", "full_s_median")},
@@ -248,17 +219,10 @@ def csv_text(results: dict) -> str:
                 "decode_ratio": results["ratios"]["decode"],
                 "tokens_match": results["tokens_match"],
                 **{k: results[k] for k in ("prompt_tokens", "new_tokens", "repeats")},
-                "torch_threads": results["machine"]["torch_threads"],
-                "processor": results["machine"]["processor"],
-                "timestamp_utc": results["machine"]["timestamp_utc"],
+                **{k: results["machine"][k] for k in ("torch_threads", "processor", "timestamp_utc")},
             }
         )
-    return buffer.getvalue()
-
-
-def fmt(value: float | None, spec: str) -> str:
-    """`value` formatted with `spec`, or 'n/a' for None."""
-    return "n/a" if value is None else format(value, spec)
+    return rows
 
 
 def print_table(results: dict) -> None:
@@ -319,11 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     path = args.model if args.model is not None else ensure_default_model()
     model = model_summary(path)
     prompt = make_prompt(model["vocab_size"], args.prompt_tokens, args.seed)
-    machine = machine_info()
+    machine = machine_info(transformers=transformers.__version__)
 
     print(
-        f"model {path}  P={args.prompt_tokens} N={args.new_tokens} R={args.repeats} "
-        f"threads={torch.get_num_threads()}"
+        f"model {path}  P={args.prompt_tokens} N={args.new_tokens} R={args.repeats} threads={torch.get_num_threads()}"
     )
     runners = [MoeinfRunner(path), TransformersRunner(path)]
     stats_before = runners[0].llm.stats()
@@ -373,11 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     warn_if_noisy(results)
     print(f"first {MATCH_TOKENS} greedy tokens match: {results['tokens_match']}")
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    json_path, csv_path = args.out / "e2e-cpu.json", args.out / "e2e-cpu.csv"
-    write_atomic(json_path, json.dumps(results, indent=2) + "\n")
-    write_atomic(csv_path, csv_text(results))
-    print(f"wrote {json_path} and {csv_path}")
+    write_results(args.out, "e2e-cpu", results, csv_text(CSV_COLUMNS, csv_rows(results)))
     return 0
 
 

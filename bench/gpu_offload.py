@@ -5,8 +5,8 @@ end-to-end effect), and transformers with Accelerate's offloading at the same bu
 default; bench/accelerate_baseline.py, where accelerate is installed: the baseline MoE-Infinity's
 paper reports 4-20x against), all in one run on one machine.
 
-Run on a CUDA machine:  python bench/gpu_offload.py [--layers 4] [--new-tokens 32] [--out bench/results]
-Smoke test anywhere:    python bench/gpu_offload.py --smoke   (tiny model, CPU, no bandwidth part)
+Run on a CUDA machine:  python -m bench.gpu_offload [--layers 4] [--new-tokens 32] [--out bench/results]
+Smoke test anywhere:    python -m bench.gpu_offload --smoke   (tiny model, CPU, no bandwidth part)
 
 The synthetic model has Mixtral-8x7B's expert shape (hidden 4096, expert ffn 14336, 8 experts,
 top-2, bf16: 352 MB an expert) but only --layers layers, so its experts (layers x 2.8 GB) and its
@@ -27,12 +27,12 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import accelerate_baseline  # bench/accelerate_baseline.py, beside this script
 import torch
-from machine import write_atomic  # bench/machine.py, beside this script
 from tqdm import tqdm
 
+from bench import accelerate_baseline
 from moeinf import LLM, SamplingParams
+from moeinf.atomic_write import write_text_atomic
 from moeinf.loaders.default_model import DEFAULT_CONFIG, write_checkpoint
 
 FULL_SHAPE = dict(
@@ -212,7 +212,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     name = info.get("gpu", "cpu-smoke").lower().replace(" ", "-")
     out = Path(args.out) / f"gpu-offload-{name}.json"
-    write_atomic(out, json.dumps(results, indent=2))
+    write_text_atomic(out, json.dumps(results, indent=2))
     print(f"wrote {out}")
 
 

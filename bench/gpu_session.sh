@@ -7,20 +7,21 @@
 #
 # Steps (a failed or timed-out step is recorded and the next one runs):
 #   1 nvidia-smi and the Python environment (torch, triton, CUDA, the packages moeinf imports)
-#   2 tests/test_cuda.py: kernels vs references at model shapes, routing, norm, whole models CUDA vs CPU
-#   3 bench/kernels.py: fused_moe against the torch baselines, configs as shipped (heuristic)
-#   4 bench/tune_moe.py: tunes block configs into moeinf/kernels/configs/ (this copy of the repo)
-#   5 bench/kernels.py again: now with the tuned configs
-#   6 bench/gpu_offload.py: host-to-device bandwidth, offloaded decode speed, and transformers +
+#   2 tests/runtime/test_cuda.py: kernels vs references at model shapes, routing, norm, whole models CUDA vs CPU
+#   3 python -m bench.kernels: fused_moe against the torch baselines, configs as shipped (heuristic)
+#   4 python -m bench.tune_moe: tunes block configs into moeinf/kernels/configs/ (this copy of the repo)
+#   5 python -m bench.kernels again: now with the tuned configs
+#   6 python -m bench.gpu_offload: host-to-device bandwidth, offloaded decode speed, and transformers +
 #     Accelerate offloading at the same 25% budget (MoE-Infinity's baseline)
-#   7 tests/test_cuda.py -k fused_moe, bf16, again: the tuned configs through the default lookup
-#   8 tests/test_kernels.py on the GPU (odd shapes; informative: a few tests expect CPU-only checks)
+#   7 tests/runtime/test_cuda.py -k fused_moe, bf16, again: the tuned configs through the default lookup
+#   8 tests/kernels/test_kernels.py on the GPU (odd shapes; informative: a few tests expect CPU-only checks)
 # then copies the results where they come back: $OUT when set (the device tool's folder; at most 8
 # files, plain names, so everything else travels in results.tar.gz), and always the work folder.
 #
 # The GPU machine reaches no package registry: nothing is installed. Its python3 holds torch, triton,
-# transformers, numba, cupy, pytest (and pytest-xdist, used when present); moeinf runs from the tree
-# through PYTHONPATH. Python wheels a session brings along in .whl/ are installed into /tmp/site first.
+# transformers, numba, cupy, pytest (and pytest-xdist, used when present); moeinf and the benchmarks
+# (python -m bench.NAME) run from the tree through PYTHONPATH. Python wheels a session brings along
+# in .whl/ are installed into /tmp/site first.
 #
 # Environment: PYTHON (default python3), SESSION_BUDGET_S (default 540: the whole run, within the
 # device tool's 600 s), TUNE_BUDGET_S (default 150, lowered when time is short), WORK (work folder;
@@ -134,18 +135,18 @@ sys.exit(1 if set(missing) - {"cupy", "xdist"} else 0)
 '
 
 # ------------------------------------------------------------------------------ 2 CUDA tests
-step cuda-tests 240 30 "${PYTEST[@]}" "${XDIST[@]}" tests/test_cuda.py --junitxml="$WORK/test_cuda.xml"
+step cuda-tests 240 30 "${PYTEST[@]}" "${XDIST[@]}" tests/runtime/test_cuda.py --junitxml="$WORK/test_cuda.xml"
 
 # ------------------------------------------------------------------------------ 3-5 kernels, tune, kernels
 if [[ $SMOKE == 0 ]]; then
-    KERNELS=("$PY" bench/kernels.py)
-    TUNE=("$PY" bench/tune_moe.py --results-dir "$WORK")
-    OFFLOAD=("$PY" bench/gpu_offload.py --out "$WORK" --workdir /tmp/gpu-offload-bench)
+    KERNELS=("$PY" -m bench.kernels)
+    TUNE=("$PY" -m bench.tune_moe --results-dir "$WORK")
+    OFFLOAD=("$PY" -m bench.gpu_offload --out "$WORK" --workdir /tmp/gpu-offload-bench)
 else
-    KERNELS=("$PY" bench/kernels.py --cpu --models Mixtral-8x7B/16 --tokens 1 --min-time 0.01)
-    TUNE=("$PY" bench/tune_moe.py --smoke --models tiny --tokens 1 --max-candidates 3 --out-dir "$WORK/configs"
+    KERNELS=("$PY" -m bench.kernels --cpu --models Mixtral-8x7B/16 --tokens 1 --min-time 0.01)
+    TUNE=("$PY" -m bench.tune_moe --smoke --models tiny --tokens 1 --max-candidates 3 --out-dir "$WORK/configs"
         --results-dir "$WORK")
-    OFFLOAD=("$PY" bench/gpu_offload.py --smoke --out "$WORK" --workdir "$WORK/offload-work")
+    OFFLOAD=("$PY" -m bench.gpu_offload --smoke --out "$WORK" --workdir "$WORK/offload-work")
 fi
 step kernels-before 180 40 "${KERNELS[@]}" --out "$WORK/kernels-before"
 
@@ -173,15 +174,15 @@ step gpu-offload 300 90 "${OFFLOAD[@]}"
 
 # ------------------------------------------------------------------------------ 7-8 extra checks, time permitting
 if ((TUNED > 0)); then
-    step cuda-tests-tuned 150 45 "${PYTEST[@]}" "${XDIST[@]}" tests/test_cuda.py -k "fused_moe and bfloat16" \
+    step cuda-tests-tuned 150 45 "${PYTEST[@]}" "${XDIST[@]}" tests/runtime/test_cuda.py -k "fused_moe and bfloat16" \
         --junitxml="$WORK/test_cuda_tuned.xml"
 else
     record cuda-tests-tuned skipped 0 "no tuned config file"
 fi
 if [[ $SMOKE == 0 ]]; then
-    step kernel-tests-gpu 150 45 "${PYTEST[@]}" "${XDIST[@]}" tests/test_kernels.py --junitxml="$WORK/test_kernels_gpu.xml"
+    step kernel-tests-gpu 150 45 "${PYTEST[@]}" "${XDIST[@]}" tests/kernels/test_kernels.py --junitxml="$WORK/test_kernels_gpu.xml"
 else
-    record kernel-tests-gpu skipped 0 "smoke: tests/test_kernels.py runs in the normal suite"
+    record kernel-tests-gpu skipped 0 "smoke: tests/kernels/test_kernels.py runs in the normal suite"
 fi
 
 # ------------------------------------------------------------------------------ results

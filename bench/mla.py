@@ -7,7 +7,7 @@ inputs, their outputs are compared (relative error), and the median of --repeats
 the ratio expanded / absorbed is what to read (the machine is shared; both run in the same loop).
 `mla.attend_cached` picks by `absorbed_is_cheaper`; the last column says which it would pick.
 
-    python bench/mla.py [--lengths 256,1024,4096] [--new 1,16,256] [--repeats 7] [--dtype float32]
+    python -m bench.mla [--lengths 256,1024,4096] [--new 1,16,256] [--repeats 7] [--dtype float32]
 
 Writes bench/results/mla-<device>.json with the machine it ran on.
 """
@@ -25,13 +25,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import cpu_model, load_average, write_atomic  # noqa: E402
-
-from moeinf.kernels.reference import rms_norm_reference  # noqa: E402
-from moeinf.models import mla  # noqa: E402
-from moeinf.models.attention import attend  # noqa: E402
-from moeinf.models.spec import MLASpec, ModelSpec, RopeSpec  # noqa: E402
+from bench.machine import cpu_model, load_average
+from moeinf.atomic_write import write_text_atomic
+from moeinf.kernels.reference import rms_norm_reference
+from moeinf.models import mla
+from moeinf.models.attention import attend
+from moeinf.models.spec import MLASpec, ModelSpec, RopeSpec
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -109,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     label = cpu_model() if device.type == "cpu" else torch.cuda.get_device_name(device)
     result = {
         "benchmark": "bench/mla.py",
-        "command": "python bench/mla.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m bench.mla " + " ".join(argv if argv is not None else sys.argv[1:]),
         "timestamp_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": label,
         "torch_threads": torch.get_num_threads(),
@@ -119,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
     }
     out = args.out or RESULTS / f"mla-{device.type}.json"
-    write_atomic(out, json.dumps(result, indent=1) + "\n")
+    write_text_atomic(out, json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
     return 0
 

@@ -1,8 +1,8 @@
 """Policy replay benchmark: every cache policy on a trace, against Belady's optimum and the bound.
 
 Run:
-  python bench/policy.py --trace FILE.npz --capacity 0.25 [--profile pcie4|pcie5|nvme] [--json]
-  python bench/policy.py --report [--out bench/results] [--jobs 2] [--only POLICY,...]
+  python -m bench.policy --trace FILE.npz --capacity 0.25 [--profile pcie4|pcie5|nvme] [--json]
+  python -m bench.policy --report [--out bench/results] [--jobs 2] [--only POLICY,...]
 
 The first form replays FILE through moeinf's CacheController with each policy registered in
 moeinf.runtime.cache.registry.POLICIES at run time (lru, lfu, and activation-aware / lookahead once
@@ -41,9 +41,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-import synthetic  # bench/synthetic.py, beside this script
 from tqdm.auto import tqdm
 
+from bench import synthetic
+from moeinf.atomic_write import atomic_write, write_text_atomic
 from moeinf.runtime.cache.registry import POLICIES
 from moeinf.runtime.replay.belady import BeladyPolicy, lower_bound_tpot
 from moeinf.runtime.replay.cost import LINKS, MODELS, ReplayProfile, profile_for
@@ -238,7 +239,7 @@ def report(out: Path, link: str, jobs: int, only: list[str] | None = None) -> No
 
     results = {
         "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "python bench/policy.py " + " ".join(sys.argv[1:]),
+        "command": "python -m bench.policy " + " ".join(sys.argv[1:]),
         "machine": f"{platform.machine()} {platform.system()}, Python {platform.python_version()} (virtual time)",
         "link": link,
         "policies": names,
@@ -267,7 +268,7 @@ def report(out: Path, link: str, jobs: int, only: list[str] | None = None) -> No
         if s.real:
             entry["links"] = {lk: figures(s.name, LINK_CAPACITY, lk) for lk in LINKS}
         results["workloads"][s.name] = entry
-    (out / "policy.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_text_atomic(out / "policy.json", json.dumps(results, indent=1) + "\n")
     plot(results, out / "policy.png")
     write_tables(results, out / "policy.md")
 
@@ -297,10 +298,9 @@ def plot(results: dict, path: Path) -> None:
                 ax.set_ylabel(label)
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_write(path, "wb", durable=False) as f:
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_tables(results: dict, path: Path) -> None:
@@ -363,9 +363,7 @@ def write_tables(results: dict, path: Path) -> None:
         text = old[: old.index(BEGIN)] + text + old[old.index(END) + len(END) :]
     else:
         text = old.rstrip("\n") + "\n\n" + text + "\n"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def main(argv: list[str] | None = None) -> None:

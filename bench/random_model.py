@@ -1,8 +1,8 @@
 """A random checkpoint of a supported family at a benchmark-sized shape, saved by transformers, so
 the end-to-end and offload benchmarks can run families other than the default model:
 
-    python bench/random_model.py --family deepseek_v2 --out /tmp/dsv2
-    python bench/e2e.py --model /tmp/dsv2
+    python -m bench.random_model --family deepseek_v2 --out /tmp/dsv2
+    python -m bench.e2e --model /tmp/dsv2
 
 The shape is the same for every family where the family allows (hidden 512, 6 layers, 8 heads,
 16 experts of ffn 384, top-2, vocab 2048); family-specific sizes are listed in SHAPES. Weights are
@@ -47,7 +47,7 @@ SHAPES = {
             intermediate_size=1024, moe_intermediate_size=384, n_routed_experts=16, n_shared_experts=2,
             first_k_dense_replace=1, kv_lora_rank=128, q_lora_rank=None, qk_nope_head_dim=64,
             qk_rope_head_dim=32, v_head_dim=64,
-        ),  # fmt: skip
+        ),
     ),
     "deepseek_v3": (
         "DeepseekV3Config",
@@ -56,14 +56,14 @@ SHAPES = {
             intermediate_size=1024, moe_intermediate_size=384, n_routed_experts=16, n_shared_experts=1,
             first_k_dense_replace=1, kv_lora_rank=128, q_lora_rank=192, qk_nope_head_dim=64,
             qk_rope_head_dim=32, v_head_dim=64, n_group=4, topk_group=2,
-        ),  # fmt: skip
+        ),
     ),
     "gpt_oss": (
         "GptOssConfig",
         "GptOssForCausalLM",
         dict(num_key_value_heads=2, head_dim=64, intermediate_size=384, num_local_experts=16, sliding_window=128),
     ),
-}
+}  # fmt: skip
 
 
 def save_random_model(family: str, out: Path, seed: int = 0) -> Path:

@@ -10,8 +10,9 @@ Shapes (layers x experts): 32x8 (Mixtral-8x7B), 48x128 (Qwen3-30B-A3B), 58x256 (
 MoE layers). pred [L, E] is random with rows normalised, as the policy keeps it.
   prefetch: prefetch_order over every layer ahead of the middle one (horizon L - 1), n = 16: the
     most the scorer is asked; the policy's default (horizon 1, n = 1) reads one row.
-  evict: eviction_order of the single lowest-priority key among C = L * E / 4 candidates (a pool
-    holding a quarter of the experts, every slot evictable: the most a victim call sees there).
+  evict: eviction_order_slots, the single lowest-priority slot of a pool of C = L * E / 4 slots
+    holding a quarter of the experts (slot arrays layer_of, expert_of [C] int64 and the evictable
+    mask [C] bool, every slot evictable: the most a victim call sees there).
   policy prefetch: ActivationAwarePolicy.prefetch(layer) at its defaults, with the Python around
     the scorer (keys back into tuples).
   policy step: one MoE layer of a decode step for the policy: lookahead (for the +lookahead
@@ -20,7 +21,8 @@ MoE layers). pred [L, E] is random with rows normalised, as the policy keeps it.
     experts in Python).
   victim / claim: a Residency of C = L * E / 4 slots, all READY and unpinned, and a policy that
     has observed a few steps. victim is what CacheController._claim asks the policy per eviction:
-    policy.victim_slot over the residency's slot arrays (layer_of, expert_of, evictable_mask);
+    policy.victim_slot over the residency's slot arrays (layer_of, expert_of, evictable_mask), its
+    slot checked against the numpy references (eviction_order_slots_ref, lowest_slot_ref);
     claim is a whole eviction: that, evicting the victim, and assigning and landing a key in the
     freed slot (the victim's own key, so every round starts from the same pool).
 Every figure is a per-call time; the numba and numpy rows of a group are the same call with the
@@ -32,7 +34,8 @@ while the controller scanned the slots into a list of (layer, expert) tuples and
 those again in Python (Residency.evictable(), then policy.victim(candidates)), victim took 1.5 ms
 (activation-aware), 1.4 ms (lru), 1.6 ms (lfu) and claim 1.0 / 1.4 / 2.5 ms; with the evictable set
 kept as arrays, victim 10.6 / 11.1 / 11.3 us and claim 13.3 / 13.6 / 13.7 us, what one compiled pass
-over 3712 slots costs (evict 58x256 numba, the same pass over a [C, 2] key array: 10.9 us).
+over 3712 slots costs (evict 58x256 numba, the same compiled pass: 10.9 us, when it was timed through
+a wrapper over a [C, 2] key array).
 """
 
 from __future__ import annotations
@@ -43,7 +46,13 @@ import pytest
 from moeinf.runtime.cache.activation_aware import ActivationAwareLookaheadPolicy, ActivationAwarePolicy
 from moeinf.runtime.cache.policy import LFUPolicy, LRUPolicy
 from moeinf.runtime.cache.residency import Residency
-from moeinf.runtime.cache.scorer import eviction_order, eviction_order_ref, prefetch_order, prefetch_order_ref
+from moeinf.runtime.cache.scorer import (
+    eviction_order_slots,
+    eviction_order_slots_ref,
+    lowest_slot_ref,
+    prefetch_order,
+    prefetch_order_ref,
+)
 
 SHAPES = [(32, 8), (48, 128), (58, 256)]
 EPS = 1e-3
@@ -58,7 +67,7 @@ def case(request):
     pred = rng.random((L, E))
     pred /= pred.sum(axis=1, keepdims=True)  # pred: [L, E]
     flat = rng.permutation(L * E)[: L * E // 4]
-    keys = np.stack([flat // E, flat % E], axis=1).astype(np.int64)  # keys: [C, 2]
+    keys = np.stack([flat // E, flat % E], axis=1).astype(np.int64)  # keys: [C, 2] the (layer, expert) of slot c
     return L, E, pred, keys
 
 
@@ -75,9 +84,11 @@ def test_prefetch(benchmark, case, impl):
 @pytest.mark.parametrize("impl", ["numba", "numpy"])
 def test_evict(benchmark, case, impl):
     L, E, pred, keys = case
-    fn = eviction_order if impl == "numba" else eviction_order_ref
-    args = (pred, keys, L // 2, 1, EPS)
-    assert np.array_equal(fn(*args), eviction_order_ref(*args))
+    fn = eviction_order_slots if impl == "numba" else eviction_order_slots_ref
+    layer_of, expert_of = np.ascontiguousarray(keys[:, 0]), np.ascontiguousarray(keys[:, 1])  # [C] int64 each
+    evictable = np.ones(len(keys), np.bool_)  # [C]: every slot a candidate
+    args = (pred, layer_of, expert_of, evictable, L // 2, 1, EPS)
+    assert np.array_equal(fn(*args), eviction_order_slots_ref(*args))
     benchmark.group = f"evict {L}x{E}"
     benchmark(fn, *args)
 
@@ -146,11 +157,21 @@ def choose(policy, res) -> int:
     return policy.victim_slot(res.layer_of, res.expert_of, res.evictable_mask)
 
 
+def reference_victim(policy, res) -> int:
+    """The slot the numpy references pick for `choose`, from the policy's own priorities."""
+    slots = (res.layer_of, res.expert_of, res.evictable_mask)
+    if isinstance(policy, ActivationAwarePolicy):
+        return int(eviction_order_slots_ref(policy.pred, *slots, policy.layer, 1, policy.eps)[0])
+    if isinstance(policy, LFUPolicy):  # before LRU: LFUPolicy is one
+        return lowest_slot_ref(policy.tokens, policy.last_use, *slots)
+    return lowest_slot_ref(policy.last_use, policy.last_use, *slots)
+
+
 @pytest.mark.parametrize("name", list(POLICIES))
 def test_victim(benchmark, case, name):
     L, E, _, _ = case
     policy, res = full_pool(case, name)
-    assert res.key_in[choose(policy, res)] == policy.victim(res.evictable())
+    assert choose(policy, res) == reference_victim(policy, res)
     benchmark.group = f"victim {L}x{E}"
     benchmark(choose, policy, res)
 

@@ -1,7 +1,7 @@
 """Serving benchmark: C concurrent clients against `moeinf serve`'s server, with three batching
 settings, against the same server answering one prompt per generate call, in the same run.
 
-Run:  python bench/serve.py [--model DIR] [--clients 8] [--requests 3] [--prompt-tokens 32]
+Run:  python -m bench.serve [--model DIR] [--clients 8] [--requests 3] [--prompt-tokens 32]
                             [--new-tokens 32] [--budgets 0.25,0.5,1] [--out bench/results]
 
 Each of C client threads sends R requests one after another (a request: P random token ids,
@@ -39,10 +39,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from machine import cpu_model, load_average, write_atomic  # bench/machine.py, beside this script
 from tqdm import tqdm
 
+from bench.machine import cpu_model, load_average
 from moeinf import LLM, SamplingParams, ensure_default_model
+from moeinf.atomic_write import write_text_atomic
 from moeinf.loaders.checkpoint import Checkpoint
 from moeinf.serve.http_server import CompletionServer
 
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             )
     print("greedy answers equal in every configuration at every budget")
     path = Path(args.out) / "serve-cpu.json"
-    write_atomic(path, json.dumps(report, indent=1) + "\n")
+    write_text_atomic(path, json.dumps(report, indent=1) + "\n")
     print(f"wrote {path}")
     return 0
 

@@ -23,7 +23,7 @@ depends on, each calibrated on data where there is data:
 3. In-sequence reuse. Each of a token's K experts at a layer is kept by the next token with
    probability `reuse`; the rest are drawn from q[s, l] without replacement (Gumbel top-k).
 
-seq_alpha and reuse are fitted together on the real Mixtral traces (`python bench/synthetic.py
+seq_alpha and reuse are fitted together on the real Mixtral traces (`python -m bench.synthetic
 calibrate`): at Mixtral's shape and the real sequence lengths, they reproduce the traces' token-
 to-token repeat rate (how often an expert a token used at a layer is used there by the next
 token; 0.34-0.37 real, 0.25 for independent uniform routing) and their mean per-sequence, per-
@@ -34,9 +34,9 @@ popularity; 0.85 is an assumption (cross-layer gate predictors are reported in t
 for Mixtral), not a fit.
 
 Run:
-  python bench/synthetic.py generate --model deepseek-v3 --sequences 24 --tokens 32 --out ds.npz
-  python bench/synthetic.py calibrate     # re-fit seq_alpha and reuse on the real traces
-  python bench/synthetic.py stats FILE.npz [FILE.npz ...]
+  python -m bench.synthetic generate --model deepseek-v3 --sequences 24 --tokens 32 --out ds.npz
+  python -m bench.synthetic calibrate     # re-fit seq_alpha and reuse on the real traces
+  python -m bench.synthetic stats FILE.npz [FILE.npz ...]
 """
 
 from __future__ import annotations

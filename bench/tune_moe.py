@@ -4,12 +4,12 @@ writes one tuned file per (E, N, K, dtype, device) that moe_block_config reads (
 moeinf/kernels/block_configs.py).
 
 Run on a CUDA machine:
-  python bench/tune_moe.py [--models NAME ...] [--tokens 1 16 64 256 1024 4096] [--budget-s 150]
+  python -m bench.tune_moe [--models NAME ...] [--tokens 1 16 64 256 1024 4096] [--budget-s 150]
                            [--max-candidates 16] [--out-dir moeinf/kernels/configs] [--results-dir bench/results]
-  python bench/tune_moe.py --dry-run-list [--models ...] [--tokens ...]   the candidates in the order tried; no GPU
+  python -m bench.tune_moe --dry-run-list [--models ...] [--tokens ...]   the candidates in the order tried; no GPU
 Smoke test anywhere (CPU, Triton interpreter, tiny shapes, perf_counter timer; files go to a new temp
 directory unless --out-dir is given):
-  python bench/tune_moe.py --smoke
+  python -m bench.tune_moe --smoke
 
 Shapes: bench/kernels.py's GPU_MODELS, Mixtral-8x7B (D=4096 F=14336 E=8 top-2), Qwen3-30B-A3B (D=2048
 F=768 E=128 top-8), DeepSeek-V2-Lite (D=2048 F=1408 E=64 top-6). E is what fused_moe looks files up
@@ -49,9 +49,7 @@ if "--smoke" in sys.argv:
 
 import argparse
 import concurrent.futures
-import csv
 import functools
-import io
 import itertools
 import math
 import multiprocessing
@@ -69,11 +67,9 @@ import triton
 import triton.testing
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is scripts, not a package
-
-from kernels import GPU_MODELS, make_experts, make_tokens, rel_rms  # bench/kernels.py
-from machine import write_atomic  # bench/machine.py
-
+from bench.common import csv_text
+from bench.kernels import GPU_MODELS, make_experts, make_tokens
+from moeinf.atomic_write import write_text_atomic
 from moeinf.kernels.block_configs import (
     CONFIG_DIR,
     INTERPRETER_DEVICE,
@@ -85,6 +81,7 @@ from moeinf.kernels.block_configs import (
 )
 from moeinf.kernels.moe import fused_moe
 from moeinf.kernels.reference import moe_experts_reference
+from moeinf.kernels.tolerance import MODEL_SHAPE_TOLERANCE, rel_rms
 
 BENCH = Path(__file__).resolve().parent
 
@@ -122,7 +119,6 @@ PRIORS_PREFILL = (
 SMEM_BYTES = 227 * 1024  # shared memory a Hopper block may opt into
 ACC_REGS_PER_THREAD = 128  # fp32 accumulator registers per thread past which spills are likely
 FIRST_ROUND = 0.6  # of the candidates and of the time: tiles; the rest: launch variants of the best tiles
-TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-4}  # relative RMS error
 CSV_COLUMNS = (
     "device", "model", "D", "F", "E", "K", "M", "dtype", *GRID, "heuristic", "status", "ms", "rel_rms",
     "chosen", "note", "timestamp_utc",
@@ -436,11 +432,10 @@ def source_text(model: str, results: list[CaseResult], label: str, command: str,
     )
 
 
-def csv_text(results: list[CaseResult], device: str, dtype: torch.dtype) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
-    writer.writeheader()
+def trials_csv(results: list[CaseResult], device: str, dtype: torch.dtype) -> str:
+    """Every trial of every case, one row each, the chosen one marked."""
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    rows = []
     for r in results:
         D, F, E, K = r.shape
         for t in r.trials:
@@ -449,8 +444,8 @@ def csv_text(results: list[CaseResult], device: str, dtype: torch.dtype) -> str:
                        ms="" if t.ms is None else f"{t.ms:.5f}", rel_rms="" if t.error is None else f"{t.error:.2e}",
                        chosen=int(t is r.best), note=t.note, timestamp_utc=stamp)  # fmt: skip
             row.update({name: getattr(t.config, name) for name in GRID})
-            writer.writerow(row)
-    return buffer.getvalue()
+            rows.append(row)
+    return csv_text(CSV_COLUMNS, rows)
 
 
 def print_summary(results: list[CaseResult]) -> None:
@@ -555,7 +550,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="default bf16 (smoke: fp32)")
     parser.add_argument("--budget-s", type=float, default=150.0, help="seconds for the whole run, compiles included")
     parser.add_argument("--max-candidates", type=int, default=16, help="candidates per (model, M), heuristic included")
-    parser.add_argument("--tolerance", type=float, help="relative RMS error allowed (default by dtype)")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        help="relative RMS error allowed (default: moeinf.kernels.tolerance.MODEL_SHAPE_TOLERANCE of the dtype)",
+    )
     parser.add_argument("--warmup-ms", type=float, default=10.0, help="do_bench warmup per candidate")
     parser.add_argument("--rep-ms", type=float, default=50.0, help="do_bench timed repetitions per candidate")
     parser.add_argument("--compile-workers", type=int, help="processes compiling ahead (default min(8, CPUs); smoke 0)")
@@ -567,7 +566,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    command = shlex.join(["python", "bench/tune_moe.py", *(sys.argv[1:] if argv is None else argv)])
+    command = shlex.join(["python", "-m", "bench.tune_moe", *(sys.argv[1:] if argv is None else argv)])
     table = SMOKE_MODELS if args.smoke else GPU_MODELS
     unknown = set(args.models or ()) - set(table)
     if unknown:
@@ -579,7 +578,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.smoke:
         if not interpreting():
-            raise SystemExit("--smoke needs TRITON_INTERPRET=1 before triton is imported (run it as a script)")
+            raise SystemExit(
+                "--smoke needs TRITON_INTERPRET=1 before triton is imported (run python -m bench.tune_moe --smoke)"
+            )
         device, device_label = torch.device("cpu"), "Triton interpreter (CPU)"
     elif torch.cuda.is_available() and not interpreting():
         device, device_label = torch.device("cuda"), torch.cuda.get_device_name()
@@ -594,7 +595,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     out_dir = args.out_dir or (Path(tempfile.mkdtemp(prefix="tune_moe-")) if args.smoke else CONFIG_DIR)
     results_dir = args.results_dir or (out_dir if args.smoke else BENCH / "results")
-    tolerance = args.tolerance if args.tolerance is not None else TOLERANCE[dtype]
+    tolerance = args.tolerance if args.tolerance is not None else MODEL_SHAPE_TOLERANCE[dtype]
     workers = args.compile_workers
     if workers is None:
         workers = 0 if args.smoke else min(8, os.cpu_count() or 1)
@@ -639,7 +640,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         configs = {r.M: r.best.config for r in model_results}
         written.append(write_config_file(out_dir, E, F, D, dtype, config_device, configs, source))
     csv_path = results_dir / f"tune_moe-{config_device}.csv"
-    write_atomic(csv_path, csv_text(results, config_device, dtype))
+    write_text_atomic(csv_path, trials_csv(results, config_device, dtype))
     for path in written:
         print(f"wrote {path}")
     print(f"wrote {csv_path}")

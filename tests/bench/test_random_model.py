@@ -1,15 +1,10 @@
 """bench/random_model.py builds a checkpoint moeinf opens for every family it lists."""
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from random_model import SHAPES, save_random_model  # noqa: E402
-
-from moeinf.loaders.checkpoint import Checkpoint  # noqa: E402
-from moeinf.models.registry import FAMILIES  # noqa: E402
+from bench.random_model import SHAPES, save_random_model
+from moeinf.loaders.checkpoint import Checkpoint
+from moeinf.models.registry import FAMILIES
 
 
 def test_every_supported_family_has_a_benchmark_shape():

@@ -2,39 +2,22 @@
 writes as block_configs reads them, its candidate lists, and its selection, which never picks a
 candidate whose output is wrong, however fast."""
 
-import importlib.util
 import json
 import math
-import sys
 
 import pytest
 import torch
 
+from bench import tune_moe
 from moeinf.kernels import block_configs
 from moeinf.kernels.block_configs import INTERPRETER_DEVICE, BlockConfig
 from moeinf.kernels.moe import fused_moe
-from tests.paths import ROOT
 
 
-@pytest.fixture(scope="module")
-def tune():
-    """bench/tune_moe.py as a module (bench/ is scripts, not a package). It puts bench/ on sys.path
-    to import its siblings; the rest of the test session gets sys.path back as it was."""
-    spec = importlib.util.spec_from_file_location("tune_moe", ROOT / "bench" / "tune_moe.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    saved = list(sys.path)
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path[:] = saved
-    return module
-
-
-def test_smoke_run_writes_a_file_block_configs_reads(tune, tmp_path, capsys):
+def test_smoke_run_writes_a_file_block_configs_reads(tmp_path, capsys):
     argv = ["--smoke", "--models", "tiny", "--tokens", "1", "8", "--max-candidates", "3", "--out-dir", str(tmp_path)]
-    assert tune.main(argv) == 0
-    D, F, E, K = tune.SMOKE_MODELS["tiny"]
+    assert tune_moe.main(argv) == 0
+    D, F, E, K = tune_moe.SMOKE_MODELS["tiny"]
     path = tmp_path / block_configs.config_file_name(E, F, D, torch.float32, INTERPRETER_DEVICE)
     tuned, table = block_configs.read_config_file(path)
     assert tuned and sorted(table) == [1, 8]
@@ -51,36 +34,36 @@ def test_smoke_run_writes_a_file_block_configs_reads(tune, tmp_path, capsys):
     for m in (1, 8):
         chosen = [r for r in rows if r["M"] == str(m) and r["chosen"] == "1"]
         assert len(chosen) == 1 and chosen[0]["status"] == "ok"
-        assert BlockConfig(*(int(chosen[0][n]) for n in tune.GRID)) == table[m]
+        assert BlockConfig(*(int(chosen[0][n]) for n in tune_moe.GRID)) == table[m]
         assert sum(r["heuristic"] == "1" for r in rows if r["M"] == str(m)) == 1
     out = capsys.readouterr().out
     assert "speedup" in out and "wrote" in out
 
 
-def trial(tune, ms, error, block_m=16, status="ok"):
-    return tune.Trial(BlockConfig(block_m, 32, 32, 1), status=status, ms=ms, error=error)
+def trial(ms, error, block_m=16, status="ok"):
+    return tune_moe.Trial(BlockConfig(block_m, 32, 32, 1), status=status, ms=ms, error=error)
 
 
-def test_selection_never_picks_a_wrong_or_failed_candidate(tune):
+def test_selection_never_picks_a_wrong_or_failed_candidate():
     tol = 1e-2
     trials = [
-        trial(tune, 1.0, 1e-3, block_m=16),  # the heuristic
-        trial(tune, 0.1, 0.5, block_m=32, status="rejected"),  # fastest, but wrong
-        trial(tune, None, None, block_m=64, status="failed"),  # did not compile
-        trial(tune, 0.05, math.nan, block_m=128),  # NaN in its output
-        trial(tune, 0.8, 2e-3, block_m=16),  # the fastest right one
-        trial(tune, 0.8, 3e-3, block_m=32),  # as fast: the earlier one wins
-        trial(tune, 0.01, tol * 1.01, block_m=64),  # just past the tolerance
+        trial(1.0, 1e-3, block_m=16),  # the heuristic
+        trial(0.1, 0.5, block_m=32, status="rejected"),  # fastest, but wrong
+        trial(None, None, block_m=64, status="failed"),  # did not compile
+        trial(0.05, math.nan, block_m=128),  # NaN in its output
+        trial(0.8, 2e-3, block_m=16),  # the fastest right one
+        trial(0.8, 3e-3, block_m=32),  # as fast: the earlier one wins
+        trial(0.01, tol * 1.01, block_m=64),  # just past the tolerance
     ]
-    best = tune.select_best(trials, tol)
+    best = tune_moe.select_best(trials, tol)
     assert best is trials[4]
-    assert tune.select_best(trials[1:4], tol) is None
+    assert tune_moe.select_best(trials[1:4], tol) is None
 
 
-def test_a_wrong_candidate_is_rejected_before_it_is_timed(tune):
-    D, F, E, K = tune.SMOKE_MODELS["tiny-odd"]
-    w13, w2, slots = tune.make_experts(D, F, E, torch.float32, torch.device("cpu"))
-    x, ids, weights = tune.make_tokens(5, D, E, K, torch.float32, torch.device("cpu"), seed=5)
+def test_a_wrong_candidate_is_rejected_before_it_is_timed():
+    D, F, E, K = tune_moe.SMOKE_MODELS["tiny-odd"]
+    w13, w2, slots = tune_moe.make_experts(D, F, E, torch.float32, torch.device("cpu"))
+    x, ids, weights = tune_moe.make_tokens(5, D, E, K, torch.float32, torch.device("cpu"), seed=5)
     heuristic = block_configs.heuristic_config(5, E, INTERPRETER_DEVICE)
     wrong, broken, right = (BlockConfig(16, 32, 32, 1), BlockConfig(32, 32, 32, 1), BlockConfig(16, 64, 32, 1))
 
@@ -96,7 +79,7 @@ def test_a_wrong_candidate_is_rejected_before_it_is_timed(tune):
         timed.append(call.keywords["config"])
         return 0.001 if call.keywords["config"] == wrong else 1.0  # the wrong one would be fastest
 
-    trials = tune.tune_case(
+    trials = tune_moe.tune_case(
         (x, ids, weights, w13, w2, slots), [heuristic, wrong, broken, right], timer=timer, tolerance=1e-4,
         deadline=math.inf, heuristic=heuristic, runner=runner,
     )  # fmt: skip
@@ -104,15 +87,15 @@ def test_a_wrong_candidate_is_rejected_before_it_is_timed(tune):
     assert status == {heuristic: "ok", wrong: "rejected", broken: "failed", right: "ok"}
     assert timed == [heuristic, right] and trials[0].heuristic and not trials[3].heuristic
     assert "out of resources" in trials[2].note and trials[1].error > 5e-3
-    assert tune.select_best(trials, 1e-4).config in (heuristic, right)
+    assert tune_moe.select_best(trials, 1e-4).config in (heuristic, right)
 
 
-def test_deadline_stops_after_the_heuristic(tune):
-    D, F, E, K = tune.SMOKE_MODELS["tiny"]
-    w13, w2, slots = tune.make_experts(D, F, E, torch.float32, torch.device("cpu"))
-    x, ids, weights = tune.make_tokens(3, D, E, K, torch.float32, torch.device("cpu"), seed=3)
+def test_deadline_stops_after_the_heuristic():
+    D, F, E, K = tune_moe.SMOKE_MODELS["tiny"]
+    w13, w2, slots = tune_moe.make_experts(D, F, E, torch.float32, torch.device("cpu"))
+    x, ids, weights = tune_moe.make_tokens(3, D, E, K, torch.float32, torch.device("cpu"), seed=3)
     heuristic = block_configs.heuristic_config(3, E, INTERPRETER_DEVICE)
-    trials = tune.tune_case(
+    trials = tune_moe.tune_case(
         (x, ids, weights, w13, w2, slots), [heuristic, BlockConfig(16, 32, 32, 1)], timer=lambda call: 1.0,
         tolerance=1e-4, deadline=0.0, heuristic=heuristic,
     )  # fmt: skip
@@ -121,32 +104,32 @@ def test_deadline_stops_after_the_heuristic(tune):
 
 @pytest.mark.parametrize("M", [1, 16, 256, 4096])
 @pytest.mark.parametrize("model", ["Mixtral-8x7B", "Qwen3-30B-A3B", "DeepSeek-V2-Lite"])
-def test_candidates_heuristic_first_pruned_and_capped(tune, model, M):
-    shape = tune.GPU_MODELS[model]
+def test_candidates_heuristic_first_pruned_and_capped(model, M):
+    shape = tune_moe.GPU_MODELS[model]
     heuristic = block_configs.heuristic_config(M, shape[2], "NVIDIA_H200")
-    plan = tune.plan_candidates(M, shape, 2, heuristic, 10)
+    plan = tune_moe.plan_candidates(M, shape, 2, heuristic, 10)
     assert plan.first[0] == heuristic and len(plan.first) == len(set(plan.first)) <= 10
     assert plan.grid == 4 * 3 * 3 * 2 * 2 * 3 and 0 < len(plan.kept) < plan.grid
-    assert all(tune.prune_reason(c, M, shape, 2) is None for c in plan.first[1:])
+    assert all(tune_moe.prune_reason(c, M, shape, 2) is None for c in plan.first[1:])
     # the first round holds one launch per tile; the second, launch variants of the fastest tiles
-    assert len({tune.tile(c) for c in plan.first}) == len(plan.first)
-    trials = [tune.Trial(c, status="ok", ms=float(i + 1), error=0.0) for i, c in enumerate(plan.first)]
-    variants = tune.second_round(trials, plan.kept, 1e-2, 6)
+    assert len({tune_moe.tile(c) for c in plan.first}) == len(plan.first)
+    trials = [tune_moe.Trial(c, status="ok", ms=float(i + 1), error=0.0) for i, c in enumerate(plan.first)]
+    variants = tune_moe.second_round(trials, plan.kept, 1e-2, 6)
     assert len(variants) <= 6 and not set(variants) & set(plan.first)
-    assert {tune.tile(c) for c in variants} <= {tune.tile(plan.first[0]), tune.tile(plan.first[1])}
+    assert {tune_moe.tile(c) for c in variants} <= {tune_moe.tile(plan.first[0]), tune_moe.tile(plan.first[1])}
 
 
-def test_pruning_rules(tune):
-    mixtral = tune.GPU_MODELS["Mixtral-8x7B"]
-    assert "shared memory" in tune.prune_reason(BlockConfig(128, 128, 128, 8, 8, 4), 4096, mixtral, 2)
-    assert "registers" in tune.prune_reason(BlockConfig(128, 128, 64, 8, 4, 2), 4096, mixtral, 2)
-    assert "block_m" in tune.prune_reason(BlockConfig(128, 64, 64, 1), 1, mixtral, 2)  # decode: 1 pair per expert
-    assert "group_m" in tune.prune_reason(BlockConfig(16, 64, 64, 8), 1, mixtral, 2)
-    assert tune.prune_reason(BlockConfig(64, 128, 64, 8, 4, 3), 4096, mixtral, 2) is None
+def test_pruning_rules():
+    mixtral = tune_moe.GPU_MODELS["Mixtral-8x7B"]
+    assert "shared memory" in tune_moe.prune_reason(BlockConfig(128, 128, 128, 8, 8, 4), 4096, mixtral, 2)
+    assert "registers" in tune_moe.prune_reason(BlockConfig(128, 128, 64, 8, 4, 2), 4096, mixtral, 2)
+    assert "block_m" in tune_moe.prune_reason(BlockConfig(128, 64, 64, 1), 1, mixtral, 2)  # decode: 1 pair per expert
+    assert "group_m" in tune_moe.prune_reason(BlockConfig(16, 64, 64, 8), 1, mixtral, 2)
+    assert tune_moe.prune_reason(BlockConfig(64, 128, 64, 8, 4, 3), 4096, mixtral, 2) is None
 
 
-def test_dry_run_list_needs_no_gpu(tune, capsys):
-    assert tune.main(["--dry-run-list", "--models", "Qwen3-30B-A3B", "--tokens", "1", "4096"]) == 0
+def test_dry_run_list_needs_no_gpu(capsys):
+    assert tune_moe.main(["--dry-run-list", "--models", "Qwen3-30B-A3B", "--tokens", "1", "4096"]) == 0
     out = capsys.readouterr().out
     assert out.count("heuristic") == 2 and "M=4096" in out
 

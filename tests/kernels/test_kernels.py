@@ -23,20 +23,12 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkR
 from moeinf.kernels import block_configs, moe, norm, reference, routing
 from moeinf.kernels.block_configs import BlockConfig
 from moeinf.kernels.expert_activation import SILU, ExpertActivation
+from moeinf.kernels.tolerance import TOLERANCE, rel_rms
 
 DEVICE = torch.device("cpu" if block_configs.interpreting() or not torch.cuda.is_available() else "cuda")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# Relative RMS error against float64. bfloat16 runs upcast to float32 in the interpreter (its bf16
-# arithmetic is wrong) and its float32 -> bf16 casts truncate instead of rounding to nearest, so
-# each rounding costs up to a whole ulp (2^-8) there.
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-
-
-def rel_rms(got: torch.Tensor, expected: torch.Tensor) -> float:
-    got, expected = got.double().cpu(), expected.double().cpu()
-    assert not got.isnan().any(), "NaN in the output: an element was never written"
-    return ((got - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt()).item()
+UNWRITTEN = "NaN in the output: an element was never written"  # outputs start as NaN (poisoned)
 
 
 def poisoned(*shape, dtype) -> torch.Tensor:
@@ -116,6 +108,7 @@ def test_fused_moe_matches_reference(case, dtype):
     x, ids, weights, w13, w2, slots = moe_case(T, D, F, E, K, dtype, seed=len(case), ids=ids)
     out = moe.fused_moe(x, ids, weights, w13, w2, slots, out=poisoned(T, D, dtype=dtype))
     assert out.dtype == dtype and out.shape == (T, D)
+    assert not out.isnan().any(), UNWRITTEN
     assert rel_rms(out, moe_expected(x, ids, weights, w13, w2, slots)) < TOLERANCE[dtype]
 
 
@@ -131,6 +124,7 @@ def test_fused_moe_small_blocks_and_grouped_order(config):
     # several row and column tiles, several reduction steps and a ragged last group of row blocks
     x, ids, weights, w13, w2, slots = moe_case(37, 72, 40, 5, 2, torch.float32, seed=3)
     out = moe.fused_moe(x, ids, weights, w13, w2, slots, config=config, out=poisoned(37, 72, dtype=torch.float32))
+    assert not out.isnan().any(), UNWRITTEN
     assert rel_rms(out, moe_expected(x, ids, weights, w13, w2, slots)) < TOLERANCE[torch.float32]
 
 
@@ -152,10 +146,12 @@ def test_moe_stages_write_every_element(case):
     act = poisoned(T * K, F, dtype=torch.float32)
     moe.gate_up_act(x, w13, blocks, K, act, config, upcast=False)
     gate_up = torch.einsum("pd,pfd->pf", x.repeat_interleave(K, 0), w13[slots[ids.view(-1)]])  # [T*K, 2F]
+    assert not act.isnan().any(), UNWRITTEN
     assert rel_rms(act, nnf.silu(gate_up[:, :F]) * gate_up[:, F:]) < TOLERANCE[torch.float32]
     y = poisoned(T * K, D, dtype=torch.float32)
     moe.down_weighted(act, w2, weights, blocks, y, config, upcast=False)
     expected_y = torch.einsum("pf,pdf->pd", act, w2[slots[ids.view(-1)]]) * weights.view(-1, 1)
+    assert not y.isnan().any(), UNWRITTEN
     assert rel_rms(y, expected_y) < TOLERANCE[torch.float32]
     out = poisoned(T, D, dtype=torch.float32)
     moe.combine_topk(y, K, out)
@@ -202,6 +198,7 @@ def test_fused_moe_biases_and_activation_match_reference(case, dtype):
     )  # fmt: skip
     expected = moe_expected(x, ids, weights, w13, w2, slots, b13, b2, activation)
     assert out.dtype == dtype and out.shape == (T, D)
+    assert not out.isnan().any(), UNWRITTEN
     assert rel_rms(out, expected) < TOLERANCE[dtype]
     if activation.kind == "clamped_swiglu":
         # the clamp binds, and the comparison would see an unclamped kernel
@@ -221,10 +218,12 @@ def test_moe_stages_add_biases_before_activation_and_routing_weight():
     act = poisoned(T * K, F, dtype=torch.float32)
     moe.gate_up_act(x, w13, blocks, K, act, config, upcast=False, b13=b13, activation=CLAMPED)
     h = torch.einsum("pd,pfd->pf", x.repeat_interleave(K, 0), w13[pair_slots]) + b13[pair_slots]  # [T*K, 2F]
+    assert not act.isnan().any(), UNWRITTEN
     assert rel_rms(act, CLAMPED(h[:, :F], h[:, F:])) < TOLERANCE[torch.float32]
     y = poisoned(T * K, D, dtype=torch.float32)
     moe.down_weighted(act, w2, weights, blocks, y, config, upcast=False, b2=b2)
     expected_y = (torch.einsum("pf,pdf->pd", act, w2[pair_slots]) + b2[pair_slots]) * weights.view(-1, 1)
+    assert not y.isnan().any(), UNWRITTEN
     assert rel_rms(y, expected_y) < TOLERANCE[torch.float32]
 
 
@@ -255,6 +254,7 @@ def test_shared_experts_as_extra_columns():
     got = moe.fused_moe(x, all_ids, all_weights, w13, w2, all_slots)
     xc = x.cpu()
     shared = shared_gate * nnf.linear(nnf.silu(nnf.linear(xc, gate)) * nnf.linear(xc, up), down)
+    assert not got.isnan().any(), UNWRITTEN
     assert rel_rms(got, moe_expected(x, ids, weights, w13, w2, slots) + shared) < TOLERANCE[torch.float32]
 
 
@@ -477,6 +477,7 @@ def test_rms_norm_matches_reference(case, dtype, residual, scale_in_fp32):
     if residual:
         h = poisoned(x.shape[0], D, dtype=dtype)
         norm.rms_norm_into(x, weight, 1e-6, out, r, h, scale_in_fp32)
+        assert not h.isnan().any(), UNWRITTEN
         assert rel_rms(h, x.double() + r.double()) < TOLERANCE[dtype] / 2  # one rounding of an exact sum
         # the statistics are those of the rounded sum, as the unfused add then norm computes them
         expected = reference.rms_norm_reference(h.cpu().double(), wd, 1e-6, scale_in_fp32)
@@ -484,6 +485,7 @@ def test_rms_norm_matches_reference(case, dtype, residual, scale_in_fp32):
         norm.rms_norm_into(x, weight, 1e-6, out, scale_in_fp32=scale_in_fp32)
         expected = reference.rms_norm_reference(x.cpu().double(), wd, 1e-6, scale_in_fp32)
     assert out.dtype == out_dtype
+    assert not out.isnan().any(), UNWRITTEN
     assert rel_rms(out, expected) < TOLERANCE[dtype]
 
 

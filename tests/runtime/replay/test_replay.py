@@ -4,7 +4,6 @@ traces, and the synthetic workload generator of bench/synthetic.py."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+from bench import synthetic
 from moeinf.errors import ReplayConfigError
 from moeinf.runtime.cache.counters import TrafficCounters
 from moeinf.runtime.cache.registry import LRUPolicy
@@ -23,15 +23,6 @@ from moeinf.runtime.traces import Trace, write_trace
 from tests.paths import ROOT, SHARED_TRACES
 
 needs_shared = pytest.mark.skipif(not SHARED_TRACES.exists(), reason="../shared/traces is absent")
-
-
-def load_bench(name: str):
-    """A bench script as a module (bench/ is scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def make_trace(routes, num_experts, phase=None, seq_starts=None, lookahead=None, model="toy"):
@@ -238,7 +229,6 @@ def test_profiles_resolve_by_model_name_or_shape():
         profile_for(wrong)
 
 
-
 def test_a_trace_with_its_own_costs_is_timed_by_them():
     """`moeinf trace` records its model's costs in meta["cost"]; they win over name and shape."""
     cost = dict(expert_bytes=25_000_000, layer_dense_bytes=10_000_000, step_bytes=50_000_000, bytes_per_param=2)
@@ -304,7 +294,6 @@ def test_shared_gsm8k_trace_at_64_slots():
 
 @needs_shared
 def test_synthetic_workload_is_reproducible_and_matches_its_targets():
-    synthetic = load_bench("synthetic")
     w = synthetic.Workload(model="mixtral-8x7b", sequences=48, min_tokens=40, max_tokens=60, seed=3)
     a, b = synthetic.generate(w), synthetic.generate(w)
     for name in ("experts", "weights", "seq_starts", "phase", "lookahead"):
@@ -319,7 +308,6 @@ def test_synthetic_workload_is_reproducible_and_matches_its_targets():
 
 @needs_shared
 def test_synthetic_task_skew_matches_the_domain_counts():
-    synthetic = load_bench("synthetic")
     w = synthetic.Workload(
         model="qwen3-30b-a3b", sequences=96, min_tokens=32, max_tokens=32, tasks=("arxiv",), lookahead_accuracy=None
     )
@@ -337,7 +325,8 @@ def test_policy_bench_prints_the_json_it_promises(tmp_path):
     trace.meta["model"] = "Mixtral-8x7B (random routing)"
     write_trace(tmp_path / "t.npz", trace)
     out = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "policy.py"), "--trace", str(tmp_path / "t.npz"), "--json"],
+        [sys.executable, "-m", "bench.policy", "--trace", str(tmp_path / "t.npz"), "--json"],
+        cwd=ROOT,
         capture_output=True,
         text=True,
         check=True,

@@ -5,7 +5,9 @@ elsewhere. `Kernels("triton")` always runs the kernels: on CPU tensors that work
 Triton interpreter (TRITON_INTERPRET=1 set before triton is imported), which is how tests check
 the runtime's use of the kernels without a GPU. `Kernels("torch")` always runs the torch versions:
 the baseline the kernels are measured against on CUDA. The torch versions are the references,
-except the routed experts of two tokens or more on the CPU, which run as two grouped matmuls
+except the routed experts on the CPU: steps of up to host_experts.MAX_TOKENS tokens (decode) run
+the host expert kernels (host_experts.py: float32 and bfloat16 weights read at memory bandwidth,
+the reference's arithmetic in another summation order), larger ones two grouped matmuls
 (grouped_experts.py: equal to the reference up to a vectorised sigmoid's last bit, and faster).
 The Triton modules are imported on first use: importing triton takes about a second, and nothing
 on a CPU run needs it.
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from moeinf.kernels import grouped_experts
+from moeinf.kernels import grouped_experts, host_experts
 from moeinf.kernels.expert_activation import SILU, ExpertActivation
 from moeinf.kernels.reference import (
     grouped_sigmoid_topk_reference,
@@ -95,6 +97,8 @@ class Kernels:
 
             # the kernels weigh and combine in float32 whatever dtype the weights came in
             return moe.fused_moe(x, topk_ids, topk_weights.float(), w13, w2, expert_slots, **extras)
+        if self.choice == "auto" and host_experts.applies(x, w13, w2, b13, b2):
+            return host_experts.host_moe_experts(x, topk_ids, topk_weights, w13, w2, expert_slots, **extras)
         if grouped_experts.applies(x, w13, w2):
             return grouped_experts.moe_experts_grouped(x, topk_ids, topk_weights, w13, w2, expert_slots, **extras)
         return moe_experts_reference(x, topk_ids, topk_weights, w13, w2, expert_slots, **extras)

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from moeinf.kernels import grouped_experts
+from moeinf.kernels import grouped_experts, host_experts
 from moeinf.kernels.expert_activation import SILU, ExpertActivation
 from moeinf.kernels.grouped_experts import moe_experts_grouped
-from moeinf.kernels.ops import AUTO
+from moeinf.kernels.ops import AUTO, Kernels
 from moeinf.kernels.reference import moe_experts_reference
 
 pytestmark = pytest.mark.skipif(not grouped_experts.AVAILABLE, reason="this torch has no torch._grouped_mm")
@@ -101,11 +101,17 @@ def test_the_path_applies_only_where_it_can_run():
 
 
 def test_ops_take_the_grouped_path_for_batches_on_the_cpu(monkeypatch):
-    T, D, FF, E, K = CASES["Mixtral-like"]
-    x, ids, weights, w13, w2, slots, _, _ = inputs(T, D, FF, E, K, torch.float32, seed=3)
+    """The torch kernels group from two tokens; the default ones only past the host expert kernels'
+    decode-sized steps (host_experts.MAX_TOKENS)."""
+    _, D, FF, E, K = CASES["Mixtral-like"]
+    x, ids, weights, w13, w2, slots, _, _ = inputs(host_experts.MAX_TOKENS + 1, D, FF, E, K, torch.float32, seed=3)
     calls = []
     real = grouped_experts.moe_experts_grouped
     monkeypatch.setattr(grouped_experts, "moe_experts_grouped", lambda *a, **k: calls.append(1) or real(*a, **k))
     AUTO.moe_experts(x, ids, weights, w13, w2, slots)
+    AUTO.moe_experts(x[:16], ids[:16], weights[:16], w13, w2, slots)
     AUTO.moe_experts(x[:1], ids[:1], weights[:1], w13, w2, slots)
-    assert calls == [1]  # the batch, not the single token
+    assert calls == [1]  # the prefill-sized batch, not the decode-sized ones
+    Kernels("torch").moe_experts(x[:2], ids[:2], weights[:2], w13, w2, slots)
+    Kernels("torch").moe_experts(x[:1], ids[:1], weights[:1], w13, w2, slots)
+    assert calls == [1, 1]  # the batch, not the single token

@@ -54,15 +54,25 @@ def test_unsupported_encoder_decoder_moe_is_refused(tmp_path):
         LLM(tmp_path, progress=False)
 
 
+# Relative error of bfloat16 logits the default kernels may reach: every family but GPT-OSS matches
+# transformers bit for bit with them too; the host expert kernels sum a dot product in another order
+# than torch's bf16 linear, and where a float32 sum lands within that of a bf16 rounding boundary the
+# two round apart. One such element in layer 0 of the tiny GPT-OSS (binding clamps, sinks) moves its
+# logits by 1.1e-2; greedy tokens still match.
+DEFAULT_KERNEL_BF16_BOUND = {"gpt_oss": 2e-2}
+
+
+@pytest.mark.parametrize("kernels", ["torch", "auto"])
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_family_runs_offloaded_in_bfloat16_like_transformers(name, tmp_path):
+def test_family_runs_offloaded_in_bfloat16_like_transformers(name, kernels, tmp_path):
     """bfloat16 (store records, biases and activations in bf16; float32 routers where the family
     keeps them), offloaded, against transformers loading the same checkpoint in bf16 (its
     grouped_mm experts). moeinf orders its bf16 arithmetic as transformers does (products weighed
     then summed over k in float32, GPT-OSS's norm and sink softmax, DeepSeek-V2's float32 rope), so
-    every family matches bit for bit on the machines measured; the bound leaves room for a last-bit
-    difference elsewhere, far below what one misordered rounding gave (0.008-0.07), and greedy
-    tokens must match."""
+    with the torch kernels every family matches bit for bit on the machines measured; the bound
+    leaves room for a last-bit difference elsewhere, far below what one misordered rounding gave
+    (0.008-0.07), and greedy tokens must match. The default kernels (the host expert kernels on the
+    CPU) keep the same roundings in another summation order: see DEFAULT_KERNEL_BF16_BOUND."""
     from transformers import AutoModelForCausalLM
 
     folder = tmp_path / name
@@ -71,10 +81,12 @@ def test_family_runs_offloaded_in_bfloat16_like_transformers(name, tmp_path):
     with torch.no_grad():
         expected = hf(torch.tensor([PROMPT])).logits[0].float()
     budget = 0.5 if name == "mixtral" else 0.3  # the tiny Mixtral's 8 experts: 30% is under one layer
-    with LLM(folder, progress=False, dtype="bfloat16", expert_budget=budget, offload_dir=tmp_path / "store") as llm:
+    store = tmp_path / "store"
+    with LLM(folder, progress=False, dtype="bfloat16", expert_budget=budget, offload_dir=store, kernels=kernels) as llm:
         assert llm.dtype == torch.bfloat16
         got = llm.logits(PROMPT)
         (out,) = llm.generate([PROMPT], SamplingParams(max_new_tokens=6))  # stops at EOS, as generate() does
         assert llm.stats()["misses"] > 0
-    assert ((got - expected).norm() / expected.norm()).item() < 1e-3
+    bound = DEFAULT_KERNEL_BF16_BOUND.get(name, 1e-3) if kernels == "auto" else 1e-3
+    assert ((got - expected).norm() / expected.norm()).item() < bound
     assert out.token_ids == hf_greedy(hf, PROMPT, 6)

@@ -1,0 +1,363 @@
+"""Routed experts computed on the host (CPU) at memory bandwidth, straight out of the slot buffers.
+
+A decode step routes a handful of tokens to each expert, so its expert GEMMs are matrix-vector
+products bound by the bytes of weights they read. torch's CPU linear reads them at full speed for
+one float32 token but far below it for 4-32 tokens, and for bfloat16 weights at any count; these
+kernels read each weight row once for all of an expert's tokens (a 4-row x 4-token register tile,
+the row's dot products vectorised along the input axis) and widen bfloat16 to float32 in
+registers, never into a float32 copy of the weight.
+
+One call computes a whole MoE layer: the (token, k) pairs sorted by expert, every active expert's
+gate/up rows in one parallel pass, the activation, every down row in a second pass, then each
+token's K weighted outputs summed in k order. Weights are read where they sit: w13 [S, 2F, D] and
+w2 [S, D, F] (and b13 [S, 2F], b2 [S, D]) may be strided views into the store's record layout
+(the expert pool) or plain tensors (resident experts), as long as each slot's block is contiguous.
+
+The arithmetic is moe_experts_reference's (reference.py) with its roundings: float32 accumulation
+in every dot product; with bfloat16 inputs each GEMM output, bias add, activation step and
+model-dtype routing product rounded to bfloat16 (round to nearest even) where the reference's
+bfloat16 tensors round; products summed over k in float32 and rounded once. Only the order of the
+additions inside a dot product differs (vectorised partial sums): float32 outputs agree with the
+reference to ~1e-7 relative, bfloat16 ones to the last bit but where a float32 sum lands within
+that of a rounding boundary. The order is fixed by the compiled code, not by where a slot sits,
+so an offloaded run equals the resident one bit for bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
+
+from moeinf.kernels.expert_activation import SILU, ExpertActivation
+from moeinf.kernels.reference import expect_both_biases_or_neither
+
+DTYPES = (torch.float32, torch.bfloat16)  # weights and activations these kernels take
+MAX_TOKENS = 32  # tokens a call is meant for (decode); prefill-sized steps run the grouped matmuls
+ROWS_PER_ITEM = 32  # weight rows one parallel work item computes
+ACTIVATIONS = {"silu": 0, "clamped_swiglu": 1}
+# Reassociation lets a dot product run as vectorised partial sums, contraction fuses its multiply-adds;
+# no flag that assumes away NaN or infinity (the activation's exp overflows for very negative gates)
+FAST = {"reassoc", "contract"}
+
+
+# ---------------------------------------------------------------------------------- bit casts
+
+
+@intrinsic
+def _bits_to_float32(typingctx, bits):
+    """uint32 -> the float32 with those bits."""
+    if bits != types.uint32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.uint32), codegen
+
+
+@intrinsic
+def _float32_to_bits(typingctx, value):
+    """float32 -> its bits as uint32."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+def _widen(value):
+    """A weight element as float32: bfloat16 bits (uint16) shifted into float32's upper half, exactly."""
+    raise NotImplementedError("compiled only: see the overload below")
+
+
+@overload(_widen, inline="always")
+def _widen_impl(value):
+    if value == types.uint16:
+        return lambda value: _bits_to_float32(np.uint32(np.uint32(value) << np.uint32(16)))
+    if value == types.float32:
+        return lambda value: value
+    return None
+
+
+@njit(inline="always")
+def _round_bf16(value):
+    """float32 -> the nearest bfloat16 (ties to even), as float32; NaN stays NaN (torch's rule)."""
+    if value != value:
+        return value
+    bits = _float32_to_bits(value)
+    bits = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    return _bits_to_float32(np.uint32(bits))  # numba widens uint32 arithmetic to uint64
+
+
+@njit(inline="always")
+def _rounded(value, bf16):
+    return _round_bf16(value) if bf16 else value
+
+
+# ---------------------------------------------------------------------------------- jit bodies
+
+
+@njit(fastmath=FAST, cache=True)
+def _dot_rows(w, r, xs, p0, count, out, col, K):
+    """out[p0 + i, col + j] = w[r + j] . xs[p0 + i] for i < count, j < 4: four weight rows against
+    `count` token rows, four tokens at a time (each weight row read once per four tokens).
+    w: [N, K] weight elements (float32 or bfloat16 bits); xs: [P, K] float32; out: [P, >= col + 4]."""
+    i = 0
+    while i + 4 <= count:
+        a, b, c, d = p0 + i, p0 + i + 1, p0 + i + 2, p0 + i + 3
+        s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = np.float32(0.0)
+        s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = np.float32(0.0)
+        for k in range(K):
+            w0, w1, w2, w3 = _widen(w[r, k]), _widen(w[r + 1, k]), _widen(w[r + 2, k]), _widen(w[r + 3, k])
+            x0, x1, x2, x3 = xs[a, k], xs[b, k], xs[c, k], xs[d, k]
+            s00 += w0 * x0
+            s01 += w1 * x0
+            s02 += w2 * x0
+            s03 += w3 * x0
+            s10 += w0 * x1
+            s11 += w1 * x1
+            s12 += w2 * x1
+            s13 += w3 * x1
+            s20 += w0 * x2
+            s21 += w1 * x2
+            s22 += w2 * x2
+            s23 += w3 * x2
+            s30 += w0 * x3
+            s31 += w1 * x3
+            s32 += w2 * x3
+            s33 += w3 * x3
+        out[a, col], out[a, col + 1], out[a, col + 2], out[a, col + 3] = s00, s01, s02, s03
+        out[b, col], out[b, col + 1], out[b, col + 2], out[b, col + 3] = s10, s11, s12, s13
+        out[c, col], out[c, col + 1], out[c, col + 2], out[c, col + 3] = s20, s21, s22, s23
+        out[d, col], out[d, col + 1], out[d, col + 2], out[d, col + 3] = s30, s31, s32, s33
+        i += 4
+    while i < count:
+        a = p0 + i
+        s0 = s1 = s2 = s3 = np.float32(0.0)
+        for k in range(K):
+            x0 = xs[a, k]
+            s0 += _widen(w[r, k]) * x0
+            s1 += _widen(w[r + 1, k]) * x0
+            s2 += _widen(w[r + 2, k]) * x0
+            s3 += _widen(w[r + 3, k]) * x0
+        out[a, col], out[a, col + 1], out[a, col + 2], out[a, col + 3] = s0, s1, s2, s3
+        i += 1
+
+
+@njit(fastmath=FAST, cache=True)
+def _dot_row(w, r, xs, p0, count, out, col, K):
+    """out[p0 + i, col] = w[r] . xs[p0 + i] for i < count: one weight row (the last rows of a
+    matrix whose height is not a multiple of 4)."""
+    for i in range(count):
+        s = np.float32(0.0)
+        for k in range(K):
+            s += _widen(w[r, k]) * xs[p0 + i, k]
+        out[p0 + i, col] = s
+
+
+@njit(fastmath=FAST, inline="always")
+def _matrix(flat, offset, stride, slot, rows, cols):
+    """Slot `slot`'s [rows, cols] block of a slot-indexed weight: flat is the buffer's elements,
+    slot s's block starts at offset + s * stride and is contiguous."""
+    start = offset + slot * stride
+    return flat[start : start + rows * cols].reshape(rows, cols)
+
+
+@njit(parallel=True, fastmath=FAST, cache=True)
+def _project(flat, offset, stride, slots, experts, starts, counts, xs, out, N, K):
+    """out[pairs of e, :N] = xs[pairs of e] @ W_e^T for every active expert e, in parallel over
+    (expert, block of ROWS_PER_ITEM weight rows). W_e: slot slots[e]'s [N, K] block of flat."""
+    blocks = (N + ROWS_PER_ITEM - 1) // ROWS_PER_ITEM
+    for item in prange(experts.shape[0] * blocks):
+        e = experts[item // blocks]
+        w = _matrix(flat, offset, stride, slots[e], N, K)
+        first = (item % blocks) * ROWS_PER_ITEM
+        last = min(first + ROWS_PER_ITEM, N)
+        r = first
+        while r + 4 <= last:
+            _dot_rows(w, r, xs, starts[e], counts[e], out, r, K)
+            r += 4
+        while r < last:
+            _dot_row(w, r, xs, starts[e], counts[e], out, r, K)
+            r += 1
+
+
+@njit(fastmath=FAST, cache=True)
+def _activate(gate_up, expert_of, slots, b13, offb13, strideb13, has_bias, bf16, activation, alpha, limit, act):
+    """act[q] = activation(gate, up) of row q's gate_up [2F] (+ its expert's b13), in the
+    reference's roundings. gate_up: [P, 2F] float32; act: [P, F] float32."""
+    F = act.shape[1]
+    lim = _rounded(limit, bf16)  # clamp bounds are cast to the tensor's dtype
+    for q in range(gate_up.shape[0]):
+        bias = _matrix(b13, offb13, strideb13, slots[expert_of[q]], 1, 2 * F) if has_bias else b13[:1].reshape(1, 1)
+        for f in range(F):
+            gate = _rounded(gate_up[q, f], bf16)
+            up = _rounded(gate_up[q, F + f], bf16)
+            if has_bias:  # added to the rounded product, as the reference (and transformers) add it
+                gate = _rounded(gate + _widen(bias[0, f]), bf16)
+                up = _rounded(up + _widen(bias[0, F + f]), bf16)
+            if activation == 0:  # silu(gate) * up, each tensor op rounded
+                silu = _rounded(gate / (np.float32(1.0) + np.exp(-gate)), bf16)
+                act[q, f] = _rounded(silu * up, bf16)
+            else:  # (clamp(up) + 1) * (min(gate, limit) * sigmoid(alpha * min(gate, limit)))
+                gate = min(gate, lim)
+                up = min(max(up, -lim), lim)
+                scaled = _rounded(gate * alpha, bf16)
+                glu = _rounded(gate * _rounded(np.float32(1.0) / (np.float32(1.0) + np.exp(-scaled)), bf16), bf16)
+                act[q, f] = _rounded(_rounded(up + np.float32(1.0), bf16) * glu, bf16)
+
+
+@njit(fastmath=FAST, cache=True)
+def _combine(y, position, ids, weights, slots, b2, offb2, strideb2, has_bias, bf16, weigh_bf16, out):
+    """out[t] = sum over k, in k order, of token t's k-th expert output (+ b2) times its weight,
+    in float32. y: [P, D] float32 down outputs in expert order; out: [T, D] float32."""
+    T, K = ids.shape
+    D = y.shape[1]
+    for t in range(T):
+        for d in range(D):
+            out[t, d] = 0.0
+        for k in range(K):
+            q = position[t * K + k]
+            bias = _matrix(b2, offb2, strideb2, slots[ids[t, k]], 1, D) if has_bias else b2[:1].reshape(1, 1)
+            for d in range(D):
+                value = _rounded(y[q, d], bf16)
+                if has_bias:
+                    value = _rounded(value + _widen(bias[0, d]), bf16)
+                out[t, d] += _rounded(value * weights[t, k], weigh_bf16)
+
+
+@njit(cache=True)
+def _moe_layer(
+    x, ids, weights, slots, w13, off13, stride13, w2, off2, stride2,
+    b13, offb13, strideb13, b2, offb2, strideb2, has_bias, bf16, weigh_bf16, activation, alpha, limit, F, out,
+):  # fmt: skip
+    """x: [T, D] float32 (bfloat16 values where bf16); ids, weights: [T, K] int64, float32;
+    slots: [E] int64; w13, w2, b13, b2: flat weight elements with the offset and slot stride of
+    each kind (biases read only where has_bias); out: [T, D] float32, each token's weighted sum."""
+    T, K = ids.shape
+    D = x.shape[1]
+    E = slots.shape[0]
+    P = T * K
+    # the (token, k) pairs sorted by expert, stably: expert e's pairs are rows starts[e] : + counts[e]
+    counts = np.zeros(E, np.int64)
+    for p in range(P):
+        counts[ids[p // K, p % K]] += 1
+    starts = np.zeros(E, np.int64)
+    for e in range(1, E):
+        starts[e] = starts[e - 1] + counts[e - 1]
+    fill = starts.copy()
+    position = np.empty(P, np.int64)  # [P] each pair's row in expert order
+    expert_of = np.empty(P, np.int64)  # [P] the expert of each row in expert order
+    xs = np.empty((P, D), np.float32)  # [P, D] the pairs' tokens, in expert order
+    for p in range(P):
+        e = ids[p // K, p % K]
+        position[p] = fill[e]
+        expert_of[fill[e]] = e
+        xs[fill[e]] = x[p // K]
+        fill[e] += 1
+    active = 0
+    for e in range(E):
+        active += counts[e] > 0
+    experts = np.empty(active, np.int64)  # [A] the active experts, ascending
+    active = 0
+    for e in range(E):
+        if counts[e] > 0:
+            experts[active] = e
+            active += 1
+    gate_up = np.empty((P, 2 * F), np.float32)  # [P, 2F]
+    _project(w13, off13, stride13, slots, experts, starts, counts, xs, gate_up, 2 * F, D)
+    act = np.empty((P, F), np.float32)  # [P, F]
+    _activate(gate_up, expert_of, slots, b13, offb13, strideb13, has_bias, bf16, activation, alpha, limit, act)
+    y = np.empty((P, D), np.float32)  # [P, D]
+    _project(w2, off2, stride2, slots, experts, starts, counts, act, y, D, F)
+    _combine(y, position, ids, weights, slots, b2, offb2, strideb2, has_bias, bf16, weigh_bf16, out)
+
+
+# ---------------------------------------------------------------------------------- launcher
+
+
+def _elements(t: torch.Tensor) -> np.ndarray:
+    """The elements of t's whole storage as a flat numpy array (bfloat16 as its uint16 bits)."""
+    raw = torch.empty(0, dtype=t.dtype).set_(t.untyped_storage())  # [storage elements]
+    if t.dtype == torch.bfloat16:
+        return raw.view(torch.int16).numpy().view(np.uint16)
+    return raw.numpy()
+
+
+def _slot_blocks(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> tuple[np.ndarray, int, int]:
+    """t: [S, *shape] slot-indexed -> (its storage's elements, element offset of slot 0, elements
+    between slots), after checking that every slot's block is contiguous."""
+    if tuple(t.shape[1:]) != shape or not t[0].is_contiguous():
+        raise ValueError(
+            f"host experts {name}: expected [S, {', '.join(map(str, shape))}] with each slot's block "
+            f"contiguous, found {list(t.shape)} with strides {list(t.stride())}"
+        )
+    return _elements(t), t.storage_offset(), t.stride(0)
+
+
+def applies(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+) -> bool:
+    """Whether these kernels run these inputs: CPU tensors of a supported dtype, x's and the weights'
+    dtypes alike, a decode-sized step, and each slot's block of every weight contiguous."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in DTYPES
+        and w13.dtype == w2.dtype == x.dtype
+        and x.shape[0] <= MAX_TOKENS
+        and all(w is None or w[0].is_contiguous() for w in (w13, w2, b13, b2))
+    )
+
+
+def host_moe_experts(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    expert_slots: torch.Tensor,
+    *,
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    activation: ExpertActivation = SILU,
+) -> torch.Tensor:
+    """moe_experts_reference's contract (see there), on the CPU: x [T, D] -> [T, D] in x's dtype."""
+    expect_both_biases_or_neither("host_moe_experts", b13, b2)
+    T, D = x.shape
+    S, F2, _ = w13.shape
+    F = F2 // 2
+    if x.dtype not in DTYPES or w13.dtype != x.dtype or w2.dtype != x.dtype:
+        raise ValueError(
+            f"host experts: expected x and weights all float32 or all bfloat16, found x {x.dtype}, "
+            f"w13 {w13.dtype}, w2 {w2.dtype}"
+        )
+    if topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != T:
+        raise ValueError(
+            f"host experts: expected topk_ids and topk_weights [{T}, K], found {list(topk_ids.shape)} and "
+            f"{list(topk_weights.shape)}"
+        )
+    flat13, off13, stride13 = _slot_blocks("w13", w13, (F2, D))
+    flat2, off2, stride2 = _slot_blocks("w2", w2, (D, F))
+    if b13 is not None:
+        flatb13, offb13, strideb13 = _slot_blocks("b13", b13.reshape(S, 1, F2), (1, F2))
+        flatb2, offb2, strideb2 = _slot_blocks("b2", b2.reshape(S, 1, D), (1, D))
+    else:  # never read: the kernel's bias type must still match the weights'
+        flatb13 = flatb2 = flat2[:1]
+        offb13 = strideb13 = offb2 = strideb2 = 0
+    out = np.empty((T, D), np.float32)
+    _moe_layer(
+        x.float().numpy(), topk_ids.numpy(), topk_weights.float().numpy(), expert_slots.numpy(),
+        flat13, off13, stride13, flat2, off2, stride2, flatb13, offb13, strideb13, flatb2, offb2, strideb2,
+        b13 is not None, x.dtype == torch.bfloat16, topk_weights.dtype == torch.bfloat16,
+        ACTIVATIONS[activation.kind], np.float32(activation.alpha), np.float32(activation.limit), F, out,
+    )  # fmt: skip
+    return torch.from_numpy(out).to(x.dtype)

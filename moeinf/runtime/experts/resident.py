@@ -67,8 +67,11 @@ class ResidentExperts:
 
     def acquire(self, layer: int, routing: LayerRouting, next_routing: LayerRouting | None) -> LayerExperts:
         """The slots of `layer`'s experts (every one resident, so nothing loads or needs pinning)."""
-        with self._pending_lock:
-            self._pending_hits += (routing.device_counts() > 0).sum()
+        if routing.ids.device.type == "cpu":  # no device to wait for: counted at once, on the host
+            self._stats.add(hits=int(np.count_nonzero(routing.counts())))
+        else:
+            with self._pending_lock:
+                self._pending_hits += (routing.device_counts() > 0).sum()
         return LayerExperts(self.slot_table[layer], self.w13, self.w2, self.b13, self.b2)
 
     def release(self, layer: int) -> None:

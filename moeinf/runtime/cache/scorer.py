@@ -12,14 +12,14 @@ layer l computes:
   (d = 1 .. horizon); nearer layers are more urgent (they have less time for their copy). The
   layers "ahead" wrap past the last layer to the first: in decode, the next step's layer 0
   follows the last layer. Experts predicted below a floor (the policy's: see
-  activation_policy.py) are never prefetched.
+  activation_aware.py) are never prefetched.
 - eviction: (pred[i, e] + eps) * (1 - d / L), d = (i - l - 1) mod L the number of layers that
   run before layer i runs again; the lowest is evicted first. With l = -1 (nothing computed yet)
   d = i and this is MoE-Infinity's (pred + eps) * (1 - i / L): early layers are kept because
   they have the least time to be prefetched. Measuring from the current layer keeps that
   reasoning true in the middle of a decode step, where the layer needed next is l + 1 and the
   one needed last is l itself (on the Mixtral traces, 34.1% of accesses hit at 64 slots with
-  the distance from l against 29.5% with 1 - i / L; see activation_policy.py).
+  the distance from l against 29.5% with 1 - i / L; see bench/results/policy.md).
 
 Ties go to the entry met first: for prefetch the nearer layer, then the lower expert; for
 eviction the earlier candidate.
@@ -28,7 +28,7 @@ Victims are chosen over the residency's slot arrays (runtime/cache/residency.py:
 [S] and the evictable mask [S]), which it keeps up to date as slots change state, so choosing one
 is a single compiled pass over the slots, with no per-candidate Python: eviction_order_slots for
 the activation-aware priority (candidates in slot order), lowest_slot for the recency/frequency
-baselines (cache_policy.py).
+baselines (policy.py).
 """
 
 from __future__ import annotations

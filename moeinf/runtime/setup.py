@@ -102,10 +102,15 @@ def resolve_kernels(kernels: str, device: torch.device) -> Kernels:
     return Kernels(kernels)
 
 
+CPU_AUTO_DTYPES = ("float32", "bfloat16")  # the host expert kernels' dtypes (kernels/host_experts.py)
+
+
 def resolve_dtype(dtype: str, checkpoint_dtype: str, device: torch.device) -> torch.dtype:
-    """'auto' computes in float32 on the CPU and in the checkpoint's own dtype on CUDA."""
+    """'auto' computes in the checkpoint's own dtype: on CUDA whichever it is, on the CPU where the
+    host kernels read it at memory bandwidth (float32, bfloat16; float16 and others: float32)."""
     if dtype == "auto":
-        dtype = checkpoint_dtype if device.type == "cuda" and checkpoint_dtype in DTYPES else "float32"
+        native = CPU_AUTO_DTYPES if device.type == "cpu" else tuple(DTYPES)
+        dtype = checkpoint_dtype if checkpoint_dtype in native else "float32"
     if dtype not in DTYPES:
         raise RequestError(f"expected dtype one of auto, {', '.join(DTYPES)}; found {dtype!r}")
     return DTYPES[dtype]

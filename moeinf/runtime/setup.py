@@ -102,15 +102,13 @@ def resolve_kernels(kernels: str, device: torch.device) -> Kernels:
     return Kernels(kernels)
 
 
-CPU_AUTO_DTYPES = ("float32", "bfloat16")  # the host expert kernels' dtypes (kernels/host_experts.py)
-
-
 def resolve_dtype(dtype: str, checkpoint_dtype: str, device: torch.device) -> torch.dtype:
-    """'auto' computes in the checkpoint's own dtype: on CUDA whichever it is, on the CPU where the
-    host kernels read it at memory bandwidth (float32, bfloat16; float16 and others: float32)."""
+    """'auto' computes in the checkpoint's own dtype on CUDA and in float32 on the CPU: measured on
+    the default (bfloat16) model, CPU decode runs slower in bfloat16 than in float32 although it
+    reads half the expert bytes (bench/results/llamacpp-cpu.json: 26.9 against 30.0 tok/s, prefill
+    215 against 368), because torch's bfloat16 dense ops are slow on CPUs without bf16 instructions."""
     if dtype == "auto":
-        native = CPU_AUTO_DTYPES if device.type == "cpu" else tuple(DTYPES)
-        dtype = checkpoint_dtype if checkpoint_dtype in native else "float32"
+        dtype = checkpoint_dtype if device.type == "cuda" and checkpoint_dtype in DTYPES else "float32"
     if dtype not in DTYPES:
         raise RequestError(f"expected dtype one of auto, {', '.join(DTYPES)}; found {dtype!r}")
     return DTYPES[dtype]

@@ -73,13 +73,12 @@ def model_summary(path: Path) -> dict:
 
 
 class MoeinfRunner:
-    """moeinf's LLM in float32 on the CPU."""
+    """moeinf's LLM on the CPU, in float32 unless told otherwise."""
 
-    name = "moeinf"
-
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, dtype: str = "float32", name: str = "moeinf"):
+        self.name = name
         start = time.perf_counter()
-        self.llm = LLM(path, device="cpu", dtype="float32", progress=False)
+        self.llm = LLM(path, device="cpu", dtype=dtype, progress=False)
         self.load_s = time.perf_counter() - start
 
     def generate(self, prompt: list[int], new_tokens: int, exact: bool) -> list[int]:

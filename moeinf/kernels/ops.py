@@ -5,10 +5,12 @@ elsewhere. `Kernels("triton")` always runs the kernels: on CPU tensors that work
 Triton interpreter (TRITON_INTERPRET=1 set before triton is imported), which is how tests check
 the runtime's use of the kernels without a GPU. `Kernels("torch")` always runs the torch versions:
 the baseline the kernels are measured against on CUDA. The torch versions are the references,
-except the routed experts on the CPU: steps of up to host_experts.MAX_TOKENS tokens (decode) run
-the host expert kernels (host_experts.py: float32 and bfloat16 weights read at memory bandwidth,
-the reference's arithmetic in another summation order), larger ones two grouped matmuls
-(grouped_experts.py: equal to the reference up to a vectorised sigmoid's last bit, and faster).
+except on the CPU for decode-sized steps (up to 32 tokens): the routed experts run the host expert
+kernels (host_experts.py: float32 and bfloat16 weights read at memory bandwidth, the reference's
+arithmetic in another summation order), and in float32 the residual add with its RMSNorm
+(host_norm.py) and attention (host_attention.py) run one compiled call each instead of a layer's
+worth of small torch ops; larger steps run the experts as two grouped matmuls (grouped_experts.py:
+equal to the reference up to a vectorised sigmoid's last bit, and faster).
 The Triton modules are imported on first use: importing triton takes about a second, and nothing
 on a CPU run needs it.
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from moeinf.kernels import grouped_experts, host_experts
+from moeinf.kernels import grouped_experts, host_attention, host_experts, host_norm
 from moeinf.kernels.expert_activation import SILU, ExpertActivation
 from moeinf.kernels.reference import (
     grouped_sigmoid_topk_reference,
@@ -50,6 +52,19 @@ class Kernels:
 
             return norm.rms_norm(x, weight, eps, scale_in_fp32=scale_in_fp32)
         return rms_norm_reference(x, weight, eps, scale_in_fp32)
+
+    def add_rms_norm(
+        self, h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float, scale_in_fp32: bool = False
+    ) -> torch.Tensor:
+        # h: [T, D] += y [T, D] in place (the residual stream); returns rms_norm(h) [T, D]
+        if self.choice == "auto" and host_norm.applies(h, y, weight):
+            return host_norm.add_rms_norm(h, y, weight, eps)
+        h.add_(y)
+        return self.rms_norm(h, weight, eps, scale_in_fp32)
+
+    def attends_on_host(self, qkv: torch.Tensor, k_cache: torch.Tensor) -> bool:
+        # whether host_attention.attend_decode runs this step (qkv: [T, ...]; k_cache: [L, Hkv, C, Dh])
+        return self.choice == "auto" and host_attention.applies(qkv, k_cache)
 
     def softmax_topk(self, logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
         # logits: [T, E] -> ids [T, K] int64, weights [T, K] float32

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from moeinf.kernels import host_attention
 from moeinf.kernels.ops import Kernels
 from moeinf.loaders.checkpoint import Checkpoint
 from moeinf.models import mla
@@ -53,6 +54,15 @@ class Executor:
         self.experts = experts  # where each MoE layer's experts are found, told what each step routes
         self.rotary = RotaryTable(self.spec.rope, device)
         self.kernels = kernels  # norms, routing and experts: Triton kernels or their torch references
+        # attention the host kernel can run (decode steps in float32 on the CPU): rope on q and k as
+        # Hugging Face lays it out, nothing between the projection and the softmax
+        self.plain_attention = (
+            self.spec.mla is None
+            and self.spec.qk_norm is None
+            and self.spec.clip_qkv is None
+            and not self.spec.rope_interleaved
+            and not self.spec.attention_sinks
+        )
 
     def new_cache(self, capacity: int) -> SequenceKVCache:
         return SequenceKVCache(self.spec, capacity, self.device, self.dtype)
@@ -65,14 +75,16 @@ class Executor:
             [torch.arange(s.cache.length, s.cache.length + s.count, device=self.device) for s in spans]
         )  # [T]
         cos, sin = self.rotary.cos_sin(positions, torch.float32 if self.spec.rope_fp32 else self.dtype)  # [T, rot]
-        h = self.dense.embed[tokens]  # [T, D]
-        for layer, lw in enumerate(self.dense.layers):
-            h = h + self._attention(layer, lw, self._norm(h, lw.attn_norm, lw.attn_norm_bias), cos, sin, spans)
-            x = self._norm(h, lw.ffn_norm, lw.ffn_norm_bias)
-            if lw.moe_index is None:
-                h = h + swiglu(x, lw.mlp_w13, lw.mlp_w2)
+        layers = self.dense.layers
+        h = self.dense.embed[tokens]  # [T, D] the residual stream (a gathered copy: added to in place)
+        x = self._norm(h, layers[0].attn_norm, layers[0].attn_norm_bias)  # [T, D] the next block's input
+        for layer, lw in enumerate(layers):
+            x = self._add_norm(h, self._attention(layer, lw, x, cos, sin, spans), lw.ffn_norm, lw.ffn_norm_bias)
+            y = swiglu(x, lw.mlp_w13, lw.mlp_w2) if lw.moe_index is None else self._moe(lw, h, x, spans)
+            if layer + 1 < len(layers):
+                x = self._add_norm(h, y, layers[layer + 1].attn_norm, layers[layer + 1].attn_norm_bias)
             else:
-                h = h + self._moe(lw, h, x, spans)
+                h.add_(y)
         for span in spans:
             span.cache.advance(span.count)
         if rows is not None:
@@ -87,6 +99,15 @@ class Executor:
             return F.layer_norm(h, (h.shape[-1],), weight, bias, self.spec.norm_eps)
         return self.kernels.rms_norm(h, weight, self.spec.norm_eps, self.spec.norm_scale_fp32)
 
+    def _add_norm(
+        self, h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """h: [T, D] residual stream += y [T, D], in place; returns the new h through the next norm."""
+        if self.spec.norm_type == "layer":
+            h.add_(y)
+            return self._norm(h, weight, bias)
+        return self.kernels.add_rms_norm(h, y, weight, self.spec.norm_eps, self.spec.norm_scale_fp32)
+
     def _attention(
         self, layer: int, lw: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spans: list[Span]
     ) -> torch.Tensor:
@@ -94,7 +115,10 @@ class Executor:
         if lw.mla is not None:
             return self._latent_attention(layer, lw, x, cos, sin, spans)
         spec, T = self.spec, x.shape[0]
-        q, k, v = F.linear(x, lw.qkv, lw.qkv_bias).split([spec.q_dim, spec.kv_dim, spec.kv_dim], dim=-1)
+        qkv = F.linear(x, lw.qkv, lw.qkv_bias)  # [T, q_dim + 2 kv_dim]
+        if self.plain_attention and lw.sinks is None and self.kernels.attends_on_host(qkv, spans[0].cache.k):
+            return F.linear(self._attend_on_host(layer, qkv, cos, sin, spans), lw.o_proj, lw.o_bias)
+        q, k, v = qkv.split([spec.q_dim, spec.kv_dim, spec.kv_dim], dim=-1)
         if spec.qk_norm == "full":
             q, k = (self.kernels.rms_norm(t, w, spec.norm_eps) for t, w in ((q, lw.q_norm), (k, lw.k_norm)))
         if spec.clip_qkv is not None:
@@ -113,6 +137,23 @@ class Executor:
             attn[r] = attend(q[r], k_all, v_all, span.cache.length, spec.window(layer), spec.attention_scale, lw.sinks)
             offset += span.count
         return F.linear(attn, lw.o_proj, lw.o_bias)
+
+    def _attend_on_host(
+        self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spans: list[Span]
+    ) -> torch.Tensor:
+        """qkv: [T, q_dim + 2 kv_dim] -> [T, q_dim]: each span's rope, cache write and attention in
+        one host call (kernels/host_attention.py)."""
+        spec, outputs, offset = self.spec, [], 0
+        for span in spans:
+            r = slice(offset, offset + span.count)
+            k_cache, v_cache = span.cache.layer(layer, span.count)
+            heads = dict(scale=spec.attention_scale, heads=spec.num_heads, kv_heads=spec.num_kv_heads)
+            start, window = span.cache.length, spec.window(layer)
+            outputs.append(
+                host_attention.attend_decode(qkv[r], cos[r], sin[r], k_cache, v_cache, start, window, **heads)
+            )
+            offset += span.count
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
     def _latent_attention(
         self, layer: int, lw: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spans: list[Span]

@@ -31,11 +31,17 @@ class SequenceKVCache:
         Returns this layer's keys and values for positions 0 .. length + n - 1, [Hkv, length + n, D].
         """
         end = self.length + k_new.shape[0]
-        if end > self.capacity:
-            raise RequestError(f"KV cache holds {self.capacity} positions, a write needs {end}")
+        self.layer(layer, k_new.shape[0])
         self.k[layer, :, self.length : end] = k_new.transpose(0, 1)
         self.v[layer, :, self.length : end] = v_new.transpose(0, 1)
         return self.k[layer, :, :end], self.v[layer, :, :end]
+
+    def layer(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`layer`'s whole keys and values [Hkv, C, D], for a caller that writes n new positions
+        length .. length + n - 1 itself (the host attention kernel), after checking they fit."""
+        if self.length + n > self.capacity:
+            raise RequestError(f"KV cache holds {self.capacity} positions, a write needs {self.length + n}")
+        return self.k[layer], self.v[layer]
 
     def advance(self, n: int) -> None:
         """Called once every layer has written the n new positions."""

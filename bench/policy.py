@@ -2,7 +2,13 @@
 
 Run:
   python -m bench.policy --trace FILE.npz --capacity 0.25 [--profile pcie4|pcie5|nvme] [--json]
+                         [--host ddr4|ddr5|this]
   python -m bench.policy --report [--out bench/results] [--jobs 2] [--only POLICY,...]
+  python -m bench.policy --report --host ddr4,ddr5 [--out bench/results] [--jobs 2]
+
+With --host, the hybrid placements of bench/placements.py (misses computed on that host) are
+replayed beside the fetch-only policies, and --json adds "default": the name of the runtime's
+default configuration; --report --host writes the hybrid tables instead of the policy tables.
 
 The first form replays FILE through moeinf's CacheController with each policy registered in
 moeinf.runtime.cache.registry.POLICIES at run time (lru, lfu, and activation-aware / lookahead once
@@ -43,7 +49,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from bench import synthetic
+from bench import placements, synthetic
 from moeinf.atomic_write import atomic_write, write_text_atomic
 from moeinf.runtime.cache.registry import POLICIES
 from moeinf.runtime.replay.belady import BeladyPolicy, lower_bound_tpot
@@ -376,8 +382,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--only", help="with --report: replay only these policies (comma-separated), keep the rest")
+    parser.add_argument(
+        "--host",
+        help=f"host profile(s) for the hybrid placements (bench/placements.py), of {', '.join(placements.HOST_CHOICES)}; "
+        "comma-separated with --report",
+    )
     args = parser.parse_args(argv)
 
+    if args.report and args.host:
+        sources = report_sources()
+        placements.report(sources, Path(args.out), args.profile, args.host.split(","), args.jobs)
+        return
     if args.report:
         report(Path(args.out), args.profile, args.jobs, args.only.split(",") if args.only else None)
         return
@@ -386,10 +401,19 @@ def main(argv: list[str] | None = None) -> None:
     trace = read_trace(args.trace)
     slots = slots_for(trace, args.capacity)
     figures = compare(trace, slots, args.profile, progress=True)  # bars go to stderr
+    if args.host:
+        host = placements.host_profile(args.host, Path(args.out))
+        for name in placements.configurations(profile_for(trace, args.profile, host=host), slots, trace.num_experts):
+            if name not in figures["policies"]:  # the fetch-only ones are there already
+                figures["policies"][name] = placements.run_configuration(trace, name, slots, args.profile, host)
+        figures["default"] = placements.DEFAULT
     if args.json:
         keys = ("hit_rate", "misses", "bytes", "stall_s", "tpot_s")  # the promised schema, nothing more
         policies = {name: {k: r[k] for k in keys} for name, r in figures["policies"].items()}
-        print(json.dumps({"policies": policies, "bound": figures["bound"]}))
+        promised = {"policies": policies, "bound": figures["bound"]}
+        if args.host:
+            promised["default"] = figures["default"]
+        print(json.dumps(promised))
         return
     profile = profile_for(trace, args.profile)
     print(
@@ -397,6 +421,9 @@ def main(argv: list[str] | None = None) -> None:
         f"{trace.num_layers}x{trace.num_experts} top-{trace.top_k}; {slots} slots; {args.profile} "
         f"({profile.load_s * 1e3:.2f} ms per expert load, {profile.decode_compute_s() * 1e3:.2f} ms per token resident)"
     )
+    if args.host:
+        print(placements.table(figures["policies"]))
+        return
     print(table(figures["policies"], figures["bound"]["tpot_s"]))
 
 

@@ -6,7 +6,9 @@ batch of sequences starts, then per MoE layer acquire(layer, counts, next_counts
 and sequence_finished(eam) as sequences end. acquire hands the policy the next layer's guess (if
 it wants one) and the layer's routing, pins the resident experts, claims slots for the missing
 ones (evicting the policy's victims), asks the policy what to prefetch, cancels prefetches the
-layer proved stale, and waits for what the layer needs. Loads themselves go through a
+layer proved stale, and waits for what the layer needs. With a Placement (placement.py), a miss
+may instead be computed on the host: it gets no slot (HOST in the table), the link stays free, and
+it may be promoted into a slot at prefetch priority for later steps. Loads themselves go through a
 LoadMechanism: the runtime's pool (threads, CuPy streams) or trace replay's virtual link. Both
 drive exactly this code, through the same entry points.
 """
@@ -19,6 +21,7 @@ import numpy as np
 
 from moeinf.runtime.cache.counters import TrafficCounters
 from moeinf.runtime.cache.mechanism import LoadMechanism
+from moeinf.runtime.cache.placement import HOST, Placement
 from moeinf.runtime.cache.policy import CachePolicy
 from moeinf.runtime.cache.residency import Key, Residency, SlotState
 
@@ -29,14 +32,22 @@ class PolicyError(RuntimeError):
 
 class CacheController:
     def __init__(
-        self, num_slots: int, num_experts: int, policy: CachePolicy, mechanism: LoadMechanism, counters: TrafficCounters
+        self,
+        num_slots: int,
+        num_experts: int,
+        policy: CachePolicy,
+        mechanism: LoadMechanism,
+        counters: TrafficCounters,
+        placement: Placement | None = None,
     ):
         self.residency = Residency(num_slots)
         self.num_experts = num_experts
         self.policy = policy
         self.mechanism = mechanism
         self.counters = counters
+        self.placement = placement  # None: every miss is fetched
         self._pinned: list[int] = []  # slots pinned by the layer computing now
+        self._promoted: set[Key] = set()  # promotions not yet needed by any layer
 
     @property
     def wants_lookahead(self) -> bool:
@@ -54,8 +65,9 @@ class CacheController:
     def acquire(self, layer: int, token_counts: Sequence[int], next_counts: Sequence[int] | None = None) -> list[int]:
         """token_counts: [E] tokens routed to each expert of `layer`; next_counts: [E] tokens that
         layer + 1's router, applied to this layer's hidden state, sends to each of its experts
-        (None: not guessed, or no next layer). Returns [E] slots (-1 for experts without tokens)
-        once every routed expert is resident; they stay pinned until release()."""
+        (None: not guessed, or no next layer). Returns [E] slots (-1 for experts without tokens,
+        HOST for those the placement computes on the host) once every other routed expert is
+        resident; they stay pinned until release()."""
         res = self.residency
         needed = [e for e, count in enumerate(token_counts) if count]
         if next_counts is not None and self.policy.wants_lookahead:
@@ -64,13 +76,25 @@ class CacheController:
         for slot in self.mechanism.finished():
             self._landed(slot)
         self._cancel_stale(layer, set(needed))
-        missing = []
+        missing, on_host = [], []
         for expert in needed:
             key = (layer, expert)
             slot = res.slot(key)
-            if slot is None:
-                missing.append(key)
+            host = self.placement is not None and self.placement.on_host(layer, int(token_counts[expert]))
+            if slot is None or (host and res.state[slot] == SlotState.LOADING):
+                # a miss, or a prefetch or promotion still on the link: where the placement computes
+                # misses on the host, the host computes it now rather than the layer waiting; a load
+                # in flight goes on, for later steps
+                if host:
+                    on_host.append(expert)
+                else:
+                    missing.append(key)
                 continue
+            if key in self._promoted:
+                self._promoted.discard(key)
+                self.counters.add(promotion_hits=1)
+                if res.state[slot] == SlotState.LOADING:  # the layer waits on it: on-demand priority now
+                    self.mechanism.promote(key, slot)
             if key in res.prefetched:
                 res.prefetched.discard(key)
                 self.counters.add(prefetch_hits=1)
@@ -84,12 +108,23 @@ class CacheController:
             slot = self._claim(key, wait=True)
             res.pin(slot)
             self.mechanism.start_load(key, slot, urgent=True)
-        self.counters.add(misses=len(missing))
+        self.counters.add(misses=len(missing), host_computed=len(on_host))
+        hybrid = self.placement is not None and self.placement.mode != "never"
         for key in self.policy.prefetch(layer):
+            if hybrid and res.any_loading():  # with host compute, only an idle link is worth spending
+                break
             self._prefetch(key)
+        if on_host and self.placement.promote and not res.any_loading():
+            # one promotion at a time, while the link is idle: the busiest expert the host computed
+            expert = max(on_host, key=lambda e: token_counts[e])
+            self._promote((layer, expert))
         table = [-1] * self.num_experts
+        for expert in on_host:
+            table[expert] = HOST
         self._pinned = []
         for expert in needed:
+            if table[expert] == HOST:
+                continue
             slot = res.slot((layer, expert))
             if res.state[slot] == SlotState.LOADING:
                 self._wait(slot)
@@ -149,6 +184,7 @@ class CacheController:
                 victim = res.key_in[chosen]
                 if victim in res.prefetched:
                     self.counters.add(prefetch_wasted=1)
+                self._promoted.discard(victim)
                 slot = res.evict(victim)
                 self.counters.add(evictions=1)
                 break
@@ -170,6 +206,18 @@ class CacheController:
             return
         self.residency.prefetched.add(key)
         self.counters.add(prefetches=1)
+        self.mechanism.start_load(key, slot, urgent=False)
+
+    def _promote(self, key: Key) -> None:
+        """A host-computed expert loaded into a slot for later steps, at prefetch priority, if the
+        policy gives it one (its prefetch victim: none it values less, and no slot is taken)."""
+        if self.residency.slot(key) is not None:  # already on its way (a prefetch or promotion)
+            return
+        slot = self._claim(key, wait=False)
+        if slot is None:
+            return
+        self._promoted.add(key)
+        self.counters.add(promotions=1)
         self.mechanism.start_load(key, slot, urgent=False)
 
     def resident_experts(self) -> int:

@@ -15,6 +15,10 @@ COUNTERS = (
     "prefetch_cancelled",  # prefetches dropped before they started
     "prefetch_declined",  # prefetches not issued: no slot free, none the policy would evict for one, or all loading
     "evictions",
+    "host_computed",  # needed experts computed on the host where their weights are, not loaded (hybrid)
+    "host_s",  # time spent computing experts on the host
+    "promotions",  # host-computed experts loaded into a device slot at prefetch priority, for later steps
+    "promotion_hits",  # needed experts a promotion had loaded or was loading
     "host_hits",  # loads served from the host tier
     "checksum_failures",  # store records that failed their checksum and were re-read from the checkpoint
     "bytes_to_device",

@@ -68,6 +68,10 @@ class Residency:
         """Slots in LOADING, lowest first."""
         return sorted(self._loading)
 
+    def any_loading(self) -> bool:
+        """Whether any load is in flight (the link is busy)."""
+        return bool(self._loading)
+
     def assign(self, key: Key, slot: int) -> None:
         """An empty slot starts loading `key`."""
         if self.state[slot] != SlotState.EMPTY or key in self.slot_of:

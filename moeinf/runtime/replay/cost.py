@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from moeinf.errors import ReplayConfigError
+from moeinf.runtime.cache.placement import ExpertCosts
 from moeinf.runtime.traces import Trace
 
 if TYPE_CHECKING:  # annotations only: replay runs where torch is not installed
@@ -50,6 +51,10 @@ class ModelCost:
     step_bytes: int  # per step outside the MoE layers: lm head, dense-FFN layers
     bytes_per_param: float
     aliases: tuple[str, ...] = ()  # lower-case substrings of meta["model"] that name this model
+
+    @property
+    def expert_params(self) -> float:
+        return self.expert_bytes / self.bytes_per_param
 
     def matches(self, num_layers: int, num_experts: int, top_k: int) -> bool:
         return (self.num_layers, self.num_experts, self.top_k) == (num_layers, num_experts, top_k)
@@ -127,13 +132,35 @@ LINKS: dict[str, float] = {
 
 
 @dataclass(frozen=True)
+class Host:
+    """The host side of hybrid execution: experts computed where their weights sit in host memory."""
+
+    name: str
+    bytes_per_s: float  # effective read bandwidth of the host kernels over an expert's weights
+    flops_per_s: float  # effective rate of the host kernels once tokens make them compute-bound
+    layer_overhead_s: float = 30e-6  # per layer with host work: activations both ways, kernel start
+
+
+# Two-socket-class servers as the hybrid systems run them (KTransformers, llama.cpp -ot exps=CPU).
+# ddr4: 8 channels of DDR4-3200 are 205 GB/s peak a socket; GEMV-like kernels read about half of
+# it across NUMA and threads, hence ~100 GB/s; AVX-512 FMA at ~2 TFLOP/s effective in bf16.
+# ddr5: 12 channels of DDR5-4800, 460 GB/s peak a socket, ~250 GB/s effective; AMX tiles, ~8 TFLOP/s.
+HOSTS: dict[str, Host] = {
+    "ddr4": Host("ddr4", bytes_per_s=100e9, flops_per_s=2e12),
+    "ddr5": Host("ddr5", bytes_per_s=250e9, flops_per_s=8e12),
+}
+
+
+@dataclass(frozen=True)
 class ReplayProfile:
-    """The link experts cross, the model whose experts they are, and the GPU computing."""
+    """The link experts cross, the model whose experts they are, the GPU computing, and the host
+    computing the experts placed there (None: no host compute, every miss is fetched)."""
 
     link: str
     link_bytes_per_s: float
     model: ModelCost
     gpu: Gpu = H100
+    host: Host | None = None
 
     @property
     def load_s(self) -> float:
@@ -145,10 +172,26 @@ class ReplayProfile:
         `tokens` tokens that routes to `active_experts` distinct experts."""
         m, g = self.model, self.gpu
         dense_flops = 2 * tokens * m.layer_dense_bytes / m.bytes_per_param
-        expert_flops = 2 * tokens * m.top_k * m.expert_bytes / m.bytes_per_param
         dense_s = max(m.layer_dense_bytes / g.hbm_bytes_per_s, dense_flops / g.flops_per_s) + g.layer_overhead_s
-        expert_s = max(active_experts * m.expert_bytes / g.hbm_bytes_per_s, expert_flops / g.flops_per_s)
-        return dense_s, expert_s
+        return dense_s, self.device_experts_s(tokens * m.top_k, active_experts)
+
+    def device_experts_s(self, pairs: int, active_experts: int) -> float:
+        """The GPU's time for `active_experts` distinct experts serving `pairs` (token, expert) pairs."""
+        m, g = self.model, self.gpu
+        return max(active_experts * m.expert_bytes / g.hbm_bytes_per_s, 2 * pairs * m.expert_params / g.flops_per_s)
+
+    def host_expert_s(self, tokens: int) -> float:
+        """The host's time for one expert serving `tokens` tokens."""
+        m, h = self.model, self.host
+        return max(m.expert_bytes / h.bytes_per_s, 2 * tokens * m.expert_params / h.flops_per_s)
+
+    def expert_costs(self) -> ExpertCosts:
+        """What Placement("auto") decides by, from this profile's figures."""
+        m, g, h = self.model, self.gpu, self.host
+        return ExpertCosts(
+            m.expert_bytes, 2 * m.expert_params, self.link_bytes_per_s, h.bytes_per_s, h.flops_per_s,
+            g.hbm_bytes_per_s, g.flops_per_s,
+        )  # fmt: skip
 
     def step_s(self) -> float:
         """The per-step remainder outside the MoE layers (memory-bound; one row of logits)."""
@@ -196,11 +239,16 @@ def model_for(meta: dict) -> ModelCost:
     )
 
 
-def profile_for(trace: Trace, link: str = "pcie4", gpu: Gpu = H100) -> ReplayProfile:
-    """The profile of `link` (one of LINKS) for the model `trace` was recorded on."""
+def profile_for(trace: Trace, link: str = "pcie4", gpu: Gpu = H100, host: str | Host | None = None) -> ReplayProfile:
+    """The profile of `link` (one of LINKS) for the model `trace` was recorded on, with `host` (one
+    of HOSTS, a Host, or None for no host compute)."""
     if link not in LINKS:
         raise ReplayConfigError(f"link profile: expected one of {', '.join(LINKS)}, found {link!r}")
-    return ReplayProfile(link, LINKS[link], model_for(trace.meta), gpu)
+    if isinstance(host, str):
+        if host not in HOSTS:
+            raise ReplayConfigError(f"host profile: expected one of {', '.join(HOSTS)}, found {host!r}")
+        host = HOSTS[host]
+    return ReplayProfile(link, LINKS[link], model_for(trace.meta), gpu, host)
 
 
 def traced_model_cost(spec: ModelSpec, dense: DenseWeights, bytes_per_param: int) -> dict:

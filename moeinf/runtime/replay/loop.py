@@ -15,7 +15,11 @@ The timing model, per decode step (one token of batch 1) and per layer l:
   2. controller.acquire(l, counts, lookahead counts when the policy wants them and the trace has
      them): hits pin, misses go to the link at on-demand priority, the policy's prefetches are
      queued behind them; the clock waits (stall) until every needed expert has landed;
-  3. the experts run: `expert_s` passes; controller.release().
+  3. the experts run: the device's share (those in slots) for `device_experts_s`, and, with a
+     Placement, the host's share (the misses it placed there, HOST in the slot table) for the sum
+     of their `host_expert_s` plus the host's per-layer overhead, started when acquire was called
+     (the host work is issued before the device waits for its loads); the layer ends when both
+     are done; controller.release(). Promotions the controller issued ride the link meanwhile.
 After the last layer the per-step remainder (lm head, dense FFN layers outside the trace) passes.
 A sequence's prefill tokens, if any, form one step whose counts sum theirs. The link serves one
 load at a time (a single copy engine / one NVMe queue saturates the link), on-demand before
@@ -32,6 +36,7 @@ from moeinf.errors import ReplayConfigError
 from moeinf.runtime.cache.controller import CacheController
 from moeinf.runtime.cache.counters import TrafficCounters
 from moeinf.runtime.cache.eam import PREFILL
+from moeinf.runtime.cache.placement import HOST, Placement
 from moeinf.runtime.cache.registry import POLICIES, CachePolicy, make_policy
 from moeinf.runtime.replay.belady import BeladyPolicy
 from moeinf.runtime.replay.cost import ReplayProfile, profile_for
@@ -51,18 +56,37 @@ def build_policy(policy: str | CachePolicy, trace: Trace) -> CachePolicy:
     return make_policy(policy, trace.num_layers, trace.num_experts)
 
 
+def shares_s(profile: ReplayProfile, counts, table: list[int]) -> tuple[float, float]:
+    """(device_s, host_s) of one layer: counts [E] tokens per expert; table [E] from acquire."""
+    device_pairs = device_active = 0
+    host_s = 0.0
+    for expert, slot in enumerate(table):
+        if slot >= 0:
+            device_pairs += int(counts[expert])
+            device_active += 1
+        elif slot == HOST:
+            host_s += profile.host_expert_s(int(counts[expert]))
+    if host_s:
+        host_s += profile.host.layer_overhead_s
+    return profile.device_experts_s(device_pairs, device_active), host_s
+
+
 def replay(
     trace: Trace,
     policy: str | CachePolicy,
     capacity_slots: int,
     profile: str | ReplayProfile = "pcie4",
     progress: bool = False,
+    placement: Placement | None = None,
 ) -> ReplayResult:
     """Feeds `trace` through a CacheController with `capacity_slots` device slots and `policy` (a
     name, "belady", or a fresh CachePolicy), over a virtual link of `profile` (a LINKS name for
-    the trace's model, or a ReplayProfile). Sequences run one after another, batch 1."""
+    the trace's model, or a ReplayProfile), misses placed by `placement` (None: all fetched; any
+    other needs a profile with a host). Sequences run one after another, batch 1."""
     if not isinstance(profile, ReplayProfile):
         profile = profile_for(trace, profile)
+    if placement is not None and profile.host is None:
+        raise ReplayConfigError(f"placement {placement!r}: expected a profile with a host to compute on, found none")
     L, E = trace.num_layers, trace.num_experts
     if (profile.model.num_layers, profile.model.num_experts) != (L, E):
         raise ReplayConfigError(
@@ -83,7 +107,7 @@ def replay(
         )
     counters = TrafficCounters()
     link = VirtualLink(profile.link_bytes_per_s, profile.model.expert_bytes, counters)
-    controller = CacheController(int(capacity_slots), E, policy, link, counters)
+    controller = CacheController(int(capacity_slots), E, policy, link, counters, placement)
     use_lookahead = controller.wants_lookahead and trace.lookahead is not None
     step_s, step_compute_s, step_loads, step_decode = [], [], [], []
     for s in tqdm(
@@ -94,13 +118,17 @@ def replay(
             start, before = link.now, counters.snapshot()
             compute = 0.0
             for layer in range(L):
-                dense_s, expert_s = profile.layer_s(step.tokens, step.active[layer])
+                dense_s, _ = profile.layer_s(step.tokens, step.active[layer])
                 link.advance(dense_s)
                 guess = step.lookahead[layer] if use_lookahead and layer + 1 < L else None
-                controller.acquire(layer, step.counts[layer], guess)
-                link.advance(expert_s)
+                issued = link.now
+                counts = step.counts[layer]
+                table = controller.acquire(layer, counts, guess)
+                device_s, host_s = shares_s(profile, counts, table)
+                counters.add(host_s=host_s)
+                link.advance(max(link.now + device_s, issued + host_s) - link.now)
                 controller.release()
-                compute += dense_s + expert_s
+                compute += dense_s + max(device_s, host_s)
             link.advance(profile.step_s())
             after = counters.snapshot()
             step_s.append(link.now - start)
@@ -109,7 +137,7 @@ def replay(
             step_decode.append(step.phase != PREFILL)
         controller.sequence_finished(trace.eam(s))
     c = counters.snapshot()
-    accesses = int(c["hits"] + c["prefetch_hits"] + c["misses"])
+    accesses = int(c["hits"] + c["prefetch_hits"] + c["misses"] + c["host_computed"])
     decode = np.array(step_decode, dtype=bool)
     steps = np.array(step_s, dtype=np.float64)
     return ReplayResult(

@@ -25,6 +25,8 @@ so an offloaded run equals the resident one bit for bit.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from llvmlite import ir
@@ -168,17 +170,26 @@ def _matrix(flat, offset, stride, slot, rows, cols):
     return flat[start : start + rows * cols].reshape(rows, cols)
 
 
+@njit(fastmath=FAST, inline="always")
+def _expert_block(first, second, slots, second_slots, e, rows, cols):
+    """Expert e's [rows, cols] block: from the second buffer where second_slots[e] >= 0 (an expert
+    computed from the host tier), else from the first (the slots) at slots[e]. first, second:
+    (flat elements, offset, stride) of one weight kind in each buffer."""
+    if second_slots[e] >= 0:
+        return _matrix(second[0], second[1], second[2], second_slots[e], rows, cols)
+    return _matrix(first[0], first[1], first[2], slots[e], rows, cols)
+
+
 @njit(parallel=True, fastmath=FAST, cache=True)
-def _project(flat, offset, stride, slots, experts, starts, counts, xs, out, N, K):
+def _project(first, second, slots, second_slots, experts, starts, counts, xs, out, N, K):
     """out[pairs of e, :N] = xs[pairs of e] @ W_e^T for every active expert e, in parallel over
-    (expert, block of ROWS_PER_ITEM weight rows). W_e: slot slots[e]'s [N, K] block of flat."""
+    (expert, block of ROWS_PER_ITEM weight rows). W_e: expert e's [N, K] block (_expert_block)."""
     blocks = (N + ROWS_PER_ITEM - 1) // ROWS_PER_ITEM
     for item in prange(experts.shape[0] * blocks):
         e = experts[item // blocks]
-        w = _matrix(flat, offset, stride, slots[e], N, K)
-        first = (item % blocks) * ROWS_PER_ITEM
-        last = min(first + ROWS_PER_ITEM, N)
-        r = first
+        w = _expert_block(first, second, slots, second_slots, e, N, K)
+        r = (item % blocks) * ROWS_PER_ITEM
+        last = min(r + ROWS_PER_ITEM, N)
         while r + 4 <= last:
             _dot_rows(w, r, xs, starts[e], counts[e], out, r, K)
             r += 4
@@ -188,13 +199,16 @@ def _project(flat, offset, stride, slots, experts, starts, counts, xs, out, N, K
 
 
 @njit(fastmath=FAST, cache=True)
-def _activate(gate_up, expert_of, slots, b13, offb13, strideb13, has_bias, bf16, activation, alpha, limit, act):
+def _activate(gate_up, expert_of, slots, second_slots, b13, b13_second, has_bias, bf16, activation, alpha, limit, act):
     """act[q] = activation(gate, up) of row q's gate_up [2F] (+ its expert's b13), in the
     reference's roundings. gate_up: [P, 2F] float32; act: [P, F] float32."""
     F = act.shape[1]
     lim = _rounded(limit, bf16)  # clamp bounds are cast to the tensor's dtype
     for q in range(gate_up.shape[0]):
-        bias = _matrix(b13, offb13, strideb13, slots[expert_of[q]], 1, 2 * F) if has_bias else b13[:1].reshape(1, 1)
+        if has_bias:
+            bias = _expert_block(b13, b13_second, slots, second_slots, expert_of[q], 1, 2 * F)
+        else:
+            bias = b13[0][:1].reshape(1, 1)
         for f in range(F):
             gate = _rounded(gate_up[q, f], bf16)
             up = _rounded(gate_up[q, F + f], bf16)
@@ -213,7 +227,7 @@ def _activate(gate_up, expert_of, slots, b13, offb13, strideb13, has_bias, bf16,
 
 
 @njit(fastmath=FAST, cache=True)
-def _combine(y, position, ids, weights, slots, b2, offb2, strideb2, has_bias, bf16, weigh_bf16, out):
+def _combine(y, position, ids, weights, slots, second_slots, b2, b2_second, has_bias, bf16, weigh_bf16, out):
     """out[t] = sum over k, in k order, of token t's k-th expert output (+ b2) times its weight,
     in float32. y: [P, D] float32 down outputs in expert order; out: [T, D] float32."""
     T, K = ids.shape
@@ -223,7 +237,10 @@ def _combine(y, position, ids, weights, slots, b2, offb2, strideb2, has_bias, bf
             out[t, d] = 0.0
         for k in range(K):
             q = position[t * K + k]
-            bias = _matrix(b2, offb2, strideb2, slots[ids[t, k]], 1, D) if has_bias else b2[:1].reshape(1, 1)
+            if has_bias:
+                bias = _expert_block(b2, b2_second, slots, second_slots, ids[t, k], 1, D)
+            else:
+                bias = b2[0][:1].reshape(1, 1)
             for d in range(D):
                 value = _rounded(y[q, d], bf16)
                 if has_bias:
@@ -233,12 +250,14 @@ def _combine(y, position, ids, weights, slots, b2, offb2, strideb2, has_bias, bf
 
 @njit(cache=True)
 def _moe_layer(
-    x, ids, weights, slots, w13, off13, stride13, w2, off2, stride2,
-    b13, offb13, strideb13, b2, offb2, strideb2, has_bias, bf16, weigh_bf16, activation, alpha, limit, F, out,
+    x, ids, weights, slots, second_slots, w13, w13_second, w2, w2_second, b13, b13_second, b2, b2_second,
+    has_bias, bf16, weigh_bf16, activation, alpha, limit, F, out,
 ):  # fmt: skip
     """x: [T, D] float32 (bfloat16 values where bf16); ids, weights: [T, K] int64, float32;
-    slots: [E] int64; w13, w2, b13, b2: flat weight elements with the offset and slot stride of
-    each kind (biases read only where has_bias); out: [T, D] float32, each token's weighted sum."""
+    slots, second_slots: [E] int64, where each expert sits in the first buffer and, where >= 0,
+    in the second; w13, w2, b13, b2 and their _second: (flat weight elements, offset, slot stride)
+    of each kind in each buffer (biases read only where has_bias); out: [T, D] float32, each
+    token's weighted sum."""
     T, K = ids.shape
     D = x.shape[1]
     E = slots.shape[0]
@@ -270,12 +289,12 @@ def _moe_layer(
             experts[active] = e
             active += 1
     gate_up = np.empty((P, 2 * F), np.float32)  # [P, 2F]
-    _project(w13, off13, stride13, slots, experts, starts, counts, xs, gate_up, 2 * F, D)
+    _project(w13, w13_second, slots, second_slots, experts, starts, counts, xs, gate_up, 2 * F, D)
     act = np.empty((P, F), np.float32)  # [P, F]
-    _activate(gate_up, expert_of, slots, b13, offb13, strideb13, has_bias, bf16, activation, alpha, limit, act)
+    _activate(gate_up, expert_of, slots, second_slots, b13, b13_second, has_bias, bf16, activation, alpha, limit, act)
     y = np.empty((P, D), np.float32)  # [P, D]
-    _project(w2, off2, stride2, slots, experts, starts, counts, act, y, D, F)
-    _combine(y, position, ids, weights, slots, b2, offb2, strideb2, has_bias, bf16, weigh_bf16, out)
+    _project(w2, w2_second, slots, second_slots, experts, starts, counts, act, y, D, F)
+    _combine(y, position, ids, weights, slots, second_slots, b2, b2_second, has_bias, bf16, weigh_bf16, out)
 
 
 # ---------------------------------------------------------------------------------- launcher
@@ -298,6 +317,30 @@ def _slot_blocks(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> tuple[np
             f"contiguous, found {list(t.shape)} with strides {list(t.stride())}"
         )
     return _elements(t), t.storage_offset(), t.stride(0)
+
+
+def _buffers(w13, w2, b13, b2, S, F2, D, F) -> tuple:
+    """(flat, offset, stride) of w13, w2, b13, b2 in one slot buffer; without biases, stand-ins
+    of the weights' type that are never read."""
+    flat13 = _slot_blocks("w13", w13, (F2, D))
+    flat2 = _slot_blocks("w2", w2, (D, F))
+    if b13 is None:
+        return flat13, flat2, (flat2[0][:1], 0, 0), (flat2[0][:1], 0, 0)
+    bias13 = _slot_blocks("b13", b13.reshape(S, 1, F2), (1, F2))
+    return flat13, flat2, bias13, _slot_blocks("b2", b2.reshape(S, 1, D), (1, D))
+
+
+@dataclass(frozen=True)
+class SecondBuffers:
+    """Slot-indexed expert weights in a second buffer (the host tier's records), beside the slots:
+    slots [E] int64 where each expert sits in it (-1: not there, read from the first buffer);
+    w13 [H, 2F, D], w2 [H, D, F], b13 [H, 2F], b2 [H, D] (both biases or neither), as the first."""
+
+    slots: torch.Tensor
+    w13: torch.Tensor
+    w2: torch.Tensor
+    b13: torch.Tensor | None = None
+    b2: torch.Tensor | None = None
 
 
 def applies(
@@ -329,8 +372,11 @@ def host_moe_experts(
     b13: torch.Tensor | None = None,
     b2: torch.Tensor | None = None,
     activation: ExpertActivation = SILU,
+    second: SecondBuffers | None = None,
 ) -> torch.Tensor:
-    """moe_experts_reference's contract (see there), on the CPU: x [T, D] -> [T, D] in x's dtype."""
+    """moe_experts_reference's contract (see there), on the CPU: x [T, D] -> [T, D] in x's dtype.
+    second: experts read from a second buffer instead of the slots (those with second.slots >= 0),
+    computed exactly as they would be from a slot."""
     expect_both_biases_or_neither("host_moe_experts", b13, b2)
     T, D = x.shape
     S, F2, _ = w13.shape
@@ -345,19 +391,23 @@ def host_moe_experts(
             f"host experts: expected topk_ids and topk_weights [{T}, K], found {list(topk_ids.shape)} and "
             f"{list(topk_weights.shape)}"
         )
-    flat13, off13, stride13 = _slot_blocks("w13", w13, (F2, D))
-    flat2, off2, stride2 = _slot_blocks("w2", w2, (D, F))
-    if b13 is not None:
-        flatb13, offb13, strideb13 = _slot_blocks("b13", b13.reshape(S, 1, F2), (1, F2))
-        flatb2, offb2, strideb2 = _slot_blocks("b2", b2.reshape(S, 1, D), (1, D))
-    else:  # never read: the kernel's bias type must still match the weights'
-        flatb13 = flatb2 = flat2[:1]
-        offb13 = strideb13 = offb2 = strideb2 = 0
+    first = _buffers(w13, w2, b13, b2, S, F2, D, F)
+    if second is None:
+        second_slots, second_buffers = np.full(expert_slots.shape[0], -1, np.int64), first
+    else:
+        expect_both_biases_or_neither("host_moe_experts second", second.b13, second.b2)
+        if (second.b13 is None) != (b13 is None) or second.w13.dtype != w13.dtype:
+            raise ValueError(
+                f"host experts: expected the second buffers in the slots' dtype {w13.dtype} and with biases as they "
+                f"have ({b13 is not None}), found {second.w13.dtype} and biases {second.b13 is not None}"
+            )
+        second_slots = second.slots.numpy()
+        second_buffers = _buffers(second.w13, second.w2, second.b13, second.b2, second.w13.shape[0], F2, D, F)
     out = np.empty((T, D), np.float32)
     _moe_layer(
-        x.float().numpy(), topk_ids.numpy(), topk_weights.float().numpy(), expert_slots.numpy(),
-        flat13, off13, stride13, flat2, off2, stride2, flatb13, offb13, strideb13, flatb2, offb2, strideb2,
-        b13 is not None, x.dtype == torch.bfloat16, topk_weights.dtype == torch.bfloat16,
+        x.float().numpy(), topk_ids.numpy(), topk_weights.float().numpy(), expert_slots.numpy(), second_slots,
+        first[0], second_buffers[0], first[1], second_buffers[1], first[2], second_buffers[2], first[3],
+        second_buffers[3], b13 is not None, x.dtype == torch.bfloat16, topk_weights.dtype == torch.bfloat16,
         ACTIVATIONS[activation.kind], np.float32(activation.alpha), np.float32(activation.limit), F, out,
     )  # fmt: skip
     return torch.from_numpy(out).to(x.dtype)

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from moeinf.errors import MoeinfError, RequestError
 from moeinf.kernels.ops import KERNEL_CHOICES
 from moeinf.loaders.default_model import ensure_default_model
+from moeinf.runtime.cache.placement import HOST_COMPUTE_CHOICES
 from moeinf.runtime.cache.registry import DEFAULT_POLICY, POLICIES
 from moeinf.runtime.engine import LLM
 from moeinf.runtime.replay.cost import traced_model_cost
@@ -52,6 +53,7 @@ def llm_from_args(args: argparse.Namespace) -> LLM:
         host_budget=parse_budget_arg(args.host_budget),
         offload_dir=args.offload_dir,
         policy=args.policy,
+        host_compute=args.host_compute,
         kernels=args.kernels,
     )
 
@@ -82,6 +84,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"finished by {out.finish_reason}\n"
         f"experts: {stats['resident_experts']} resident, {stats['hits']} hits, {stats['misses']} misses, "
         f"{stats['prefetch_hits']} prefetch hits ({stats['prefetch_late']} late), "
+        f"{stats['host_computed']} computed on the host, {stats['promotions']} promotions "
+        f"({stats['promotion_hits']} hit), "
         f"{stats['bytes_from_disk'] / 2**20:.1f} MiB from disk, {stats['bytes_to_device'] / 2**20:.1f} MiB to device, "
         f"{stats['stall_s']:.3f} s stalled\n"
         f"peak memory: {peak_memory_mib(llm.device):.0f} MiB"
@@ -182,6 +186,12 @@ def add_llm_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host-budget", default="0", help="host-memory expert cache in front of the disk store")
     parser.add_argument("--offload-dir", help="folder of the packed expert store (default: under the cache dir)")
     parser.add_argument("--policy", default=DEFAULT_POLICY, choices=sorted(POLICIES), help="expert eviction policy")
+    parser.add_argument(
+        "--host-compute",
+        default="auto",
+        choices=HOST_COMPUTE_CHOICES,
+        help="compute a missing expert on the host from the host tier instead of fetching it (CPU so far)",
+    )
     parser.add_argument(
         "--kernels",
         default="auto",

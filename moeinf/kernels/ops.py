@@ -103,10 +103,21 @@ class Kernels:
         b13: torch.Tensor | None = None,
         b2: torch.Tensor | None = None,
         activation: ExpertActivation = SILU,
+        host: host_experts.SecondBuffers | None = None,
     ) -> torch.Tensor:
         # x: [T, D]; w13: [S, 2F, D]; w2: [S, D, F]; expert_slots: [E] -> [T, D]
         # b13: [S, 2F], b2: [S, D] per-slot biases (both or neither); activation of (gate, up)
+        # host: experts read from the host tier's records instead (hybrid execution; host kernels only)
         extras = dict(b13=b13, b2=b2, activation=activation)
+        if host is not None:
+            if not host_experts.applies(x, w13, w2, b13, b2):
+                raise ValueError(
+                    f"experts computed from the host tier need the host expert kernels: CPU {host_experts.DTYPES} "
+                    f"steps of <= {host_experts.MAX_TOKENS} tokens, found {x.device} {x.dtype} [{x.shape[0]} tokens]"
+                )
+            return host_experts.host_moe_experts(
+                x, topk_ids, topk_weights, w13, w2, expert_slots, **extras, second=host
+            )
         if self.uses_triton(x):
             from moeinf.kernels import moe
 

@@ -32,7 +32,16 @@ Prompt = Union[str, Sequence[int]]
 # on_token(prompt index, token id, finish reason or None): generate's per-token hook
 TokenCallback = Callable[[int, int, Union[str, None]], None]
 # expert traffic also counted per phase in stats(), e.g. decode_stall_s
-PHASE_COUNTERS = ("hits", "misses", "prefetch_hits", "prefetch_late", "stall_s", "bytes_to_device", "bytes_from_disk")
+PHASE_COUNTERS = (
+    "hits",
+    "misses",
+    "host_computed",
+    "prefetch_hits",
+    "prefetch_late",
+    "stall_s",
+    "bytes_to_device",
+    "bytes_from_disk",
+)
 
 
 @dataclass
@@ -69,11 +78,12 @@ class LLM:
         host_budget: Budget = 0,
         offload_dir: str | Path | None = None,
         policy: str | CachePolicy = DEFAULT_POLICY,
+        host_compute: str = "auto",
         offload: OffloadConfig | None = None,
         max_batch_tokens: int | None = None,
         kernels: str = "auto",
     ):
-        keywords = OffloadConfig(expert_budget, host_budget, offload_dir, policy)
+        keywords = OffloadConfig(expert_budget, host_budget, offload_dir, policy, host_compute=host_compute)
         if offload is not None and keywords != OffloadConfig():
             raise OffloadConfigError("pass offloading settings either as keywords or as offload=OffloadConfig(...)")
         self.offload = offload or keywords

@@ -188,7 +188,7 @@ class Executor:
         experts = self.experts.acquire(m, routing, next_routing if self.experts.wants_lookahead else None)
         y = self.kernels.moe_experts(
             x, ids, weights, experts.w13, experts.w2, experts.slots,
-            b13=experts.b13, b2=experts.b2, activation=spec.expert_activation,
+            b13=experts.b13, b2=experts.b2, activation=spec.expert_activation, host=experts.host,
         )  # fmt: skip
         self.experts.release(m)
         if lw.shared_w13 is not None:

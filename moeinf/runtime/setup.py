@@ -21,6 +21,7 @@ from moeinf.kernels.ops import KERNEL_CHOICES, Kernels
 from moeinf.loaders.checkpoint import Checkpoint
 from moeinf.loaders.default_model import cache_dir
 from moeinf.loaders.expert_store import ExpertStore
+from moeinf.runtime.cache.placement import HOST_COMPUTE_CHOICES
 from moeinf.runtime.cache.registry import DEFAULT_POLICY, make_policy
 from moeinf.runtime.experts.pool import ExpertPool
 from moeinf.runtime.experts.resident import ResidentExperts
@@ -74,6 +75,10 @@ class OffloadConfig:
     offload_dir: str | None = None  # packed expert store; default: under the cache directory
     policy: str = DEFAULT_POLICY  # which experts to evict and prefetch; see runtime/cache/registry.py
     io_threads: int = 2  # store reads in flight at once
+    # where a miss is computed (runtime/cache/placement.py): "never" fetches every one into a slot;
+    # "always" / "auto" may compute it on the host from the host tier (CPU so far; needs a host_budget
+    # of at least one layer's experts, without which "auto" fetches)
+    host_compute: str = "auto"
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -131,6 +136,9 @@ def build_expert_source(
     """Every expert resident when the budget affords them all; else a pool of slots over the store,
     run by the configured policy."""
     spec = checkpoint.spec
+    if offload.host_compute not in HOST_COMPUTE_CHOICES:
+        choices = ", ".join(HOST_COMPUTE_CHOICES)
+        raise OffloadConfigError(f"host_compute: expected one of {choices}, found {offload.host_compute!r}")
     total = spec.num_moe_layers * spec.num_experts
     expert_nbytes = spec.expert_params * torch.empty((), dtype=dtype).element_size()
     slots = parse_budget(offload.expert_budget, expert_nbytes, total, "expert_budget")
@@ -153,4 +161,4 @@ def build_expert_source(
         raise OffloadConfigError(f"io_threads: expected >= 1, found {offload.io_threads}")
     store_dir = Path(offload.offload_dir) if offload.offload_dir else default_store_dir(checkpoint)
     store = ExpertStore.open_or_build(checkpoint, store_dir, dtype, progress=progress)
-    return ExpertPool(store, slots, host_records, device, dtype, policy, offload.io_threads)
+    return ExpertPool(store, slots, host_records, device, dtype, policy, offload.io_threads, offload.host_compute)

@@ -62,12 +62,15 @@ class CacheController:
         """A sequence of the batch ended. eam: [L, E] tokens it routed to each expert."""
         self.policy.sequence_finished(eam)
 
-    def acquire(self, layer: int, token_counts: Sequence[int], next_counts: Sequence[int] | None = None) -> list[int]:
+    def acquire(
+        self, layer: int, token_counts: Sequence[int], next_counts: Sequence[int] | None = None, allow_host: bool = True
+    ) -> list[int]:
         """token_counts: [E] tokens routed to each expert of `layer`; next_counts: [E] tokens that
         layer + 1's router, applied to this layer's hidden state, sends to each of its experts
         (None: not guessed, or no next layer). Returns [E] slots (-1 for experts without tokens,
         HOST for those the placement computes on the host) once every other routed expert is
-        resident; they stay pinned until release()."""
+        resident; they stay pinned until release(). allow_host=False: this step fetches every
+        miss whatever the placement says (the runtime's host kernels take decode-sized steps only)."""
         res = self.residency
         needed = [e for e, count in enumerate(token_counts) if count]
         if next_counts is not None and self.policy.wants_lookahead:
@@ -80,7 +83,9 @@ class CacheController:
         for expert in needed:
             key = (layer, expert)
             slot = res.slot(key)
-            host = self.placement is not None and self.placement.on_host(layer, int(token_counts[expert]))
+            host = (
+                allow_host and self.placement is not None and self.placement.on_host(layer, int(token_counts[expert]))
+            )
             if slot is None or (host and res.state[slot] == SlotState.LOADING):
                 # a miss, or a prefetch or promotion still on the link: where the placement computes
                 # misses on the host, the host computes it now rather than the layer waiting; a load

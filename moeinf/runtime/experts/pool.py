@@ -7,6 +7,13 @@ record of the expert store (w13 then w2, then any biases, in the compute dtype).
 w2 [S, D, F] (and b13 [S, 2F], b2 [S, D] for families with expert biases) are strided views into
 it, so a load is one contiguous copy per expert (on the CPU a direct read from the store into the
 slot), and the kernels read any slot through the slot table unchanged.
+
+Hybrid execution (host_compute "auto" or "always", on the CPU so far): the controller's Placement
+may compute a miss on the host instead. Its record is then pinned in the host tier for the layer
+(read from the store straight into the tier if not there) and the host kernels read it there:
+LayerExperts.host carries the tier's views, laid out like the slots'. The link (here a copy from
+the tier into a slot) stays free for promotions. The host kernels compute an expert the same from
+either buffer, so such runs equal the resident run bit for bit.
 """
 
 from __future__ import annotations
@@ -18,10 +25,12 @@ from concurrent.futures import Future
 import numpy as np
 import torch
 
-from moeinf.errors import StoreChecksumError
-from moeinf.loaders.expert_store import ExpertStore, aligned_buffer
+from moeinf.errors import OffloadConfigError, StoreChecksumError
+from moeinf.kernels import host_experts
+from moeinf.loaders.expert_store import ExpertStore, RecordLayout, aligned_buffer
 from moeinf.runtime.cache.controller import CacheController
 from moeinf.runtime.cache.counters import TrafficCounters
+from moeinf.runtime.cache.placement import HOST, ExpertCosts, Placement
 from moeinf.runtime.cache.policy import CachePolicy
 from moeinf.runtime.cache.residency import Key
 from moeinf.runtime.experts.cuda_copy import CudaSlotCopier, cuda_copies_available
@@ -40,6 +49,7 @@ class ExpertPool:
         dtype: torch.dtype,
         policy: CachePolicy,
         io_threads: int,
+        host_compute: str = "never",
     ):
         layout = store.layout
         self.store, self.layout, self.policy = store, layout, policy
@@ -54,23 +64,53 @@ class ExpertPool:
         else:
             self._records_np = aligned_buffer(S * R).reshape(S, R)  # aligned: O_DIRECT reads land in slots
             self.records = torch.from_numpy(self._records_np)
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        flat = self.records.view(-1).view(dtype)
-        (F2, D), (_, F) = layout.w13_shape, layout.w2_shape
-        self.w13 = flat.as_strided((S, F2, D), (R // itemsize, D, 1))  # [S, 2F, D]
-        self.w2 = flat.as_strided((S, D, F), (R // itemsize, F, 1), layout.w13_nbytes // itemsize)  # [S, D, F]
-        self.b13 = self.b2 = None
-        if layout.biases:
-            self.b13 = flat.as_strided((S, F2), (R // itemsize, 1), layout.b13_offset // itemsize)  # [S, 2F]
-            self.b2 = flat.as_strided((S, D), (R // itemsize, 1), layout.b2_offset // itemsize)  # [S, D]
+        self.w13, self.w2, self.b13, self.b2 = record_views(self.records, layout, dtype)
         self.copier = CudaSlotCopier(self.records, layout.payload_nbytes) if cuda_copies_available(device) else None
         if device.type == "cuda" and self.copier is None:
             self._staging = threading.local()  # torch copies from per-thread pinned buffers
         self.host = HostCache(host_records, R, pinned=device.type == "cuda")
         self.stats = TrafficCounters()
-        self.controller = CacheController(S, store.num_experts, policy, self, self.stats)
+        placement = self._placement(host_compute, host_records, dtype)
+        self._host_views = record_views(torch.from_numpy(self.host.buffer), layout, dtype) if placement else None
+        self.controller = CacheController(S, store.num_experts, policy, self, self.stats, placement)
         self._tickets: dict[int, Future] = {}  # slot -> its load in flight
         self.queue = TransferQueue(self._load, io_threads)
+
+    def _placement(self, host_compute: str, host_records: int, dtype: torch.dtype) -> Placement | None:
+        """The controller's Placement, or None where every miss is fetched. The host computes from
+        the host tier, so it needs one that holds a layer's experts; "auto" without one fetches."""
+        if host_compute == "never":
+            return None
+        if self.device.type != "cpu":
+            if host_compute == "always":
+                raise OffloadConfigError(
+                    f"host_compute 'always': expected a CPU device (hybrid execution on {self.device.type} is not "
+                    "built yet), found " + str(self.device)
+                )
+            return None
+        if host_records < self.num_experts:
+            if host_compute == "always":
+                raise OffloadConfigError(
+                    f"host_compute 'always' computes misses from the host tier: expected host_budget to hold at "
+                    f"least one layer's {self.num_experts} expert records, found {host_records}"
+                )
+            return None
+        return Placement(host_compute, self._measured_costs(dtype))
+
+    def _measured_costs(self, dtype: torch.dtype) -> ExpertCosts:
+        """The placement's costs on this machine. On the CPU the 'device' slots and the host tier
+        are the same memory read by the same kernels, so a load (one record copied tier to slot,
+        timed here once) only ever adds to the compute: "auto" computes every decode miss from
+        the tier."""
+        R = self.layout.record_nbytes
+        src, dst = np.ones(R, np.uint8), np.empty(R, np.uint8)
+        start = time.perf_counter()
+        dst[:] = src
+        copy_bytes_per_s = R / max(time.perf_counter() - start, 1e-9)
+        params = self.layout.payload_nbytes / torch.empty((), dtype=dtype).element_size()
+        return ExpertCosts(
+            self.layout.payload_nbytes, 2 * params, copy_bytes_per_s, copy_bytes_per_s, 1e12, copy_bytes_per_s, 1e12
+        )
 
     # ------------------------------------------------------------------ worker side
 
@@ -148,13 +188,32 @@ class ExpertPool:
     def acquire(self, layer: int, routing: LayerRouting, next_routing: LayerRouting | None) -> LayerExperts:
         """Makes the experts `routing` sends tokens to resident and pins them until release()."""
         next_counts = None if next_routing is None else next_routing.counts().tolist()
-        table = self.controller.acquire(layer, routing.counts().tolist(), next_counts)
+        decode_sized = routing.ids.shape[0] <= host_experts.MAX_TOKENS
+        table = self.controller.acquire(layer, routing.counts().tolist(), next_counts, allow_host=decode_sized)
         if self.copier is not None:
             self.copier.compute_waits_for([slot for slot in table if slot >= 0])
-        slots = torch.tensor(table, dtype=torch.int64, device=self.device)  # [E]
-        return LayerExperts(slots, self.w13, self.w2, self.b13, self.b2)
+        host = self._host_share(layer, table)
+        slots = torch.tensor([max(slot, -1) for slot in table], dtype=torch.int64, device=self.device)  # [E]
+        return LayerExperts(slots, self.w13, self.w2, self.b13, self.b2, host)
+
+    def _host_share(self, layer: int, table: list[int]) -> host_experts.SecondBuffers | None:
+        """The host tier's records of the experts the controller placed on the host, pinned there
+        for the layer (read from the store into the tier where missing; the wait counts as stall)."""
+        experts = [expert for expert, slot in enumerate(table) if slot == HOST]
+        if not experts:
+            return None
+        start = time.perf_counter()
+        records = [-1] * len(table)
+        for expert in experts:
+            record = self.host.pin((layer, expert), lambda row, e=expert: self._read_record((layer, e), row))
+            if record is None:  # the budget check keeps a layer's experts within the tier
+                raise RuntimeError(f"host tier of {self.host.num_records} records is all pinned; expected room")
+            records[expert] = record
+        self.stats.add(stall_s=time.perf_counter() - start)
+        return host_experts.SecondBuffers(torch.tensor(records, dtype=torch.int64), *self._host_views)
 
     def release(self, layer: int) -> None:
+        self.host.unpin_all()
         slots = self.controller.release()
         if self.copier is not None:
             self.copier.compute_released(slots)
@@ -168,3 +227,19 @@ class ExpertPool:
     def close(self) -> None:
         self.queue.close()
         self.store.close()
+
+
+def record_views(records: torch.Tensor, layout: RecordLayout, dtype: torch.dtype) -> tuple:
+    """records: [N, record_nbytes] uint8, each row laid out as a store record -> (w13 [N, 2F, D],
+    w2 [N, D, F], b13 [N, 2F] or None, b2 [N, D] or None) in `dtype`, strided views into it."""
+    N, R = records.shape
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    flat = records.view(-1).view(dtype)
+    (F2, D), (_, F) = layout.w13_shape, layout.w2_shape
+    w13 = flat.as_strided((N, F2, D), (R // itemsize, D, 1))
+    w2 = flat.as_strided((N, D, F), (R // itemsize, F, 1), layout.w13_nbytes // itemsize)
+    if not layout.biases:
+        return w13, w2, None, None
+    b13 = flat.as_strided((N, F2), (R // itemsize, 1), layout.b13_offset // itemsize)
+    b2 = flat.as_strided((N, D), (R // itemsize, 1), layout.b2_offset // itemsize)
+    return w13, w2, b13, b2

@@ -19,6 +19,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from moeinf.kernels.host_experts import SecondBuffers
 from moeinf.runtime.cache.counters import TrafficCounters
 from moeinf.runtime.cache.eam import expert_counts
 from moeinf.runtime.cache.policy import CachePolicy
@@ -62,6 +63,9 @@ class LayerExperts:
     w2: torch.Tensor  # [S, D, F] down
     b13: torch.Tensor | None = None  # [S, 2F] for families with expert biases
     b2: torch.Tensor | None = None  # [S, D]
+    # the experts computed on the host this layer (hybrid execution): read from the host tier's
+    # records instead of the slots (their `slots` entries are -1); None: every routed expert is in a slot
+    host: SecondBuffers | None = None
 
 
 class ExpertSource(Protocol):

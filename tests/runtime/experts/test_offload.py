@@ -66,8 +66,9 @@ def test_offloaded_run_equals_resident_run(folder, resident, tmp_path, budget, p
 
 
 def test_host_tier_serves_repeat_loads(folder, resident, tmp_path):
-    # on-demand loads only (lru), so every load has landed when the counters are read
-    with LLM(folder, progress=False, expert_budget=E, host_budget=1.0, policy="lru", offload_dir=tmp_path) as llm:
+    # on-demand loads only (lru, every miss fetched), so every load has landed when the counters are read
+    settings = dict(expert_budget=E, host_budget=1.0, policy="lru", host_compute="never", offload_dir=tmp_path)
+    with LLM(folder, progress=False, **settings) as llm:
         assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == resident[0]
         stats = llm.stats()
     # every expert is read from disk at most once; later loads come from host memory

@@ -4,11 +4,15 @@ the packed expert store on disk.
 Run:  python -m bench.offload_decode [--model DIR] [--budgets 0.25,0.5,1.0] [--policy lru]
                                      [--prompt-tokens 64] [--new-tokens 32] [--repeats 3]
                                      [--offload-dir DIR] [--seed 0] [--out bench/results]
+                                     [--host-budget 1.0 --host-compute never|auto|always] [--name N]
 
-Results go to <out>/offload-cpu.json and <out>/offload-cpu.csv, with the machine's description.
+Results go to <out>/offload-cpu.json and <out>/offload-cpu.csv (<out>/<name>.* with --name),
+with the machine's description.
 bench/store_reads.py measures the same store's reads against plain reads of its file.
 
-One LLM per budget (float32, CPU, expert_budget=budget, host_budget=0, the store in --offload-dir;
+One LLM per budget (float32, CPU, expert_budget=budget, host_budget=--host-budget (default 0),
+host_compute=--host-compute (default never: every miss fetched; auto / always compute misses on
+the host from the host tier, which needs a host budget of a layer's experts), the store in --offload-dir;
 budget 1.0 keeps every expert resident and is the baseline). Each LLM gets one warm-up generate,
 then R timed rounds; a round runs one generate per budget, and the budget order flips every round
 so drift in machine load hits every budget alike. A generate is one prompt of P seeded random token
@@ -191,7 +195,8 @@ def print_table(results: dict) -> None:
         )
     params, machine = results["parameters"], results["machine"]
     print(
-        f"(P={params['prompt_tokens']}, N={params['new_tokens']}, policy {params['policy']}, host_budget 0, "
+        f"(P={params['prompt_tokens']}, N={params['new_tokens']}, policy {params['policy']}, "
+        f"host_budget {params['host_budget']}, host_compute {params['host_compute']}, "
         f"median of {params['repeats']}, {machine['torch_threads']} threads, float32, CPU; "
         "p+d = prefill + decode, MB = 1e6 bytes, per run;\n bg cpu = most of the CPUs other processes "
         "kept busy during a timed run)"
@@ -218,6 +223,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_store_arguments(parser)
     parser.add_argument("--budgets", default="0.25,0.5,1.0", help="expert budgets, fractions of all expert bytes")
     parser.add_argument("--policy", default="lru", help="cache policy of the offloaded runs")
+    parser.add_argument("--host-budget", type=float, default=0, help="host tier, a fraction of all expert bytes")
+    parser.add_argument("--host-compute", default="never", choices=("never", "auto", "always"), help="hybrid placement")
+    parser.add_argument("--name", default="offload-cpu", help="results file name (<out>/<name>.json and .csv)")
     parser.add_argument("--prompt-tokens", type=int, default=64, help="prompt length P")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run N (>= 2)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds R; medians are reported")
@@ -245,7 +253,8 @@ def time_budgets(args: argparse.Namespace, session: StoreSession) -> tuple[dict[
             start = time.perf_counter()
             llms[budget] = LLM(
                 session.path, device="cpu", dtype="float32", progress=False,
-                expert_budget=budget, host_budget=0, offload_dir=session.folder, policy=args.policy,
+                expert_budget=budget, host_budget=args.host_budget, offload_dir=session.folder, policy=args.policy,
+                host_compute=args.host_compute,
             )  # fmt: skip
             load_s[budget] = time.perf_counter() - start
         store_file = session.store.path if any(b < 1 for b in args.budgets) else None
@@ -281,7 +290,8 @@ def results_object(
         "machine": session.machine,
         "model": session.model_summary(),
         "parameters": {
-            "budgets": args.budgets, "policy": args.policy, "host_budget": 0, "prompt_tokens": args.prompt_tokens,
+            "budgets": args.budgets, "policy": args.policy, "host_budget": args.host_budget,
+            "host_compute": args.host_compute, "prompt_tokens": args.prompt_tokens,
             "new_tokens": args.new_tokens, "repeats": args.repeats, "seed": args.seed, "dtype": "float32",
             "device": "cpu", "batch_size": 1, "offload_dir": str(session.folder),
             "offload_dir_temporary": session.temporary,
@@ -302,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     results = results_object(args, session, runs, load_s)
     print_table(results)
     warn_if_noisy(results)
-    write_results(args.out, "offload-cpu", results, csv_text(CSV_COLUMNS, csv_rows(results)))
+    write_results(args.out, args.name, results, csv_text(CSV_COLUMNS, csv_rows(results)))
     return 0
 
 

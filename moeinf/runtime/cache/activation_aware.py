@@ -162,6 +162,10 @@ class ActivationAwarePolicy(CachePolicy):
         recently_used = self.last_use[layer_of[slot], expert_of[slot]] > self.clock - self.num_layers
         return -1 if recently_used else slot
 
+    def promotion(self, layer: int, candidates: Sequence[int], token_counts: Sequence[int]) -> int:
+        """The candidate predicted to be routed most (the lowest on ties)."""
+        return max(candidates, key=lambda e: self.pred[layer, e])
+
     def min_pred(self) -> float:
         """The prediction below which an expert is not prefetched: with r routings a step (tokens
         x top-k, as the current layer just saw), an expert predicted at p is used by the step

@@ -120,9 +120,8 @@ class CacheController:
                 break
             self._prefetch(key)
         if on_host and self.placement.promote and not res.any_loading():
-            # one promotion at a time, while the link is idle: the busiest expert the host computed
-            expert = max(on_host, key=lambda e: token_counts[e])
-            self._promote((layer, expert))
+            # one promotion at a time, while the link is idle, of the policy's choosing
+            self._promote((layer, self.policy.promotion(layer, on_host, token_counts)))
         table = [-1] * self.num_experts
         for expert in on_host:
             table[expert] = HOST

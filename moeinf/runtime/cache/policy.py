@@ -78,6 +78,12 @@ class CachePolicy(ABC):
         """After `layer` is routed: keys to load ahead, most urgent first."""
         return []
 
+    def promotion(self, layer: int, candidates: Sequence[int], token_counts: Sequence[int]) -> int:
+        """Which of `layer`'s experts the host computed this step (candidates, ascending) to load
+        into a device slot for later steps (hybrid placement, one at a time while the link is
+        idle). By default the one with the most tokens, the lowest on ties."""
+        return max(candidates, key=lambda e: token_counts[e])
+
 
 class LRUPolicy(CachePolicy):
     """Evicts the expert whose last use is oldest; ties (never used) go to the lowest (layer,

@@ -39,6 +39,11 @@ from moeinf.runtime.experts.source import LayerExperts, LayerRouting
 from moeinf.runtime.experts.transfer import TransferQueue
 
 
+# The FLOP rate both sides of a CPU-only placement get: equal on both, it never tips the choice
+# (only the load does), so it is a round figure rather than a measurement.
+SAME_CPU_FLOPS_PER_S = 1e12
+
+
 class ExpertPool:
     def __init__(
         self,
@@ -108,9 +113,8 @@ class ExpertPool:
         dst[:] = src
         copy_bytes_per_s = R / max(time.perf_counter() - start, 1e-9)
         params = self.layout.payload_nbytes / torch.empty((), dtype=dtype).element_size()
-        return ExpertCosts(
-            self.layout.payload_nbytes, 2 * params, copy_bytes_per_s, copy_bytes_per_s, 1e12, copy_bytes_per_s, 1e12
-        )
+        same = copy_bytes_per_s, SAME_CPU_FLOPS_PER_S  # host and "device": one memory, one kernel
+        return ExpertCosts(self.layout.payload_nbytes, 2 * params, copy_bytes_per_s, *same, *same)
 
     # ------------------------------------------------------------------ worker side
 

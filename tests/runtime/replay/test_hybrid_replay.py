@@ -128,3 +128,15 @@ def test_policy_bench_with_a_host_adds_the_placements_and_names_the_default(tmp_
         assert set(summary) == {"hit_rate", "misses", "bytes", "stall_s", "tpot_s"}
     host_only = figures["policies"]["host-only"]
     assert host_only["bytes"] == 0 and host_only["misses"] == 0
+
+
+def test_auto_in_replay_fetches_for_a_prefill_step_and_computes_decode_misses_on_the_host():
+    # one layer; a 20-token prefill routes all of them to expert 0, then one decode token routes to
+    # expert 1. With the host at 0.4 s + 0.1 s a token and the device at 0.1 s, the prefill's 20
+    # tokens are cheaper fetched (1 + 0.1 s) than computed on the host (2 s); the decode token's not
+    trace = make_trace([[[0]]] * 20 + [[[1]]], num_experts=2, phase=[0] * 20 + [1])
+    profile = dataclasses.replace(
+        toy_profile(trace), host=Host("slow-flops", 2.5, flops_per_s=20.0, layer_overhead_s=0)
+    )
+    r = replay(trace, "lru", 2, profile, placement=Placement("auto", profile.expert_costs()))
+    assert (r.misses, r.counters["host_computed"]) == (1, 1)

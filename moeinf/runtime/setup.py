@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +120,36 @@ def resolve_dtype(dtype: str, checkpoint_dtype: str, device: torch.device) -> to
     return DTYPES[dtype]
 
 
+def available_host_bytes() -> int:
+    """Host memory the kernel says can still be allocated without swapping (MemAvailable)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+HOST_AUTO_SHARE = 0.5  # of the available host memory that host_budget="auto" takes on CUDA
+
+
+def host_tier_records(value: Budget, expert_nbytes: int, total: int, device: torch.device) -> int:
+    """Expert records the host tier holds. "auto": on CUDA as many as HOST_AUTO_SHARE of the
+    available host memory affords (at most every expert); on the CPU none, since the device slots
+    are host memory already. A given budget that the available memory cannot hold is an error."""
+    available = available_host_bytes()
+    if value == "auto":
+        return min(total, int(available * HOST_AUTO_SHARE) // expert_nbytes) if device.type == "cuda" else 0
+    records = parse_budget(value, expert_nbytes, total, "host_budget")
+    if records * expert_nbytes > available:
+        raise OffloadConfigError(
+            f"host_budget {value!r}: expected at most the {available / 2**30:.1f} GiB of host memory available, "
+            f"found {records} expert records of {expert_nbytes / 2**20:.1f} MiB = {records * expert_nbytes / 2**30:.1f} GiB"
+        )
+    return records
+
+
 def default_store_dir(checkpoint: Checkpoint) -> Path:
     """One store folder per checkpoint folder, under the cache directory."""
     digest = hashlib.sha1(str(checkpoint.path.resolve()).encode()).hexdigest()[:12]
@@ -156,7 +187,7 @@ def build_expert_source(
             f"(one layer's experts for a step of {max_batch_tokens or 'any number of'} tokens, "
             f"{minimum * expert_nbytes / 2**20:.1f} MiB in {str(dtype).split('.')[-1]})"
         )
-    host_records = parse_budget(offload.host_budget, expert_nbytes, total, "host_budget")
+    host_records = host_tier_records(offload.host_budget, expert_nbytes, total, device)
     if offload.io_threads < 1:
         raise OffloadConfigError(f"io_threads: expected >= 1, found {offload.io_threads}")
     store_dir = Path(offload.offload_dir) if offload.offload_dir else default_store_dir(checkpoint)

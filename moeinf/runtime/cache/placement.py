@@ -11,8 +11,9 @@ Modes (LLM(host_compute=...), replay's placements):
   never   every miss is fetched (MoE-Infinity's, and this runtime's, behaviour before hybrid)
   always  every miss is computed on the host
   auto    per miss, the cheaper of host_s(tokens) and load_s + device_s(tokens)
-With `promote`, each host-computed miss is also offered for a device slot at prefetch priority
-(the policy's prefetch victim decides whether it is worth one). `device_layers` (static split)
+With `promote`, while the link is idle, one of a layer's host-computed misses (the policy's pick,
+CachePolicy.promotion) is loaded into a device slot at prefetch priority for later steps; the
+policy's prefetch victim decides whether it is worth one. `device_layers` (static split)
 keeps the experts of layers below it on the device, fetched on first use, and computes every other
 layer's on the host: llama.cpp's --n-cpu-moe.
 

@@ -21,7 +21,7 @@ the page cache (posix_fadvise DONTNEED) before each timed run, so their loads co
   prefill tok/s, decode tok/s: from the deltas of llm.stats() over the run (the engine's own timers)
   counters (hits, misses, bytes, stall_s): deltas of llm.stats() over the run, per phase from the
     engine's prefill_* and decode_* counters
-  hit rate = (hits + prefetch_hits) / (hits + prefetch_hits + misses)
+  hit rate = (hits + prefetch_hits) / (hits + prefetch_hits + misses + host_computed)
   stall share = decode stall_s / decode_s (the part of decode time spent waiting for expert loads)
   vs 1.0 = decode tok/s / decode tok/s at budget 1.0
   Each figure is the median over the R runs (counters too, run by run).
@@ -85,8 +85,8 @@ def generate_run(llm: LLM, prompt: list[int], params: SamplingParams) -> dict:
 
 
 def hit_rate(c: dict) -> float | None:
-    """(hits + prefetch_hits) / all expert uses; None when nothing was used."""
-    used = c["hits"] + c["prefetch_hits"] + c["misses"]
+    """(hits + prefetch_hits) / all expert uses (host-computed ones included); None when nothing was used."""
+    used = c["hits"] + c["prefetch_hits"] + c["misses"] + c["host_computed"]
     return (c["hits"] + c["prefetch_hits"]) / used if used else None
 
 

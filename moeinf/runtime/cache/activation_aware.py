@@ -22,7 +22,8 @@ likeliest expert, but only if the coming step is more likely than not to use it 
 prefetch holds a link-bound copy engine while misses wait). Victims: the lowest (pred + eps) x
 (1 - distance / L), distance the layers that run before the expert's layer runs again, so the
 layers needed soonest are kept; a prefetch never evicts an expert the last step used (the
-working-set guard: a miss is not traded for a guess). How each constant was chosen, and what it
+working-set guard: a miss is not traded for a guess). Promotions (hybrid placement): the
+host-computed expert predicted likeliest, and only over a victim predicted less likely. How each constant was chosen, and what it
 bought on the shared Mixtral traces, is in bench/results/policy.md ("How the activation-aware
 constants were chosen").
 """
@@ -161,6 +162,16 @@ class ActivationAwarePolicy(CachePolicy):
             return slot
         recently_used = self.last_use[layer_of[slot], expert_of[slot]] > self.clock - self.num_layers
         return -1 if recently_used else slot
+
+    def promotion_victim_slot(
+        self, key: Key, layer_of: np.ndarray, expert_of: np.ndarray, evictable: np.ndarray
+    ) -> int:
+        """A prefetch's victim, but only one predicted to be routed less than `key`: trading an
+        expert for one the prediction values no more spends the link for nothing."""
+        slot = self.prefetch_victim_slot(layer_of, expert_of, evictable)
+        if slot == -1 or self.pred[key] > self.pred[layer_of[slot], expert_of[slot]]:
+            return slot
+        return -1
 
     def promotion(self, layer: int, candidates: Sequence[int], token_counts: Sequence[int]) -> int:
         """The candidate predicted to be routed most (the lowest on ties)."""

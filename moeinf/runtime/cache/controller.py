@@ -167,17 +167,21 @@ class CacheController:
                 res.evict(key)
                 self.counters.add(prefetch_cancelled=1, prefetch_wasted=1)
 
-    def _claim(self, key: Key, wait: bool) -> int | None:
+    def _claim(self, key: Key, wait: bool, promotion: bool = False) -> int | None:
         """A slot for `key`, evicting the policy's victim if none is free. With wait (a miss),
-        blocks on in-flight prefetches when every slot is busy; without (a prefetch), gives up
-        (returns None) then, or when the policy will not evict for a prefetch."""
+        blocks on in-flight prefetches when every slot is busy; without (a prefetch or, with
+        promotion, a promotion), gives up (returns None) then, or when the policy will not evict
+        for it."""
         res = self.residency
         slot = res.free_slot()
         while slot is None:
             if res.evictable_count:
                 # the residency keeps the candidates as arrays over the slots: no per-slot Python here
-                choose = self.policy.victim_slot if wait else self.policy.prefetch_victim_slot
-                chosen = choose(res.layer_of, res.expert_of, res.evictable_mask)
+                if promotion:
+                    chosen = self.policy.promotion_victim_slot(key, res.layer_of, res.expert_of, res.evictable_mask)
+                else:
+                    choose = self.policy.victim_slot if wait else self.policy.prefetch_victim_slot
+                    chosen = choose(res.layer_of, res.expert_of, res.evictable_mask)
                 if chosen == -1 and not wait:
                     return None
                 if not (0 <= chosen < res.num_slots and res.evictable_mask[chosen]):
@@ -214,10 +218,11 @@ class CacheController:
 
     def _promote(self, key: Key) -> None:
         """A host-computed expert loaded into a slot for later steps, at prefetch priority, if the
-        policy gives it one (its prefetch victim: none it values less, and no slot is taken)."""
+        policy gives it one (CachePolicy.promotion_victim_slot: none when it values every candidate
+        victim more, or no slot is free to take)."""
         if self.residency.slot(key) is not None:  # already on its way (a prefetch or promotion)
             return
-        slot = self._claim(key, wait=False)
+        slot = self._claim(key, wait=False, promotion=True)
         if slot is None:
             return
         self._promoted.add(key)

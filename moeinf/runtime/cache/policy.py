@@ -74,6 +74,14 @@ class CachePolicy(ABC):
         expects back for one. By default the prefetch evicts what a miss would."""
         return self.victim_slot(layer_of, expert_of, evictable)
 
+    def promotion_victim_slot(
+        self, key: Key, layer_of: np.ndarray, expert_of: np.ndarray, evictable: np.ndarray
+    ) -> int:
+        """Which slot promoting `key` (a host-computed expert, see promotion()) may evict (same
+        arguments as victim_slot), or -1: none, and it stays on the host. By default what a
+        prefetch would evict."""
+        return self.prefetch_victim_slot(layer_of, expert_of, evictable)
+
     def prefetch(self, layer: int) -> list[Key]:
         """After `layer` is routed: keys to load ahead, most urgent first."""
         return []

@@ -257,6 +257,26 @@ def test_a_prefetch_never_evicts_what_the_last_step_used():
         assert policy.prefetch_victim_slot(layer_of, expert_of, only_layer_1) == (-1 if guard else 1)
 
 
+def test_a_promotion_takes_only_a_victim_predicted_less_likely():
+    """A host-computed expert is promoted over the prefetch's victim only when the prediction
+    values it more: a swap of equals, or for a likelier expert, spends the link for nothing."""
+    layer_of, expert_of = np.array([1, 1]), np.array([0, 1])  # slots hold (1, 0) and (1, 1)
+    evictable = np.array([True, True])
+    policy = ActivationAwarePolicy(2, 2, guard=False)
+    policy.begin_batch()
+    for _ in range(3):
+        policy.observe(0, [1, 1])  # layer 0: both experts as likely
+        policy.observe(1, [2, 0])  # layer 1: expert 0 always, expert 1 never
+    victim_slot = policy.prefetch_victim_slot(layer_of, expert_of, evictable)
+    assert victim_slot == 1  # the unused (1, 1)
+    assert policy.pred[0, 0] > policy.pred[1, 1]
+    assert policy.promotion_victim_slot((0, 0), layer_of, expert_of, evictable) == victim_slot
+    assert policy.promotion_victim_slot((1, 1), layer_of, expert_of, evictable) == -1  # itself: no gain
+    only_busy = np.array([True, False])  # only (1, 0), predicted above any layer-0 expert, may go
+    assert policy.pred[1, 0] > policy.pred[0, 0]
+    assert policy.promotion_victim_slot((0, 0), layer_of, expert_of, only_busy) == -1
+
+
 def test_finished_sequences_teach_the_next_batch():
     policy = ActivationAwarePolicy(3, 4, prefetch=1, prior_weight=1e6)
     finished = eam([[4, 0, 0, 0], [0, 0, 0, 4], [0, 4, 0, 0]])

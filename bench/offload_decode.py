@@ -56,7 +56,7 @@ from bench.common import (
 )
 from bench.offload_store import StoreSession, add_store_arguments, drop_cached_pages, store_session
 from moeinf import LLM, SamplingParams
-from moeinf.runtime.engine import PHASE_COUNTERS
+from moeinf.runtime.scheduler import PHASE_COUNTERS
 
 COUNTERS = PHASE_COUNTERS  # expert traffic the engine counts per phase
 PHASES = ("prefill", "decode")

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+import threading
 from pathlib import Path
 from typing import Callable, Sequence, Union
 
@@ -12,12 +11,12 @@ import torch
 from moeinf.errors import OffloadConfigError, RequestError, TokenizerError
 from moeinf.loaders.checkpoint import Checkpoint
 from moeinf.loaders.tokenizer import TextCodec
-from moeinf.runtime.cache.eam import DECODE, PREFILL, SequenceEAM
 from moeinf.runtime.cache.policy import CachePolicy
 from moeinf.runtime.cache.registry import DEFAULT_POLICY
+from moeinf.runtime.engine_loop import EngineLoop, Event, RequestHandle
 from moeinf.runtime.executor import Executor, Span
-from moeinf.runtime.routing_record import RoutingRecord
-from moeinf.runtime.sampling import SamplingParams, sample_next
+from moeinf.runtime.sampling import SamplingParams
+from moeinf.runtime.scheduler import RequestOutput, RunningSequence, Scheduler
 from moeinf.runtime.setup import (
     Budget,
     OffloadConfig,
@@ -31,35 +30,6 @@ from moeinf.runtime.traces import TraceBuilder
 Prompt = Union[str, Sequence[int]]
 # on_token(prompt index, token id, finish reason or None): generate's per-token hook
 TokenCallback = Callable[[int, int, Union[str, None]], None]
-# expert traffic also counted per phase in stats(), e.g. decode_stall_s
-PHASE_COUNTERS = (
-    "hits",
-    "misses",
-    "host_computed",
-    "prefetch_hits",
-    "prefetch_late",
-    "stall_s",
-    "bytes_to_device",
-    "bytes_from_disk",
-)
-
-
-@dataclass
-class RequestOutput:
-    prompt_token_ids: list[int]
-    token_ids: list[int]  # generated tokens only
-    text: str | None  # None when the checkpoint has no tokenizer
-    finish_reason: str  # "eos" or "length"
-
-
-@dataclass
-class _Running:
-    key: int  # names the sequence in a recorded trace
-    place: int  # the prompt's index in its generate call
-    prompt: list[int]
-    span: Span
-    generated: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
 
 
 class LLM:
@@ -104,10 +74,10 @@ class LLM:
             self.checkpoint, self.offload, self.device, self.dtype, progress, max_batch_tokens
         )
         self.executor = Executor(self.checkpoint, self.experts, self.device, self.dtype, self.kernels, progress)
-        self._sequences_started = 0
-        self._stats = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
-        self._stats.update({f"{phase}_{key}": 0 for phase in ("prefill", "decode") for key in PHASE_COUNTERS})
-        self._traffic_mark = self.experts.stats.snapshot()
+        # the running batch, stepped under the lock by whichever thread steps (generate, or submit's loop)
+        self.scheduler = Scheduler(self.spec, self.executor, self.experts, max_batch_tokens)
+        self._lock = threading.Lock()
+        self._engine_loop: EngineLoop | None = None  # submit()'s, started on first use
 
     def encode(self, text: str) -> list[int]:
         if self.codec is None:
@@ -142,159 +112,77 @@ class LLM:
         every token's routing (experts, weights, next-layer lookahead) goes into it, one trace
         sequence per prompt. on_token(i, token, finish_reason) is called for every token as it is
         generated, i the index of its prompt in `prompts` and finish_reason None but for a
-        sequence's last token (streaming); it runs on the generating thread, between steps."""
+        sequence's last token (streaming); it runs on the stepping thread, between steps. The
+        prompts join the scheduler's running batch (runtime/scheduler.py), beside any that
+        submit() started, and this thread steps it until they are done."""
         params = params or SamplingParams()
         if isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int)):
             prompts = [prompts]
-        if not prompts:
+        ids = [self.prompt_ids(prompt, params.max_new_tokens) for prompt in prompts]  # all checked first
+        if not ids:
             return []
-        generator = torch.Generator()
-        if params.seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(params.seed)
-        running = []
-        for place, prompt in enumerate(prompts):
-            ids = self.prompt_ids(prompt, params.max_new_tokens)
-            capacity = len(ids) + params.max_new_tokens
-            # the routing counts only an offloading policy learns from; counting them costs a
-            # device-to-host copy at every MoE layer
-            eam = SequenceEAM(self.spec.num_moe_layers, self.spec.num_experts) if self.experts.tracks_routing else None
-            self._sequences_started += 1
-            running.append(
-                _Running(
-                    self._sequences_started - 1,
-                    place,
-                    ids,
-                    Span(self.executor.new_cache(capacity), len(ids), eam, PREFILL),
-                )
-            )
-        self.experts.begin_batch()
 
-        start = time.perf_counter()
-        for step in self._prefill_steps(running):
-            tokens = torch.tensor([t for r, begin in step for t in r.prompt[begin : begin + r.span.count]])
-            ends = [
-                (r, int(row))
-                for (r, begin), row in zip(step, self._last_rows(step))
-                if begin + r.span.count == len(r.prompt)
+        def report(place: int):
+            if on_token is None:
+                return None
+            return lambda _sequence, token, reason: on_token(place, token, reason)
+
+        with self._lock:
+            sequences = [
+                self.scheduler.start(prompt, params, on_token=report(place), trace=trace)
+                for place, prompt in enumerate(ids)
             ]
-            rows = torch.tensor([row for _, row in ends], dtype=torch.int64, device=self.device)
-            self._start_records(trace, [r for r, _ in step])
-            logits = self.executor.forward(tokens.to(self.device), [r.span for r, _ in step], rows).cpu()
-            self._keep_records(trace, [r for r, _ in step])
-            if ends:  # a step that only feeds the middle of prompts samples nothing
-                self._accept([r for r, _ in ends], sample_next(logits, params, generator), params, on_token)
-        self._stats["prefill_tokens"] += sum(len(r.prompt) for r in running)
-        self._stats["prefill_s"] += time.perf_counter() - start
-        self._count_phase_traffic("prefill")
+        while any(s.span is not None for s in sequences):
+            with self._lock:
+                self.scheduler.step()
+        failed = next((s.error for s in sequences if s.error is not None), None)
+        if failed is not None:  # a step another thread ran failed with these sequences in it
+            raise failed
+        return [self.output(s) for s in sequences]
 
-        start = time.perf_counter()
-        decoded = 0
-        active = [r for r in running if r.finish_reason is None]
-        while active:
-            for group in self._groups(active):
-                for r in group:
-                    r.span.count, r.span.phase = 1, DECODE
-                tokens = torch.tensor([r.generated[-1] for r in group], device=self.device)
-                self._start_records(trace, group)
-                logits = self.executor.forward(tokens, [r.span for r in group]).cpu()
-                self._keep_records(trace, group)
-                self._accept(group, sample_next(logits, params, generator), params, on_token)
-                decoded += len(group)
-            active = [r for r in active if r.finish_reason is None]
-        self._stats["decode_tokens"] += decoded
-        self._stats["decode_s"] += time.perf_counter() - start
-        self._count_phase_traffic("decode")
-        if trace is not None:
-            for r in running:
-                trace.finish(r.key)
+    def submit(
+        self, prompt: Prompt, params: SamplingParams | None = None, listener: Callable[[Event], None] | None = None
+    ) -> RequestHandle:
+        """Starts one prompt on the LLM's engine loop (runtime/engine_loop.py: a thread that steps
+        the running batch, started on first use) and returns at once: iterate the handle for its
+        tokens as they come, .result() for its RequestOutput, .cancel() to drop it. Requests
+        submitted from any thread batch together, continuously: each joins and leaves between
+        decode steps."""
+        with self._lock:
+            if self._engine_loop is None:
+                self._engine_loop = EngineLoop(self)
+        return self._engine_loop.submit(prompt, params, listener)
 
-        return [
-            RequestOutput(
-                prompt_token_ids=r.prompt,
-                token_ids=r.generated,
-                text=self.codec.decode(r.generated) if self.codec else None,
-                finish_reason=r.finish_reason,
-            )
-            for r in running
-        ]
+    @property
+    def engine_loop(self) -> EngineLoop | None:
+        """submit()'s loop, once started (None before)."""
+        return self._engine_loop
 
-    def _prefill_steps(self, running: list[_Running]):
-        """Yields prefill steps, each [(sequence, first prompt position)] with span.count set to
-        how many prompt tokens it feeds, at most max_batch_tokens in all."""
-        limit = self.max_batch_tokens or sum(len(r.prompt) for r in running)
-        done = {id(r): 0 for r in running}
-        while True:
-            step, room = [], limit
-            for r in running:
-                left = len(r.prompt) - done[id(r)]
-                if left and room:
-                    r.span.count = min(left, room)
-                    step.append((r, done[id(r)]))
-                    room -= r.span.count
-            if not step:
-                return
-            yield step
-            for r, begin in step:
-                done[id(r)] = begin + r.span.count
+    def start_engine_loop(self, max_running: int | None = None) -> EngineLoop:
+        """Starts submit()'s loop with its own cap on running sequences (default: fitting_batch)."""
+        with self._lock:
+            if self._engine_loop is not None:
+                raise RequestError("expected no engine loop yet, found one already running")
+            self._engine_loop = EngineLoop(self, max_running)
+        return self._engine_loop
 
-    @staticmethod
-    def _last_rows(step) -> list[int]:
-        """Row of each span's last token on the step's flat token axis."""
-        return torch.tensor([r.span.count for r, _ in step]).cumsum(0).sub(1).tolist()
-
-    def _count_phase_traffic(self, phase: str) -> None:
-        """Adds the expert traffic since the last call to `phase`'s counters (prefill_misses, ...)."""
-        now = self.experts.stats.snapshot()
-        for key in PHASE_COUNTERS:
-            self._stats[f"{phase}_{key}"] += now[key] - self._traffic_mark[key]
-        self._traffic_mark = now
-
-    def _start_records(self, trace: TraceBuilder | None, step: list[_Running]) -> None:
-        for r in step:
-            r.span.record = (
-                None if trace is None else RoutingRecord(r.span.count, self.spec.num_moe_layers, self.spec.top_k)
-            )
-
-    @staticmethod
-    def _keep_records(trace: TraceBuilder | None, step: list[_Running]) -> None:
-        if trace is None:
-            return
-        for r in step:
-            record = r.span.record
-            trace.add_tokens(r.key, record.experts, record.weights, r.span.phase, record.lookahead)
-            r.span.record = None
-
-    def _groups(self, active: list[_Running]) -> list[list[_Running]]:
-        """Decode batches of at most max_batch_tokens sequences."""
-        size = self.max_batch_tokens or len(active)
-        return [active[i : i + size] for i in range(0, len(active), size)]
-
-    def _accept(
-        self,
-        running: list[_Running],
-        next_tokens: list[int],
-        params: SamplingParams,
-        on_token: TokenCallback | None,
-    ) -> None:
-        for r, token in zip(running, next_tokens):
-            r.generated.append(token)
-            if token in self.spec.eos_token_ids and not params.ignore_eos:
-                r.finish_reason = "eos"
-            elif len(r.generated) >= params.max_new_tokens:
-                r.finish_reason = "length"
-            if on_token is not None:
-                on_token(r.place, token, r.finish_reason)
-            if r.finish_reason is not None and r.span.eam is not None:
-                self.experts.sequence_finished(r.span.eam.total())
+    def output(self, sequence: RunningSequence) -> RequestOutput:
+        """What a sequence generated, decoded."""
+        return RequestOutput(
+            prompt_token_ids=sequence.prompt,
+            token_ids=sequence.generated,
+            text=self.codec.decode(sequence.generated) if self.codec else None,
+            finish_reason=sequence.finish_reason,
+        )
 
     def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
         """Full-sequence forward from an empty cache: [T, vocab] float32 on the CPU."""
         ids = self.prompt_ids(token_ids)
-        self.experts.begin_batch()  # a batch of its own: no routing state carried in from the last
-        span = Span(self.executor.new_cache(len(ids)), len(ids))
-        return self.executor.forward(torch.tensor(ids, device=self.device), [span]).cpu()
+        with self._lock:
+            if not self.scheduler.running:  # a batch of its own: no routing state carried in from the last
+                self.experts.begin_batch()
+            span = Span(self.executor.new_cache(len(ids)), len(ids))
+            return self.executor.forward(torch.tensor(ids, device=self.device), [span]).cpu()
 
     @property
     def policy(self) -> CachePolicy | None:
@@ -308,10 +196,17 @@ class LLM:
         expert traffic (hits, misses, prefetch_hits, prefetch_wasted, bytes_to_device,
         bytes_from_disk, stall_s, ...), the main ones also per phase (prefill_misses,
         decode_stall_s, ...). resident_experts is not a counter: the experts resident now."""
-        return {**self._stats, **self.experts.stats.snapshot(), "resident_experts": self.experts.resident_experts()}
+        return {
+            **self.scheduler.stats,
+            **self.experts.stats.snapshot(),
+            "resident_experts": self.experts.resident_experts(),
+        }
 
     def close(self) -> None:
-        """Stops the I/O workers and closes the expert store (offloaded runs)."""
+        """Lets submitted requests finish, then stops the I/O workers and closes the expert store
+        (offloaded runs)."""
+        if self._engine_loop is not None:
+            self._engine_loop.close()
         self.experts.close()
 
     def __enter__(self) -> LLM:

@@ -1,27 +1,27 @@
-"""Serving benchmark: C concurrent clients against `moeinf serve`'s server, with three batching
-settings, against the same server answering one prompt per generate call, in the same run.
+"""Serving benchmark: a bounded Poisson load of streamed completions from C loopback clients against
+`moeinf serve`'s server, continuous batching against the generate-call batching it replaced,
+both measured in the same run, at each expert budget.
 
-Run:  python -m bench.serve [--model DIR] [--clients 8] [--requests 3] [--prompt-tokens 32]
-                            [--new-tokens 32] [--budgets 0.25,0.5,1] [--out bench/results]
+Run:  python -m bench.serve [--model DIR] [--clients 8] [--requests 32] [--rate 4]
+                            [--budgets 1,0.5] [--seed 0] [--out bench/results]
 
-Each of C client threads sends R requests one after another (a request: P random token ids,
-N greedy tokens, ignore_eos), all clients at once, over HTTP to a CompletionServer on loopback.
-All configurations serve the same requests from the same LLM (the default model unless --model),
-at each expert budget of --budgets (a fraction of the expert bytes; 1: all resident):
+Requests arrive as a Poisson process of --rate a second (seeded); at most C are outstanding (a
+request arriving when all C clients wait on answers waits for one: the load is bounded). Each is
+a streamed greedy completion (ignore_eos) of a prompt of 8..96 random token ids and 4..64 new
+tokens, drawn from the seed. Both engines serve the same requests, in the same order and at the
+same arrival times, through the same FastAPI server on loopback:
 
-  batched    max_batch_prompts = C: waiting requests share a generate call
-  fitting    the server's default: as many as the expert slots serve (server.fitting_batch)
-  one-by-one max_batch_prompts = 1: every request is a generate call of its own
+  continuous     runtime/engine_loop.py: requests join and leave the running batch between decode
+                 steps (up to as many as the expert slots serve, fitting_batch)
+  call-granular  the engine before it: waiting requests with the same sampling settings share one
+                 LLM.generate call (the same cap), and a request arriving mid-call waits for the
+                 whole call; requests of different lengths have different settings, so rarely share
 
-  throughput = C * R * N / wall seconds of all requests (generated tokens per second)
-  latency    = median seconds from sending a request to its whole answer
-  over_one_by_one = a configuration's throughput / one-by-one's (> 1: its batching pays)
+  throughput  generated tokens / seconds from the first arrival to the last answer
+  TTFT        seconds from a request's arrival to its first token (p50, p99)
+  TPOT        seconds per token after the first, per request (p50, p99)
 
-Greedy answers must be the same in every configuration (checked). Results: <out>/serve-cpu.json.
-
-Batching trades expert traffic for compute: a step of B prompts routes to the union of their
-experts, so under a tight budget the step's working set can outgrow the slots and the batch loads
-more than the prompts one by one would (expert_misses in the results).
+Greedy answers must be the same under both engines (checked). Results: <out>/serve-cpu.json.
 """
 
 from __future__ import annotations
@@ -29,15 +29,17 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import queue
 import random
 import statistics
 import sys
 import threading
 import time
-import urllib.request
+from collections import deque
 from datetime import datetime, timezone
 from pathlib import Path
 
+import openai
 import torch
 from tqdm import tqdm
 
@@ -45,108 +47,212 @@ from bench.machine import cpu_model, load_average
 from moeinf import LLM, SamplingParams, ensure_default_model
 from moeinf.atomic_write import write_text_atomic
 from moeinf.loaders.checkpoint import Checkpoint
-from moeinf.serve.http_server import CompletionServer
+from moeinf.runtime.engine_loop import EngineClosing, EngineLoop, RequestHandle, fitting_batch
+from moeinf.serve.server import Server, bind_port
 
-# name -> max_batch_prompts: "clients" batches every waiting request, None the server's default
-CONFIGS = {"batched": "clients", "fitting": None, "one-by-one": 1}
-
-
-def post(url: str, body: dict) -> dict:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=600) as response:
-        return json.loads(response.read())
+PROMPT_TOKENS = (8, 96)
+NEW_TOKENS = (4, 64)
 
 
-def run_clients(server: CompletionServer, bodies: list[list[dict]], bar: tqdm) -> tuple[float, list[float], list]:
-    """bodies: [C][R] requests; client c sends its R in order. Returns (wall seconds, latencies,
-    answers [C][R] token id lists)."""
-    url = server.url + "/v1/completions"
-    latencies: list[float] = []
-    answers = [[None] * len(b) for b in bodies]
+class CallBatcher:
+    """The generate-call batching moeinf served with before continuous batching, kept as this
+    benchmark's baseline with the engine loop's interface (submit / cancel / close): a thread
+    takes the oldest waiting request and every waiting one with the same settings, up to
+    max_running, and runs them as one LLM.generate call. Cancelling has no effect on a running call."""
+
+    def __init__(self, llm: LLM, max_running: int):
+        self.llm, self.max_running = llm, max_running
+        self.batch_sizes: list[int] = []  # prompts per generate call
+        self._waiting: deque[RequestHandle] = deque()
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def submit(self, prompt, params: SamplingParams, listener=None) -> RequestHandle:
+        handle = RequestHandle(self.llm.prompt_ids(prompt, params.max_new_tokens), params, self, listener)
+        with self._cv:
+            if self._stopping:
+                raise EngineClosing("expected a running engine, found one shutting down")
+            self._waiting.append(handle)
+            self._cv.notify()
+        return handle
+
+    def cancel(self, handle: RequestHandle) -> None:
+        pass
+
+    def close(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        self._thread.join()
+
+    def _batch(self) -> list[RequestHandle]:
+        with self._cv:
+            while not self._waiting and not self._stopping:
+                self._cv.wait()
+            if not self._waiting:
+                return []
+            first = self._waiting.popleft()
+            batch = [first]
+            for handle in list(self._waiting):
+                if handle.params == first.params and len(batch) < self.max_running:
+                    self._waiting.remove(handle)
+                    batch.append(handle)
+            return batch
+
+    def _run(self) -> None:
+        while batch := self._batch():
+            self.batch_sizes.append(len(batch))
+
+            def on_token(place: int, token: int, reason: str | None) -> None:
+                batch[place]._emit((token, reason))
+
+            try:
+                outputs = self.llm.generate([h.prompt_token_ids for h in batch], batch[0].params, on_token=on_token)
+            except Exception as error:  # noqa: BLE001 - every request of the call fails with it
+                for handle in batch:
+                    handle.done.set_exception(error)
+                    handle._emit(None)
+                continue
+            for handle, output in zip(batch, outputs):
+                handle.done.set_result(output)
+                handle._emit(None)
+
+
+def workload(rng: random.Random, vocab: int, requests: int, rate: float) -> list[dict]:
+    """[requests] of {"at": arrival seconds, "prompt": ids, "max_tokens": n}."""
+    at, work = 0.0, []
+    for _ in range(requests):
+        at += rng.expovariate(rate)
+        prompt = [rng.randrange(3, vocab) for _ in range(rng.randint(*PROMPT_TOKENS))]
+        work.append({"at": at, "prompt": prompt, "max_tokens": rng.randint(*NEW_TOKENS)})
+    return work
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def drive(url: str, work: list[dict], clients: int, bar: tqdm) -> dict:
+    """Sends `work` at its arrival times, at most `clients` outstanding; returns the figures and
+    the greedy answers."""
+    slots = threading.Semaphore(clients)
+    answers, ttft, tpot = [None] * len(work), [], []
     lock = threading.Lock()
+    errors: queue.SimpleQueue = queue.SimpleQueue()
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
 
-    def client(c: int) -> None:
-        for r, body in enumerate(bodies[c]):
-            start = time.perf_counter()
-            reply = post(url, body)
+    def one(i: int, arrived: float) -> None:
+        try:
+            tokens, first = [], None
+            stream = client.completions.create(
+                model="bench",
+                prompt=work[i]["prompt"],
+                max_tokens=work[i]["max_tokens"],
+                temperature=0,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
+            for chunk in stream:
+                if first is None:
+                    first = time.perf_counter()
+                tokens += chunk.choices[0].model_extra["token_ids"]
+            end = time.perf_counter()
             with lock:
-                latencies.append(time.perf_counter() - start)
-                answers[c][r] = reply["choices"][0]["token_ids"]
+                answers[i] = tokens
+                ttft.append(first - arrived)
+                if len(tokens) > 1:
+                    tpot.append((end - first) / (len(tokens) - 1))
                 bar.update()
+        except Exception as error:  # noqa: BLE001 - reported by the main thread
+            errors.put(error)
+        finally:
+            slots.release()
 
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(len(bodies))]
-    start = time.perf_counter()
-    for thread in threads:
+    threads, start = [], time.perf_counter()
+    for i, request in enumerate(work):
+        delay = start + request["at"] - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        arrived = time.perf_counter()
+        slots.acquire()  # bounded: waits while every client is busy
+        thread = threading.Thread(target=one, args=(i, arrived))
         thread.start()
+        threads.append(thread)
     for thread in threads:
         thread.join()
-    return time.perf_counter() - start, latencies, answers
+    seconds = time.perf_counter() - start
+    if not errors.empty():
+        raise errors.get()
+    generated = sum(len(a) for a in answers)
+    return {
+        "figures": {
+            "tokens_per_s": generated / seconds,
+            "wall_s": seconds,
+            "ttft_p50_s": percentile(ttft, 0.5),
+            "ttft_p99_s": percentile(ttft, 0.99),
+            "tpot_p50_s": percentile(tpot, 0.5),
+            "tpot_p99_s": percentile(tpot, 0.99),
+        },
+        "answers": answers,
+    }
+
+
+def serve_with(llm: LLM, engine) -> tuple[Server, threading.Thread]:
+    server = Server(llm, bind_port("127.0.0.1", 0), ["bench"], log_requests=False, engine=engine)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    return server, thread
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="checkpoint folder (default: moeinf's default model)")
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--requests", type=int, default=3, help="requests per client, sent one after another")
-    parser.add_argument("--prompt-tokens", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--budgets", default="0.25,0.5,1", help="expert budgets, fractions (1: all resident)")
+    parser.add_argument("--clients", type=int, default=8, help="requests outstanding at most")
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--rate", type=float, default=4.0, help="mean arrivals a second (Poisson)")
+    parser.add_argument("--budgets", default="1,0.5", help="expert budgets, fractions (1: all resident)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
     model = args.model or ensure_default_model()
     budgets = [float(b) for b in args.budgets.split(",")]
-    rng = random.Random(args.seed)
     vocab = Checkpoint.open(model).spec.vocab_size  # the config alone: no weights loaded for it
-    bodies = [
-        [
-            {
-                "prompt": [rng.randrange(3, vocab) for _ in range(args.prompt_tokens)],
-                "max_tokens": args.new_tokens,
-                "temperature": 0,
-                "ignore_eos": True,
-            }
-            for _ in range(args.requests)
-        ]
-        for _ in range(args.clients)
-    ]
-    total = args.clients * args.requests
+    work = workload(random.Random(args.seed), vocab, args.requests, args.rate)
+    engines = ("continuous", "call-granular")
     results = {}
-    with tqdm(total=total * len(CONFIGS) * len(budgets), desc="requests", unit="req") as bar:
+    with tqdm(total=args.requests * len(engines) * len(budgets), desc="requests", unit="req") as bar:
         for budget in budgets:
             llm = LLM(model, progress=False, expert_budget=None if budget >= 1 else budget)
-            warm_up = SamplingParams(max_new_tokens=2)  # first-call costs stay out of the timings
-            llm.generate([bodies[0][0]["prompt"]], warm_up)
-            results[str(budget)], answers = {}, {}
-            for name, max_batch in CONFIGS.items():
-                cap = args.clients if max_batch == "clients" else max_batch
-                server = CompletionServer(llm, ("127.0.0.1", 0), "bench", cap, log_requests=False)
-                server.start()
-                thread = threading.Thread(target=server.serve_forever, daemon=True)
-                thread.start()
-                before = llm.stats()
+            llm.generate([work[0]["prompt"]], SamplingParams(max_new_tokens=2))  # first-call costs stay out
+            spec = llm.spec
+            cap = fitting_batch(spec.num_moe_layers, spec.num_experts, spec.top_k, llm.experts.num_slots)
+            cell, answers = {}, {}
+            for name in engines:
+                engine = EngineLoop(llm, cap) if name == "continuous" else CallBatcher(llm, cap)
+                server, thread = serve_with(llm, engine)
                 try:
-                    seconds, latencies, answers[name] = run_clients(server, bodies, bar)
+                    measured = drive(server.url, work, args.clients, bar)
                 finally:
-                    server.shutdown()
-                    server.server_close()
-                after = llm.stats()
-                results[str(budget)][name] = {
-                    "tokens_per_s": total * args.new_tokens / seconds,
-                    "wall_s": seconds,
-                    "median_latency_s": statistics.median(latencies),
-                    "generate_calls": len(server.batch_sizes),
-                    "mean_batch_prompts": statistics.mean(server.batch_sizes),
-                    "expert_misses": after["misses"] - before["misses"],
-                    "mb_to_device": (after["bytes_to_device"] - before["bytes_to_device"]) / 1e6,
-                }
+                    server.stop()
+                    thread.join()
+                answers[name] = measured["answers"]
+                sizes = engine.batch_sizes
+                cell[name] = {**measured["figures"], "max_running": cap, "mean_batch": statistics.mean(sizes)}
             llm.close()
-            if any(answers[name] != answers["one-by-one"] for name in CONFIGS):
-                print(f"error: greedy answers differ between the configurations at budget {budget}", file=sys.stderr)
+            if answers["continuous"] != answers["call-granular"]:
+                print(f"error: greedy answers differ between the engines at budget {budget}", file=sys.stderr)
                 return 1
-            cell = results[str(budget)]
-            for name in CONFIGS:
-                cell[name]["over_one_by_one"] = cell[name]["tokens_per_s"] / cell["one-by-one"]["tokens_per_s"]
+            base = cell["call-granular"]
+            cell["continuous"]["throughput_over_call_granular"] = (
+                cell["continuous"]["tokens_per_s"] / base["tokens_per_s"]
+            )
+            cell["continuous"]["ttft_p99_over_call_granular"] = cell["continuous"]["ttft_p99_s"] / base["ttft_p99_s"]
+            results[str(budget)] = cell
     report = {
         "benchmark": "serve",
         "timestamp_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -160,17 +266,21 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "model")},
         "results": results,
     }
-    header = ("budget", "config", "tok/s", "x one-by-one", "median latency s", "calls", "prompts/call", "misses")
-    print("{:>6s} {:12s} {:>8s} {:>13s} {:>17s} {:>6s} {:>13s} {:>7s}".format(*header))
+    header = ("budget", "engine", "tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "batch")
+    print("{:>6s} {:14s} {:>8s} {:>9s} {:>9s} {:>9s} {:>9s} {:>6s}".format(*header))
     for budget, cell in results.items():
-        for name in CONFIGS:
+        for name in engines:
             r = cell[name]
             print(
-                f"{budget:>6s} {name:12s} {r['tokens_per_s']:8.1f} {r['over_one_by_one']:13.2f} "
-                f"{r['median_latency_s']:17.2f} {r['generate_calls']:6d} {r['mean_batch_prompts']:13.2f} "
-                f"{r['expert_misses']:7.0f}"
+                f"{budget:>6s} {name:14s} {r['tokens_per_s']:8.1f} {r['ttft_p50_s']:9.3f} {r['ttft_p99_s']:9.3f} "
+                f"{r['tpot_p50_s']:9.4f} {r['tpot_p99_s']:9.4f} {r['mean_batch']:6.2f}"
             )
-    print("greedy answers equal in every configuration at every budget")
+        c = cell["continuous"]
+        print(
+            f"{budget:>6s} continuous / call-granular: throughput {c['throughput_over_call_granular']:.2f}x, "
+            f"TTFT p99 {c['ttft_p99_over_call_granular']:.2f}x"
+        )
+    print("greedy answers equal under both engines at every budget")
     path = Path(args.out) / "serve-cpu.json"
     write_text_atomic(path, json.dumps(report, indent=1) + "\n")
     print(f"wrote {path}")

@@ -4,11 +4,11 @@ lives only here."""
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import resource
 import signal
 import sys
-import threading
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ from moeinf.runtime.replay.cost import traced_model_cost
 from moeinf.runtime.sampling import SamplingParams
 from moeinf.runtime.setup import resolve_dtype
 from moeinf.runtime.traces import TraceBuilder, write_trace
-from moeinf.serve.http_server import CompletionServer
+from moeinf.serve.server import Server, bind_port
 
 DEFAULT_PROMPT = "The expert said"
 CUDA = torch.device("cuda")
@@ -55,6 +55,7 @@ def llm_from_args(args: argparse.Namespace) -> LLM:
         policy=args.policy,
         host_compute=args.host_compute,
         kernels=args.kernels,
+        max_batch_tokens=getattr(args, "max_batch_tokens", None),
     )
 
 
@@ -152,26 +153,29 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    llm = llm_from_args(args)
-    name = args.model_name or llm.checkpoint.path.name
-    server = CompletionServer(llm, (args.host, args.port), name, args.max_batch_prompts, log_requests=not args.quiet)
-    server.start()
+    sock = bind_port(args.host, args.port)  # before the model loads: a busy port fails at once
+    try:
+        llm = llm_from_args(args)
+    except BaseException:
+        sock.close()
+        raise
+    names = args.served_model_name or [llm.checkpoint.path.name]
+    server = Server(llm, sock, names, args.max_batch_prompts, log_requests=not args.quiet)
     print(
-        f"moeinf serve: {name} on {server.url} (batches of up to {server.max_batch_prompts} prompts; "
-        "POST /v1/completions; GET /v1/models, /health, /stats)",
+        f"moeinf serve: {names[0]} on {server.url} (up to {server.engine.max_running} requests a step; "
+        "POST /v1/completions, /v1/chat/completions; GET /v1/models, /health, /stats)",
         flush=True,
     )
-    # SIGTERM (kill, systemd, docker stop) stops it as Ctrl-C does: serve_forever returns once
-    # shutdown() is called from another thread (the handler runs on the thread serving)
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
+    # uvicorn stops on SIGINT / SIGTERM once the open requests are answered, then raises the signal
+    # again with the handlers it found: SIGTERM's is made a no-op, so that the exit is a clean 0
+    signal.signal(signal.SIGTERM, lambda *_: None)
     try:
-        server.serve_forever()
+        server.run()
     except KeyboardInterrupt:
         pass
     finally:
         print("moeinf serve: stopping", flush=True)
-        server.server_close()  # requests already queued are answered first
-        llm.close()
+        llm.close()  # the engine loop answers what it still holds first
     return 0
 
 
@@ -202,6 +206,7 @@ def add_llm_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeinf", description="Serve Mixture-of-Experts models.")
+    parser.add_argument("--version", action="version", version=f"moeinf {importlib.metadata.version('moeinf')}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="generate text from one prompt and print tokens/s")
     add_llm_arguments(run)
@@ -219,12 +224,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_llm_arguments(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     serve.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
-    serve.add_argument("--model-name", help="the model's name in requests and responses (default: its folder's)")
+    serve.add_argument(
+        "--served-model-name",
+        "--model-name",
+        nargs="+",
+        help="the names requests may call the model (the first is the one answers carry; default: its folder's)",
+    )
     serve.add_argument(
         "--max-batch-prompts",
         type=int,
         default=None,
-        help="prompts one generate call may batch (default: as many as the expert budget serves, at most 8)",
+        help="requests one decode step may carry (default: as many as the expert budget serves, at most 8)",
+    )
+    serve.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=256,
+        help="tokens one forward may carry: a long prompt is prefilled in chunks of it between decode steps",
     )
     serve.add_argument("--quiet", action="store_true", help="no line per request on stderr")
     serve.set_defaults(handler=cmd_serve)

@@ -18,10 +18,24 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
 
+from moeinf.atomic_write import write_text_atomic
 from moeinf.models.family import ROLE_SHAPES
 from moeinf.models.mixtral import MIXTRAL_TENSOR_NAMES, parse_mixtral_config
 
 DEFAULT_MODEL_NAME = "default-mixtral-v1"
+# a small chat template, so that chat completions work out of the box: each turn a "<|role|>" line
+# and its text, the assistant's turn opened last (the text is noise: the weights are random)
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+TOKENIZER_CONFIG = {
+    "tokenizer_class": "PreTrainedTokenizerFast",
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "unk_token": "<unk>",
+    "chat_template": CHAT_TEMPLATE,
+}
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2; the 256 byte tokens follow
 DEFAULT_CONFIG = {
     "architectures": ["MixtralForCausalLM"],
@@ -96,13 +110,14 @@ def write_checkpoint(folder: Path, config: dict, seed: int, progress: bool) -> N
     generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2))
     build_byte_tokenizer().save(str(folder / "tokenizer.json"))
-    tokenizer_config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<s>",
-        "eos_token": "</s>",
-        "unk_token": "<unk>",
-    }
-    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    write_text_atomic(folder / "tokenizer_config.json", json.dumps(TOKENIZER_CONFIG, indent=2))
+
+
+def _add_chat_template(folder: Path) -> None:
+    """Models built before the chat template shipped gain it (the weights are unchanged)."""
+    path = folder / "tokenizer_config.json"
+    if json.loads(path.read_text()).get("chat_template") != CHAT_TEMPLATE:
+        write_text_atomic(path, json.dumps(TOKENIZER_CONFIG, indent=2))
 
 
 def ensure_default_model(progress: bool = True) -> Path:
@@ -113,6 +128,7 @@ def ensure_default_model(progress: bool = True) -> Path:
     """
     target = cache_dir() / DEFAULT_MODEL_NAME
     if (target / "config.json").exists():
+        _add_chat_template(target)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}-", dir=target.parent))

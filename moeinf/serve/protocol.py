@@ -1,148 +1,231 @@
-"""OpenAI's completions protocol as moeinf serves it: request bodies -> prompts and SamplingParams,
-outputs -> response bodies, and streamed text a token at a time.
+"""OpenAI's completions and chat completions protocol as moeinf serves it: pydantic models of the
+request bodies, and the response bodies, whole and streamed.
 
-    request   {"prompt": "text" | [ids] | ["text", ...] | [[ids], ...],
-               "max_tokens": 16, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
-               "seed": null, "ignore_eos": false, "stream": false}
-    response  {"id", "object": "text_completion", "created", "model",
-               "choices": [{"index", "text", "token_ids", "finish_reason"}, ...],  one per prompt
-               "usage": {"prompt_tokens", "completion_tokens", "total_tokens"}}
-    streamed  one event per generated token: {"id", "object", "created", "model",
-               "choices": [{"index", "text": <new text>, "token_ids": [token], "finish_reason"}]}
+    completions  {"model", "prompt": "text" | [ids] | ["text", ...] | [[ids], ...], "max_tokens": 16,
+                  "temperature": 1, "top_p": 1, "seed": null, "stream": false, "stream_options",
+                  + vLLM's "top_k" (0 or -1: none) and "ignore_eos"}
+                 -> {"id", "object": "text_completion", "created", "model",
+                     "choices": [{"index", "text", "token_ids", "logprobs": null, "finish_reason"}],
+                     "usage": {"prompt_tokens", "completion_tokens", "total_tokens"}}
+    chat         {"model", "messages": [{"role", "content": str | [{"type": "text", "text"}]}],
+                  "max_tokens" | "max_completion_tokens" (default: as many as the positions
+                  allow), and the sampling fields above}
+                 -> {"id", "object": "chat.completion", ..., "choices": [{"index": 0,
+                     "message": {"role": "assistant", "content"}, "finish_reason"}], "usage"}
 
-Defaults follow OpenAI's completions API (max_tokens 16, temperature 1); "model", "n": 1 and
-"stop": null are accepted as OpenAI clients send them, anything else that moeinf does not do
-(n > 1, stop strings, logprobs, ...) is refused with a RequestError that names the field. "text" is
-null where the checkpoint has no tokenizer.json (prompts are then token ids). A streamed token
-whose text ends inside a multi-byte character sends "" and the text follows with the next token,
-so the streamed texts add up to the whole text.
+Defaults are OpenAI's. Fields OpenAI clients may send that moeinf does not do (n > 1, stop,
+logprobs, penalties, tools, ...) are accepted only with the value that asks for nothing, else
+refused naming the field. finish_reason is OpenAI's: "stop" (end of sequence), "length".
+Values are checked strictly: a bool is not an integer and a string is not a number.
 """
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from moeinf.errors import RequestError
-from moeinf.loaders.tokenizer import TextCodec
-from moeinf.runtime.engine import RequestOutput
 from moeinf.runtime.sampling import SamplingParams
+from moeinf.runtime.scheduler import RequestOutput
 
-# OpenAI's completions fields moeinf runs -> (SamplingParams field, default)
-SAMPLING_FIELDS = {
-    "max_tokens": ("max_new_tokens", 16),
-    "temperature": ("temperature", 1.0),
-    "top_p": ("top_p", 1.0),
-    "top_k": ("top_k", 0),
-    "seed": ("seed", None),
-    "ignore_eos": ("ignore_eos", False),
+Seed = Annotated[int, Field(ge=-(2**63), lt=2**63)]  # what torch.Generator.manual_seed takes
+FINISH_REASONS = {"eos": "stop", "length": "length", "cancelled": "abort"}
+RENAMED = {"max_new_tokens": "max_tokens"}  # moeinf's own names a client may send by mistake
+NESTED_FIELDS = {"role", "content", "type", "text", "name", "include_usage"}
+PROMPT_FIELDS = {
+    "prompt": "a string, a list of token ids, or a non-empty list of either",
+    "messages": 'a non-empty list of {"role": "system" | "user" | "assistant", "content": <text>}',
 }
-# fields OpenAI clients send by default, accepted only with the value that asks for nothing moeinf lacks
-INERT_FIELDS = {"n": 1, "stop": None, "echo": False, "logprobs": None, "suffix": None}
 
 
-def _expect_number(data: dict, field: str, kind: type, default):
-    value = data.get(field, default)
-    if value is None and default is None:
-        return None
-    # bool is an int to Python, never a number to a client
-    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
-        raise RequestError(f"{field}: expected {'a number' if kind is float else 'an integer'}, found {value!r}")
-    return kind(value)
+class FieldError(RequestError):
+    """A request field is missing or wrong; `param` names it as OpenAI's API does."""
+
+    def __init__(self, message: str, param: str | None):
+        super().__init__(message)
+        self.param = param
 
 
-def _expect_flag(data: dict, field: str, default: bool) -> bool:
-    value = data.get(field, default)
-    if not isinstance(value, bool):
-        raise RequestError(f"{field}: expected true or false, found {value!r}")
-    return value
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool = False
 
 
-def parse_prompts(prompt) -> list:
-    """ "prompt" of a completions request -> [text | [ids]]: one text, one id list, or a list of either."""
-    if isinstance(prompt, str):
-        return [prompt]
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return [prompt]
-    if (
-        isinstance(prompt, list)
-        and prompt
-        and all(isinstance(p, str) or (isinstance(p, list) and all(isinstance(t, int) for t in p)) for p in prompt)
-    ):
-        return list(prompt)
-    raise RequestError(
-        "prompt: expected a string, a list of token ids, or a non-empty list of either, "
-        f"found {json.dumps(prompt)[:80] if prompt is not None else 'none'}"
-    )
+class SamplingFields(BaseModel):
+    """The fields both endpoints share."""
 
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-def parse_completion(body: bytes) -> tuple[list, SamplingParams, bool]:
-    """The JSON body of POST /v1/completions -> (prompts, SamplingParams, stream); RequestError
-    names what is wrong."""
-    try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise RequestError(f"request body: expected a JSON object, found invalid JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise RequestError(f"request body: expected a JSON object, found {type(data).__name__}")
-    unknown = sorted(set(data) - set(SAMPLING_FIELDS) - set(INERT_FIELDS) - {"prompt", "model", "stream"})
-    if unknown:
-        known = ", ".join(["prompt", "model", "stream", *SAMPLING_FIELDS, *INERT_FIELDS])
-        raise RequestError(
-            f"request: expected fields among {known}; found {', '.join(unknown)}, which moeinf does not do"
+    model: str
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    top_k: Annotated[int, Field(ge=-1)] = 0
+    seed: Seed | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False
+    user: str | None = None
+    # accepted only as the value that asks for nothing moeinf lacks
+    n: Literal[1] = 1
+    stop: Union[None, Annotated[list[str], Field(max_length=0)]] = None
+    logprobs: Literal[None, False] = None
+    presence_penalty: Literal[0, 0.0] = 0
+    frequency_penalty: Literal[0, 0.0] = 0
+    logit_bias: Union[None, Annotated[dict[str, float], Field(max_length=0)]] = None
+
+    def sampling(self, max_new_tokens: int) -> SamplingParams:
+        return SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=self.temperature,
+            top_k=max(self.top_k, 0),
+            top_p=self.top_p,
+            seed=self.seed,
+            ignore_eos=self.ignore_eos,
         )
-    for field, inert in INERT_FIELDS.items():
-        if field in data and data[field] != inert:
-            raise RequestError(f"{field}: moeinf serves only {json.dumps(inert)}, found {json.dumps(data[field])}")
-    settings = {}
-    for field, (name, default) in SAMPLING_FIELDS.items():
-        if isinstance(default, bool):
-            settings[name] = _expect_flag(data, field, default)
-        else:
-            kind = float if isinstance(default, float) else int
-            settings[name] = _expect_number(data, field, kind, default)
-    stream = _expect_flag(data, "stream", False)
-    return parse_prompts(data.get("prompt")), SamplingParams(**settings), stream
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
 
 
-class StreamedText:
-    """One streamed sequence's text, handed out a piece per token: the pieces add up to the text of
-    all its tokens. A token that ends inside a multi-byte character decodes to U+FFFD; its piece
-    is "" and the character comes with the token that completes it (or with the last token)."""
-
-    def __init__(self, codec: TextCodec | None):
-        self.codec = codec  # None: the checkpoint has no tokenizer, and every piece is None
-        self.tokens: list[int] = []
-        self.sent = ""  # the text handed out so far
-
-    def add(self, token: int, last: bool) -> str | None:
-        self.tokens.append(token)
-        if self.codec is None:
-            return None
-        whole = self.codec.decode(self.tokens)
-        if not last and whole.endswith("\ufffd"):
-            return ""
-        piece, self.sent = whole[len(self.sent) :], whole
-        return piece
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 
-def completion_response(outputs: list[RequestOutput], model_name: str) -> dict:
-    """The response body of a completions request whose prompts gave `outputs` (one per prompt)."""
+class CompletionRequest(SamplingFields):
+    prompt: Union[str, TokenIds, Annotated[list[Union[str, TokenIds]], Field(min_length=1)]]
+    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    echo: Literal[False] = False
+    suffix: None = None
+    best_of: Literal[None, 1] = None
+
+    def prompts(self) -> list:
+        """[text | [ids]]: one per choice."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return list(self.prompt)
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[TextPart]]
+    name: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    tools: Union[None, Annotated[list, Field(max_length=0)]] = None
+    tool_choice: Literal[None, "none"] = None
+    response_format: Union[None, dict] = None
+
+    def conversation(self) -> list[dict]:
+        return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+def parse_request(model: type[BaseModel], body: bytes):
+    """The JSON body -> `model`; FieldError names the first field that is wrong."""
+    try:
+        request = model.model_validate_json(body or b"")
+    except ValidationError as error:
+        first = error.errors()[0]
+        if first["type"] == "json_invalid" or not first["loc"]:
+            raise FieldError(f"request body: expected a JSON object, found {first['msg']}", None) from None
+        # the OpenAI field, and where inside it (list indexes, nested fields; not pydantic's union members)
+        param = str(first["loc"][0])
+        where = ".".join(str(p) for p in first["loc"] if isinstance(p, int) or p in NESTED_FIELDS)
+        if first["type"] == "extra_forbidden":
+            hint = f" (OpenAI's name: {RENAMED[param]})" if param in RENAMED else ""
+            raise FieldError(f"{param}: not a field moeinf takes{hint}", param) from None
+        if param in PROMPT_FIELDS:
+            raise FieldError(f"{param}: expected {PROMPT_FIELDS[param]}, found {repr(first.get('input'))[:80]}", param)
+        shown = "nothing" if first["type"] == "missing" else repr(first.get("input"))[:80]
+        raise FieldError(f"{param}{'.' + where if where else ''}: {first['msg']}, found {shown}", param) from None
+    if isinstance(request, ChatCompletionRequest) and request.response_format not in (None, {"type": "text"}):
+        raise FieldError("response_format: moeinf serves only {'type': 'text'}", "response_format")
+    return request
+
+
+def usage(outputs: list[RequestOutput]) -> dict:
     prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
     completion_tokens = sum(len(o.token_ids) for o in outputs)
     return {
-        "id": f"cmpl-{uuid.uuid4().hex}",
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model_name,
-        "choices": [
-            {"index": i, "text": o.text, "token_ids": o.token_ids, "finish_reason": o.finish_reason}
-            for i, o in enumerate(outputs)
-        ],
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        },
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
     }
+
+
+def finish_reason(reason: str | None) -> str | None:
+    return None if reason is None else FINISH_REASONS.get(reason, reason)
+
+
+class ResponseHead:
+    """The fields every body and chunk of one response shares."""
+
+    def __init__(self, kind: Literal["text_completion", "chat.completion"], model_name: str):
+        prefix = "cmpl" if kind == "text_completion" else "chatcmpl"
+        self.kind, self.id, self.created, self.model = (
+            kind,
+            f"{prefix}-{uuid.uuid4().hex}",
+            int(time.time()),
+            model_name,
+        )
+
+    def body(self, choices: list[dict], object_name: str | None = None, **extra) -> dict:
+        return {
+            "id": self.id,
+            "object": object_name or self.kind,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            **extra,
+        }
+
+
+def completion_choice(index: int, text: str | None, token_ids: list[int], reason: str | None) -> dict:
+    return {
+        "index": index,
+        "text": text,
+        "token_ids": token_ids,
+        "logprobs": None,
+        "finish_reason": finish_reason(reason),
+    }
+
+
+def completion_response(head: ResponseHead, outputs: list[RequestOutput]) -> dict:
+    choices = [completion_choice(i, o.text, o.token_ids, o.finish_reason) for i, o in enumerate(outputs)]
+    return head.body(choices, usage=usage(outputs))
+
+
+def chat_response(head: ResponseHead, output: RequestOutput) -> dict:
+    message = {"role": "assistant", "content": output.text}
+    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason(output.finish_reason)}
+    return head.body([choice], usage=usage([output]))
+
+
+def chat_chunk(head: ResponseHead, delta: dict, reason: str | None = None) -> dict:
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason(reason)}
+    return head.body([choice], "chat.completion.chunk")
+
+
+def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
+    """OpenAI's error shape."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}

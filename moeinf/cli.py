@@ -17,6 +17,7 @@ from tqdm import tqdm
 from moeinf.errors import MoeinfError, RequestError
 from moeinf.kernels.ops import KERNEL_CHOICES
 from moeinf.loaders.default_model import ensure_default_model
+from moeinf.runtime.cache.counters import COUNTERS
 from moeinf.runtime.cache.placement import HOST_COMPUTE_CHOICES
 from moeinf.runtime.cache.registry import DEFAULT_POLICY, POLICIES
 from moeinf.runtime.engine import LLM
@@ -60,8 +61,7 @@ def llm_from_args(args: argparse.Namespace) -> LLM:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    llm = llm_from_args(args)
-    params = SamplingParams(
+    params = SamplingParams(  # checked before the model loads
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
@@ -69,10 +69,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     prompt = parse_token_ids(args.prompt_ids) if args.prompt_ids else args.prompt
-    (out,) = llm.generate([prompt], params)
-    stats = llm.stats()
+    llm = llm_from_args(args)
+    try:
+        (out,) = llm.generate([prompt], params)
+        stats = llm.stats()
+    finally:
+        llm.close()
     if out.text is None:  # a checkpoint without tokenizer.json: show ids
         print(f"prompt ids: {out.prompt_token_ids}\ngenerated ids: {out.token_ids}")
+    elif args.prompt_ids:  # the given ids, as text
+        print(llm.codec.decode(out.prompt_token_ids) + out.text)
     else:
         print(args.prompt + out.text)
     print("---")
@@ -83,16 +89,27 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"prefill: {stats['prefill_tokens']} tokens in {stats['prefill_s']:.3f} s ({prefill_rate:.1f} tokens/s)\n"
         f"decode: {stats['decode_tokens']} tokens in {stats['decode_s']:.3f} s ({decode_rate:.1f} tokens/s), "
         f"finished by {out.finish_reason}\n"
-        f"experts: {stats['resident_experts']} resident, {stats['hits']} hits, {stats['misses']} misses, "
-        f"{stats['prefetch_hits']} prefetch hits ({stats['prefetch_late']} late), "
-        f"{stats['host_computed']} computed on the host, {stats['promotions']} promotions "
-        f"({stats['promotion_hits']} hit), "
-        f"{stats['bytes_from_disk'] / 2**20:.1f} MiB from disk, {stats['bytes_to_device'] / 2**20:.1f} MiB to device, "
-        f"{stats['stall_s']:.3f} s stalled\n"
+        f"{traffic_summary(stats)}\n"
         f"peak memory: {peak_memory_mib(llm.device):.0f} MiB"
     )
-    llm.close()
     return 0
+
+
+def traffic_summary(stats: dict[str, float]) -> str:
+    """The experts resident now, then every expert-traffic counter (runtime/cache/counters.py)
+    that is not zero, in their order: counts by name, bytes in MiB, seconds to the millisecond."""
+    parts = [f"{stats['resident_experts']} resident"]
+    for name in COUNTERS:
+        value = stats.get(name, 0)
+        if not value:
+            continue
+        if name.startswith("bytes_"):  # bytes_from_disk -> "1.5 MiB from disk"
+            parts.append(f"{value / 2**20:.1f} MiB {name.removeprefix('bytes_').replace('_', ' ')}")
+        elif name.endswith("_s"):  # stall_s -> "0.012 s stall"
+            parts.append(f"{value:.3f} s {name.removesuffix('_s').replace('_', ' ')}")
+        else:
+            parts.append(f"{value} {name.replace('_', ' ')}")
+    return "experts: " + ", ".join(parts)
 
 
 def parse_budget_arg(text: str | None) -> int | float | str | None:

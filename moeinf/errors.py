@@ -43,12 +43,21 @@ class TensorDtypeError(CheckpointError, ValueError):
     """A tensor on disk has a dtype moeinf cannot compute with."""
 
 
+class CacheDirError(MoeinfError):
+    """The cache directory ($MOEINF_CACHE_DIR, else $XDG_CACHE_HOME/moeinf or ~/.cache/moeinf) is
+    not a folder moeinf can use: it is a file, lies under one, or cannot be created."""
+
+
 class TokenizerError(MoeinfError, ValueError):
     """Text was given but the checkpoint has no usable tokenizer.json."""
 
 
 class RequestError(MoeinfError, ValueError):
     """A prompt or sampling parameter is out of range for this model."""
+
+
+class LLMClosedError(MoeinfError):
+    """An LLM was used (generate, submit, logits) after its close()."""
 
 
 class StoreError(MoeinfError):

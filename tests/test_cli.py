@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 
-from moeinf.cli import main
+from moeinf.cli import DEFAULT_PROMPT, main
 from moeinf.loaders.checkpoint import Checkpoint
 from moeinf.loaders.default_model import DEFAULT_CONFIG, DEFAULT_MODEL_NAME, cache_dir, ensure_default_model
 
@@ -116,3 +116,73 @@ def test_trace_rejects_a_malformed_prompts_file(tiny_mixtral, tmp_path, capsys):
     args = ["trace", "--model", str(tiny_mixtral[0]), "--prompts", str(bad), "--out", str(tmp_path / "t.npz")]
     assert main(args) == 2
     assert 'bad.jsonl:2: expected a JSON object with a "prompt" string' in capsys.readouterr().err
+
+
+def test_run_on_an_unknown_device_is_a_named_error(tiny_mixtral, capsys):
+    assert main(["run", "--model", str(tiny_mixtral[0]), "--prompt-ids", "1,2", "--device", "tpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moeinf: error: RequestError: expected device 'cpu' or 'cuda'") and "'tpu'" in err
+
+
+def test_run_with_a_seed_beyond_the_generator_is_a_named_error(tiny_mixtral, capsys):
+    args = ["run", "--model", str(tiny_mixtral[0]), "--prompt-ids", "1,2", "--temperature", "1"]
+    assert main(args + ["--seed", "99999999999999999999999"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("moeinf: error: RequestError: SamplingParams: expected seed")
+        and "99999999999999999999999" in err
+    )
+
+
+def test_run_with_an_offload_dir_that_is_a_file_is_a_named_error(tiny_mixtral, capsys, tmp_path):
+    a_file = tmp_path / "store"
+    a_file.write_text("mine")
+    args = ["run", "--model", str(tiny_mixtral[0]), "--prompt-ids", "1,2", "--budget", "0.5"]
+    assert main(args + ["--offload-dir", str(a_file)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moeinf: error: OffloadConfigError: expert store folder (offload_dir): expected a folder")
+    assert a_file.read_text() == "mine"
+
+
+def test_run_with_a_cache_dir_that_is_a_file_is_a_named_error(capsys, tmp_path, monkeypatch):
+    a_file = tmp_path / "cache"
+    a_file.write_text("mine")
+    monkeypatch.setenv("MOEINF_CACHE_DIR", str(a_file))
+    assert main(["run", "--max-new-tokens", "1"]) == 2  # the default model lives in the cache dir
+    assert capsys.readouterr().err.startswith("moeinf: error: CacheDirError: MOEINF_CACHE_DIR")
+    assert a_file.read_text() == "mine"
+
+
+def test_run_prints_the_prompt_ids_it_was_given(tmp_path, capsys):
+    from moeinf.loaders.default_model import build_byte_tokenizer
+    from moeinf.loaders.tokenizer import TextCodec
+    from tests.checkpoints import save_tiny_mixtral
+
+    folder = tmp_path / "model"
+    save_tiny_mixtral(folder, seed=4, vocab_size=259, bos_token_id=1, eos_token_id=2)
+    build_byte_tokenizer().save(str(folder / "tokenizer.json"))
+    assert main(["run", "--model", str(folder), "--prompt-ids", "1,72,101", "--max-new-tokens", "3"]) == 0
+    text = capsys.readouterr().out.split("---")[0]
+    given = TextCodec(folder / "tokenizer.json").decode([1, 72, 101])
+    assert given and text.startswith(given) and DEFAULT_PROMPT not in text
+
+
+def test_run_summary_names_every_traffic_counter_that_is_not_zero():
+    from moeinf.cli import traffic_summary
+    from moeinf.runtime.cache.counters import COUNTERS
+
+    stats = {name: 0 for name in COUNTERS} | {"resident_experts": 4}
+    assert traffic_summary(stats) == "experts: 4 resident"
+    every = {name: 3 for name in COUNTERS} | {"resident_experts": 4, "bytes_from_disk": 3 * 2**20}
+    line = traffic_summary(every)
+    for name in COUNTERS:
+        label = name.removeprefix("bytes_").removesuffix("_s").replace("_", " ")
+        assert label in line, name
+    assert "3.0 MiB from disk" in line and "3 prefetch wasted" in line and "3 checksum failures" in line
+
+
+def test_run_with_an_expert_budget_reports_evictions(tiny_mixtral, capsys, tmp_path):
+    args = ["run", "--model", str(tiny_mixtral[0]), "--prompt-ids", "5,6,7,8", "--max-new-tokens", "6"]
+    assert main(args + ["--budget", "0.5", "--offload-dir", str(tmp_path), "--policy", "lfu"]) == 0
+    summary = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("experts:"))
+    assert " evictions" in summary and " misses" in summary

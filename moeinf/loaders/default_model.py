@@ -19,6 +19,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from tqdm import tqdm
 
 from moeinf.atomic_write import write_text_atomic
+from moeinf.errors import CacheDirError
 from moeinf.models.family import ROLE_SHAPES
 from moeinf.models.mixtral import MIXTRAL_TENSOR_NAMES, parse_mixtral_config
 
@@ -64,10 +65,23 @@ SEED = 20240123
 
 
 def cache_dir() -> Path:
-    """$MOEINF_CACHE_DIR, else $XDG_CACHE_HOME/moeinf, else ~/.cache/moeinf."""
+    """$MOEINF_CACHE_DIR, else $XDG_CACHE_HOME/moeinf, else ~/.cache/moeinf, created if missing
+    (its callers are about to use it). CacheDirError when it is a file, lies under one, or cannot
+    be created."""
     if os.environ.get("MOEINF_CACHE_DIR"):
-        return Path(os.environ["MOEINF_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moeinf"
+        folder, source = Path(os.environ["MOEINF_CACHE_DIR"]).expanduser(), "MOEINF_CACHE_DIR"
+    elif os.environ.get("XDG_CACHE_HOME"):
+        folder, source = Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "moeinf", "$XDG_CACHE_HOME/moeinf"
+    else:
+        folder, source = Path.home() / ".cache" / "moeinf", "~/.cache/moeinf"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # FileExistsError: a file of that name; NotADirectoryError: under a file
+        what = "a file" if folder.is_file() else e.strerror or str(e)
+        raise CacheDirError(
+            f"{source}: expected the cache directory to be a folder moeinf can create or use, found {folder} ({what})"
+        ) from None
+    return folder
 
 
 def build_byte_tokenizer() -> Tokenizer:

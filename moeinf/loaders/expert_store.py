@@ -21,16 +21,27 @@ file, so a changed checkpoint makes the old store untrusted and it is rebuilt. A
 temporary file and renames it into place only once complete and synced, so an interrupted build
 never leaves a file that a later open would trust. Every read checks the record's crc32, so a
 corrupted record is caught (StoreChecksumError) and the caller can fall back to
-`record_from_checkpoint`.
+`record_from_checkpoint`, then `repair_record` to write the rebuilt bytes back in place.
+
+Builds in one folder take turns under an flock on the folder itself (build_lock), so a build that
+was waiting finds the store its predecessor finished and reuses it, and the temporary files a
+build finds there, holding the lock, are all of builds that are gone (killed: kill -9 runs no
+cleanup) and are removed (remove_stale_temporaries).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import re
 import struct
+import sys
+import threading
 import zlib
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +51,7 @@ import torch
 from tqdm import tqdm
 
 from moeinf.atomic_write import atomic_write
-from moeinf.errors import StoreBufferError, StoreChecksumError, StoreError, StoreRecordError
+from moeinf.errors import OffloadConfigError, StoreBufferError, StoreChecksumError, StoreError, StoreRecordError
 from moeinf.loaders.checkpoint import Checkpoint
 
 ALIGN = 4096
@@ -48,6 +59,9 @@ STORE_VERSION = 2  # 2: records may end with expert biases
 MAGIC = b"MOEINFXS"
 PREFIX = struct.Struct("<8sIIQ")  # magic, version, reserved, JSON length
 MAX_CRC = 0xFFFFFFFF
+# the temporary file atomic_write gives a store file (".experts-float32.moeinf.k2j_x9ab.tmp":
+# mkstemp's 8 random characters): the only names remove_stale_temporaries ever deletes
+STALE_TEMPORARY = re.compile(r"\.experts-[a-z0-9_]+\.moeinf\.[a-z0-9_]{8}\.tmp")
 
 
 def round_up(n: int, multiple: int = ALIGN) -> int:
@@ -270,6 +284,9 @@ class ExpertStore:
         self.direct_error: str | None = None  # why O_DIRECT is off, when it was asked for
         self._fd = os.open(path, os.O_RDONLY)
         self._direct_fd = -1
+        self._write_fd = -1  # opened by the first repair_record
+        self._repair_lock = threading.Lock()
+        self.repair_error: str | None = None  # why the last repair_record could not repair, if it failed
         if direct:
             self._open_direct()
 
@@ -293,8 +310,15 @@ class ExpertStore:
         meta, reason = trusted_header(path, expected, num_records)
         if meta is not None:
             return cls(path, checkpoint, layout, meta, False, None, direct)
-        directory.mkdir(parents=True, exist_ok=True)
-        meta = build(checkpoint, path, layout, expected, progress)
+        make_store_folder(directory)
+        with build_lock(directory, progress) as locked:
+            # a build we waited for may have just finished the store
+            meta, _ = trusted_header(path, expected, num_records)
+            if meta is not None:
+                return cls(path, checkpoint, layout, meta, False, None, direct)
+            if locked:
+                remove_stale_temporaries(directory)
+            meta = build(checkpoint, path, layout, expected, progress)
         return cls(path, checkpoint, layout, meta, True, reason, direct)
 
     def _open_direct(self) -> None:
@@ -357,11 +381,65 @@ class ExpertStore:
         payload = byte_view(out, self.layout.payload_nbytes, "record_from_checkpoint")
         pack_record(self.checkpoint, self.layout, layer, expert, payload)
 
+    def repair_record(self, layer: int, expert: int, payload: Any) -> bool:
+        """Rewrites record (layer, expert) in place with `payload` (its payload_nbytes, rebuilt by
+        record_from_checkpoint after a failed checksum) and zero padding: written, fsynced, then
+        read back and checked against the header's crc32. Thread-safe. True once the record reads
+        back right; False, with repair_error saying why, when the bytes do not match the header's
+        crc32 (nothing is written), the file cannot be written (read-only, another file renamed
+        over it since it was opened) or it still reads back wrong. The reads of this run are right
+        either way: the caller computes with `payload`."""
+        index = self._record_index(layer, expert)
+        lay = self.layout
+        data = byte_view(payload, lay.payload_nbytes, "repair_record")[: lay.payload_nbytes]
+        where = f"{self.path}: record of layer {layer}, expert {expert}"
+        found = zlib.crc32(data)
+        if found != self.crc32[index]:
+            self.repair_error = (
+                f"{where}: expected bytes with the header's crc32 {self.crc32[index]:#010x} to write, "
+                f"found {found:#010x}; left as it was"
+            )
+            return False
+        record = aligned_buffer(lay.record_nbytes)
+        record[: lay.payload_nbytes] = data
+        record[lay.payload_nbytes :] = 0
+        offset = self.data_offset + index * lay.record_nbytes
+        with self._repair_lock:
+            try:
+                fd = self._writable_fd()
+                pwrite_full(fd, record, offset)
+                os.fsync(fd)
+            except (OSError, StoreError) as e:
+                self.repair_error = f"{where}: could not be rewritten ({e})"
+                return False
+        check = aligned_buffer(lay.record_nbytes)
+        try:
+            self.read_into(layer, expert, check)
+        except StoreChecksumError as e:
+            self.repair_error = f"rewritten, but still reads back wrong: {e}"
+            return False
+        self.repair_error = None
+        return True
+
+    def _writable_fd(self) -> int:
+        """A write fd on the very file this store opened (never one renamed over its path since)."""
+        if self._write_fd >= 0:
+            return self._write_fd
+        if self._fd < 0:
+            raise StoreError(f"expected an open expert store, found {self.path} closed")
+        fd = os.open(self.path, os.O_WRONLY)
+        mine, theirs = os.fstat(self._fd), os.fstat(fd)
+        if (mine.st_dev, mine.st_ino) != (theirs.st_dev, theirs.st_ino):
+            os.close(fd)
+            raise StoreError(f"expected the store file opened earlier at {self.path}, found it replaced by another")
+        self._write_fd = fd
+        return fd
+
     def close(self) -> None:
-        for fd in (self._fd, self._direct_fd):
+        for fd in (self._fd, self._direct_fd, self._write_fd):
             if fd >= 0:
                 os.close(fd)
-        self._fd = self._direct_fd = -1
+        self._fd = self._direct_fd = self._write_fd = -1
 
     def __enter__(self) -> ExpertStore:
         return self
@@ -393,6 +471,68 @@ def pack_record(checkpoint: Checkpoint, layout: RecordLayout, layer: int, expert
         offset += data.nbytes
 
 
+def make_store_folder(directory: Path) -> None:
+    """Creates the store's folder if missing; OffloadConfigError when it is a file or cannot be made."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # FileExistsError: a file of that name; NotADirectoryError: under a file
+        what = "a file" if directory.is_file() else e.strerror or str(e)
+        raise OffloadConfigError(
+            f"expert store folder (offload_dir): expected a folder that exists or can be created, "
+            f"found {directory} ({what})"
+        ) from None
+
+
+@contextmanager
+def build_lock(directory: Path, progress: bool) -> Iterator[bool]:
+    """Holds an exclusive flock on the folder itself while a store is built in it (no lock file to
+    leave behind), waiting for a build that holds it. The kernel drops the lock when its holder
+    ends however it ends (kill -9, a power cut), so under it every temporary store file in the
+    folder is known to be a dead build's. An flock, not a pid in the file name: a pid cannot tell
+    a builder in another pid namespace (a container sharing the folder) from a dead one, and a
+    reused pid keeps a dead build's file for ever. Yields whether the lock is held: a file system
+    that refuses flock (some network ones) builds without it, and then nothing is removed."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        fd = -1
+    locked = False
+    if fd >= 0:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except BlockingIOError:
+            if progress:
+                print(f"moeinf: waiting for another build of an expert store in {directory}", file=sys.stderr)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                locked = True
+            except OSError:
+                pass
+        except OSError:
+            pass
+    try:
+        yield locked
+    finally:
+        if fd >= 0:
+            os.close(fd)  # releases the lock
+
+
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Removes the temporary store files (STALE_TEMPORARY: plain files of that name only) that
+    killed builds left in `directory`; the caller holds build_lock, so no live build owns one.
+    Returns what it removed."""
+    removed = []
+    for entry in os.scandir(directory):
+        if STALE_TEMPORARY.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
+            removed.append(Path(entry.path))
+    return removed
+
+
 def build(
     checkpoint: Checkpoint, path: Path, layout: RecordLayout, meta: dict[str, Any], progress: bool
 ) -> dict[str, Any]:
@@ -402,7 +542,14 @@ def build(
     record = aligned_buffer(layout.record_nbytes)
     record[layout.payload_nbytes :] = 0  # padding stays zero for every record
     crcs = []
-    with atomic_write(path) as f:  # a crash mid-build leaves no store, and no temporary file
+    with ExitStack() as stack:
+        try:  # a failed build leaves no store and no temporary file (a killed one: see build_lock)
+            f = stack.enter_context(atomic_write(path))
+        except OSError as e:  # the folder exists but takes no new file (read-only, /proc, ...)
+            raise OffloadConfigError(
+                f"expert store folder (offload_dir): expected a folder moeinf can write the store in, "
+                f"found {path.parent} (creating a file there failed: {e.strerror or e})"
+            ) from None
         fd = f.fileno()  # written with pwrite only, so the file object buffers nothing
         bar = tqdm(total=L * E, desc=f"expert store ({dtype_name(layout.dtype)})", unit="expert", disable=not progress)
         with bar:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import operator
 import threading
 from pathlib import Path
 from typing import Callable, Sequence, Union
 
+import numpy as np
 import torch
 
-from moeinf.errors import OffloadConfigError, RequestError, TokenizerError
+from moeinf.errors import LLMClosedError, OffloadConfigError, RequestError, TokenizerError
 from moeinf.loaders.checkpoint import Checkpoint
 from moeinf.loaders.tokenizer import TextCodec
 from moeinf.runtime.cache.policy import CachePolicy
@@ -30,6 +32,30 @@ from moeinf.runtime.traces import TraceBuilder
 Prompt = Union[str, Sequence[int]]
 # on_token(prompt index, token id, finish reason or None): generate's per-token hook
 TokenCallback = Callable[[int, int, Union[str, None]], None]
+
+
+def token_ids(prompt: object) -> list[int]:
+    """A prompt given as token ids -> a list of Python ints; RequestError for anything else."""
+    try:
+        items = list(prompt)
+    except TypeError:
+        raise RequestError(
+            f"expected a prompt of text or of token ids (integers), found {type(prompt).__name__} {prompt!r:.80}"
+        ) from None
+    ids = []
+    for item in items:
+        # operator.index takes bools (True is 1), bool tensors too: refuse them first
+        is_bool = isinstance(item, (bool, np.bool_)) or (isinstance(item, torch.Tensor) and item.dtype == torch.bool)
+        try:
+            if is_bool:
+                raise TypeError
+            ids.append(operator.index(item))
+        except TypeError:
+            raise RequestError(
+                f"expected prompt token ids to be integers, found {type(item).__name__} {item!r:.80} "
+                f"at position {len(ids)}"
+            ) from None
+    return ids
 
 
 class LLM:
@@ -78,6 +104,8 @@ class LLM:
         self.scheduler = Scheduler(self.spec, self.executor, self.experts, max_batch_tokens)
         self._lock = threading.Lock()
         self._engine_loop: EngineLoop | None = None  # submit()'s, started on first use
+        self._loop_lock = threading.Lock()  # guards starting it
+        self._closed = False  # set by close()
 
     def encode(self, text: str) -> list[int]:
         if self.codec is None:
@@ -85,10 +113,14 @@ class LLM:
         return self.codec.encode(text)
 
     def prompt_ids(self, prompt: Prompt, max_new_tokens: int = 0) -> list[int]:
-        """A prompt (text, or token ids) as token ids, checked: not empty, ids in the vocabulary, and
-        room in the model's positions for max_new_tokens more. Raises RequestError (TokenizerError
-        for text without a tokenizer)."""
-        ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        """A prompt (text, or token ids) as token ids, checked: not empty, ids integers (Python's,
+        numpy's or 0-d integer tensors; not bools, not floats) in the vocabulary, and room in the
+        model's positions for max_new_tokens more. Raises RequestError (TokenizerError for text
+        without a tokenizer; LLMClosedError once close() ran: every use of the LLM checks its
+        prompts here first)."""
+        if self._closed:
+            raise LLMClosedError("expected an open LLM, found one closed by close()")
+        ids = self.encode(prompt) if isinstance(prompt, str) else token_ids(prompt)
         if not ids:
             raise RequestError("expected a prompt of at least one token, found an empty one")
         bad = [t for t in ids if not 0 <= t < self.spec.vocab_size]
@@ -148,7 +180,9 @@ class LLM:
         tokens as they come, .result() for its RequestOutput, .cancel() to drop it. Requests
         submitted from any thread batch together, continuously: each joins and leaves between
         decode steps."""
-        with self._lock:
+        if self._closed:
+            raise LLMClosedError("expected an open LLM, found one closed by close()")
+        with self._loop_lock:  # not the step lock: submit never waits for a step (or deadlocks in a listener)
             if self._engine_loop is None:
                 self._engine_loop = EngineLoop(self)
         return self._engine_loop.submit(prompt, params, listener)
@@ -160,7 +194,7 @@ class LLM:
 
     def start_engine_loop(self, max_running: int | None = None) -> EngineLoop:
         """Starts submit()'s loop with its own cap on running sequences (default: fitting_batch)."""
-        with self._lock:
+        with self._loop_lock:
             if self._engine_loop is not None:
                 raise RequestError("expected no engine loop yet, found one already running")
             self._engine_loop = EngineLoop(self, max_running)
@@ -204,10 +238,14 @@ class LLM:
 
     def close(self) -> None:
         """Lets submitted requests finish, then stops the I/O workers and closes the expert store
-        (offloaded runs)."""
-        if self._engine_loop is not None:
+        (offloaded runs). Afterwards generate, submit and logits raise LLMClosedError; stats()
+        still reads. Closing again does nothing more."""
+        if self._engine_loop is not None:  # outside the lock: its thread takes it to step
             self._engine_loop.close()
-        self.experts.close()
+        with self._lock:  # a step running on another thread finishes first
+            if not self._closed:
+                self._closed = True
+                self.experts.close()
 
     def __enter__(self) -> LLM:
         return self

@@ -22,7 +22,7 @@ from collections import deque
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Callable, Iterator, Union
 
-from moeinf.errors import RequestError
+from moeinf.errors import LLMClosedError, RequestError
 from moeinf.runtime.sampling import SamplingParams
 from moeinf.runtime.scheduler import CANCELLED, RequestOutput, RunningSequence
 
@@ -38,8 +38,8 @@ STEP_SPAN = 1.5
 Event = Union[tuple[int, Union[str, None]], None]
 
 
-class EngineClosing(RuntimeError):
-    """A request came in after its engine loop began to stop."""
+class EngineClosing(LLMClosedError):
+    """A request came in after its engine loop began to stop (its LLM closing, or its server)."""
 
 
 def fitting_batch(num_layers: int, num_experts: int, top_k: int, slots: int, cap: int = MAX_RUNNING) -> int:

@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from moeinf.errors import RequestError
+
+# the seeds torch.Generator.manual_seed takes: a signed or an unsigned 64-bit integer
+SEED_MIN, SEED_END = -(2**63), 2**64
+
+
+def is_integer(value: object) -> bool:
+    """An int (numpy's too), but not a bool: True is not a token count."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def is_finite_number(value: object) -> bool:
+    """An int or a float (numpy's too) that is neither a bool, nan nor infinite."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -19,15 +35,27 @@ class SamplingParams:
     ignore_eos: bool = False  # keep going past end-of-sequence tokens (benchmarks)
 
     def __post_init__(self) -> None:
+        seed = self.seed
         checks = (
-            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens >= 1"),
-            (self.temperature >= 0, "temperature >= 0"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k an integer >= 0"),
-            (0 < self.top_p <= 1, "0 < top_p <= 1"),
+            ("max_new_tokens", is_integer(self.max_new_tokens) and self.max_new_tokens >= 1, "an integer >= 1"),
+            ("temperature", is_finite_number(self.temperature) and self.temperature >= 0, "a finite number >= 0"),
+            ("top_k", is_integer(self.top_k) and self.top_k >= 0, "an integer >= 0"),
+            ("top_p", is_finite_number(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
+            (
+                "seed",
+                seed is None or (is_integer(seed) and SEED_MIN <= seed < SEED_END),
+                "None or an integer in [-2**63, 2**64)",
+            ),
+            ("ignore_eos", isinstance(self.ignore_eos, (bool, np.bool_)), "True or False"),
         )
-        for ok, expected in checks:
+        for name, ok, expected in checks:
             if not ok:
-                raise RequestError(f"SamplingParams: expected {expected}, found {self}")
+                raise RequestError(f"SamplingParams: expected {name} to be {expected}, found {getattr(self, name)!r}")
+        # numpy's scalars as Python's (torch's manual_seed refuses a numpy uint64)
+        for name, kind in (("max_new_tokens", int), ("temperature", float), ("top_k", int), ("top_p", float)):
+            object.__setattr__(self, name, kind(getattr(self, name)))
+        object.__setattr__(self, "seed", None if seed is None else int(seed))
+        object.__setattr__(self, "ignore_eos", bool(self.ignore_eos))
 
     @property
     def greedy(self) -> bool:

@@ -86,11 +86,22 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    device = torch.device(device)
+    """'cpu', 'cuda' or 'cuda:N' (or such a torch.device) that this machine has; RequestError else."""
+    expected = "expected device 'cpu' or 'cuda' (or 'cuda:N')"
+    if not isinstance(device, (str, torch.device)):
+        raise RequestError(f"{expected}, found {device!r}")
+    try:
+        device = torch.device(device)
+    except RuntimeError:  # torch's own message lists every device type it knows
+        raise RequestError(f"{expected}, found {device!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise RequestError(f"{expected}, found {str(device)!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RequestError("device 'cuda' was requested, but torch sees no CUDA device on this machine")
-    if device.type not in ("cpu", "cuda"):
-        raise RequestError(f"expected device 'cpu' or 'cuda', found {str(device)!r}")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise RequestError(
+            f"expected a CUDA device index below the {torch.cuda.device_count()} devices torch sees, found {str(device)!r}"
+        )
     return device
 
 

@@ -26,9 +26,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from moeinf.errors import MoeinfError
+from moeinf.errors import LLMClosedError, MoeinfError
 from moeinf.runtime.engine import LLM
-from moeinf.runtime.engine_loop import EngineClosing, EngineLoop, RequestHandle
+from moeinf.runtime.engine_loop import EngineLoop, RequestHandle
 from moeinf.runtime.sampling import SamplingParams
 from moeinf.serve.chat_template import ChatTemplate
 from moeinf.serve.protocol import (
@@ -103,10 +103,10 @@ def build_app(llm: LLM, engine: EngineLoop, names: list[str]) -> FastAPI:
         try:
             for i, prompt in enumerate(prompts):
                 handles.append(engine.submit(prompt, params, None if listener_for is None else listener_for(i)))
-        except (MoeinfError, EngineClosing) as error:
+        except MoeinfError as error:
             for handle in handles:
                 handle.cancel()
-            if isinstance(error, EngineClosing):
+            if isinstance(error, LLMClosedError):  # the server is stopping (EngineClosing)
                 raise APIError(503, str(error), "server_error") from None
             raise APIError(400, str(error), "invalid_request_error", param) from None
         return handles

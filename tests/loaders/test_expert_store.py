@@ -12,7 +12,11 @@ import json
 import os
 import random
 import shutil
+import signal
 import struct
+import subprocess
+import sys
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -287,6 +291,58 @@ def test_corrupt_record_is_named_and_rebuildable(ckpt_dir, store_dir):
                     assert torch.equal(w13, want13) and torch.equal(w2, want2)
 
 
+def corrupt(store: ExpertStore, layer: int, expert: int) -> None:
+    lay = store.layout
+    flip_bytes(store.path, store.data_offset + (layer * store.num_experts + expert) * lay.record_nbytes + 100)
+
+
+def test_a_rebuilt_record_is_repaired_in_place(ckpt_dir, store_dir):
+    with open_store(ckpt_dir, store_dir) as store:
+        want = all_records(store)
+        corrupt(store, 1, 2)
+    size = store.path.stat().st_size
+    with open_store(ckpt_dir, store_dir) as store:
+        buf = aligned_buffer(store.layout.record_nbytes)
+        with pytest.raises(StoreChecksumError):
+            store.read_into(1, 2, buf)
+        buf[:] = 0xAB  # what a failed read leaves behind; the repair writes zero padding of its own
+        store.record_from_checkpoint(1, 2, buf)
+        assert store.repair_record(1, 2, buf) and store.repair_error is None
+        store.read_into(1, 2, buf)  # reads back clean through the same handle
+    with open_store(ckpt_dir, store_dir) as store:
+        assert not store.built and all_records(store) == want  # the others untouched
+        with store.path.open("rb") as f:
+            f.seek(store.data_offset + (1 * store.num_experts + 2) * store.layout.record_nbytes)
+            record = f.read(store.layout.record_nbytes)
+        assert record[store.layout.payload_nbytes :] == bytes(store.layout.record_nbytes - store.layout.payload_nbytes)
+    assert store.path.stat().st_size == size
+
+
+def test_a_repair_with_bytes_that_fail_the_checksum_writes_nothing(ckpt_dir, store_dir):
+    with open_store(ckpt_dir, store_dir) as store:
+        corrupt(store, 0, 1)
+        before = store.path.read_bytes()
+        wrong = aligned_buffer(store.layout.record_nbytes)
+        wrong[:] = 7
+        assert not store.repair_record(0, 1, wrong)
+        assert "crc32" in store.repair_error and "layer 0, expert 1" in store.repair_error
+    assert store.path.read_bytes() == before
+
+
+def test_a_repair_leaves_a_store_file_replaced_since_it_was_opened_alone(ckpt_dir, store_dir):
+    with open_store(ckpt_dir, store_dir) as store:
+        corrupt(store, 0, 1)
+        replacement = store_dir / "replacement"
+        shutil.copyfile(store.path, replacement)
+        os.replace(replacement, store.path)  # another build renamed a new file into place
+        before = store.path.read_bytes()
+        buf = aligned_buffer(store.layout.record_nbytes)
+        store.record_from_checkpoint(0, 1, buf)
+        assert not store.repair_record(0, 1, buf)
+        assert "replaced" in store.repair_error
+    assert store.path.read_bytes() == before
+
+
 # --------------------------------------------------------------------------------------------- build hygiene
 
 
@@ -330,6 +386,79 @@ def test_failed_rebuild_keeps_distrusting_the_stale_file(ckpt_dir, store_dir, mo
     with open_store(ckpt_dir, store_dir) as store:
         assert store.built
         assert_matches_checkpoint(store, Checkpoint.open(ckpt_dir))
+
+
+# a builder in another process: builds the store, with a pause after each record so that it can be
+# caught mid-build (killed, or raced by a second build)
+SLOW_BUILDER = """
+import sys, time, torch
+from moeinf.loaders import expert_store
+from moeinf.loaders.checkpoint import Checkpoint
+pack, pause = expert_store.pack_record, float(sys.argv[3])
+def slow_pack(*args):
+    pack(*args)
+    time.sleep(pause)
+expert_store.pack_record = slow_pack
+expert_store.ExpertStore.open_or_build(Checkpoint.open(sys.argv[1]), sys.argv[2], torch.float32, progress=False)
+"""
+
+
+def start_builder(ckpt_dir: Path, store_dir: Path, pause: float) -> subprocess.Popen:
+    root = Path(__file__).resolve().parents[2]
+    args = [sys.executable, "-c", SLOW_BUILDER, str(ckpt_dir), str(store_dir), str(pause)]
+    return subprocess.Popen(args, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+
+
+def wait_for_temporary_file(store_dir: Path, builder: subprocess.Popen) -> Path:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        found = list(store_dir.glob(".experts-float32.moeinf.*.tmp")) if store_dir.exists() else []
+        if found:
+            return found[0]
+        assert builder.poll() is None, "the builder ended before it began writing"
+        time.sleep(0.05)
+    raise AssertionError("the builder wrote no temporary file in time")
+
+
+# files of the folder that look a little like a build's temporary file, but are not moeinf's
+NOT_OURS = (
+    "notes.txt",
+    ".experts-float32.moeinf.tmp",
+    "experts-float32.moeinf.abcd1234.tmp",
+    ".other.moeinf.abcd1234.tmp",
+    ".experts-float32.moeinf.abcd1234.tmp.keep",
+)
+
+
+def test_a_build_removes_the_temporary_files_of_killed_builds(ckpt_dir, store_dir):
+    builder = start_builder(ckpt_dir, store_dir, pause=60)
+    stale = wait_for_temporary_file(store_dir, builder)
+    builder.send_signal(signal.SIGKILL)  # kill -9 mid-build: no cleanup runs in the builder
+    builder.wait()
+    other_dtype = store_dir / ".experts-bfloat16.moeinf.zz_9yx8w.tmp"  # another store's, killed as well
+    other_dtype.write_bytes(b"partial")
+    for name in NOT_OURS:
+        (store_dir / name).write_text("user data")
+    (store_dir / ".experts-float32.moeinf.folder00.tmp").mkdir()  # not a file: never ours
+    assert stale.exists()
+    with open_store(ckpt_dir, store_dir) as store:
+        assert store.built
+        assert_matches_checkpoint(store, Checkpoint.open(ckpt_dir))
+    assert not stale.exists() and not other_dtype.exists()
+    left = sorted(p.name for p in store_dir.iterdir())
+    assert left == sorted([*NOT_OURS, ".experts-float32.moeinf.folder00.tmp", "experts-float32.moeinf"])
+    assert all((store_dir / name).read_text() == "user data" for name in NOT_OURS)
+
+
+def test_a_build_beside_a_running_build_waits_and_breaks_nothing(ckpt_dir, store_dir):
+    builder = start_builder(ckpt_dir, store_dir, pause=0.3)  # 8 records: about 2.4 s
+    live = wait_for_temporary_file(store_dir, builder)
+    with open_store(ckpt_dir, store_dir) as store:  # waits for the running build, then reuses its file
+        assert builder.wait(timeout=60) == 0  # its temporary file was not taken from under it
+        assert not store.built
+        assert_matches_checkpoint(store, Checkpoint.open(ckpt_dir))
+    assert not live.exists()
+    assert [p.name for p in store_dir.iterdir()] == ["experts-float32.moeinf"]
 
 
 # --------------------------------------------------------------------------------------------- read paths

@@ -5,8 +5,8 @@ import threading
 import pytest
 
 from moeinf import LLM, SamplingParams
-from moeinf.errors import RequestError
-from moeinf.runtime.engine_loop import EngineClosing, fitting_batch
+from moeinf.errors import LLMClosedError, RequestError
+from moeinf.runtime.engine_loop import fitting_batch
 from tests.checkpoints import save_tiny_mixtral
 
 WAIT = 60  # seconds any blocking wait may take before the test fails instead of hanging
@@ -268,8 +268,28 @@ def test_bad_requests_fail_on_the_callers_thread(folder, reference):
         assert out.token_ids == reference(PROMPTS[0], GREEDY)
     finally:
         llm.close()
-    with pytest.raises(EngineClosing):
+    with pytest.raises(LLMClosedError, match="closed by close"):
         llm.submit(PROMPTS[0], GREEDY)
+    assert llm.engine_loop._thread.is_alive() is False
+    never_started = open_llm(folder)
+    never_started.close()
+    with pytest.raises(LLMClosedError):
+        never_started.submit(PROMPTS[0], GREEDY)
+    assert never_started.engine_loop is None  # a closed LLM starts no loop
+
+
+def test_submit_from_a_listener_does_not_wait_for_the_step(folder, reference):
+    """A listener runs while its thread steps; LLM.submit from it queues and returns at once."""
+    chained = []
+
+    def chain(event):
+        if event is not None and not chained:
+            chained.append(llm.submit(PROMPTS[2], SamplingParams(max_new_tokens=2)))
+
+    with open_llm(folder) as llm:
+        first = llm.submit(PROMPTS[0], GREEDY, listener=chain)
+        assert first.result(timeout=WAIT).token_ids == reference(PROMPTS[0], GREEDY)
+        assert chained[0].result(timeout=WAIT).token_ids == reference(PROMPTS[2], SamplingParams(max_new_tokens=2))
 
 
 @pytest.mark.parametrize("max_running", [0, -1, 1.5, True])

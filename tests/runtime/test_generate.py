@@ -1,7 +1,9 @@
 """Generation behaviour beyond conformance: sampling, stopping, batching, text, bad requests."""
 
 import json
+import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -136,6 +138,59 @@ def test_prompt_longer_than_the_model_is_refused(llm):
 def test_bad_sampling_params_are_refused(kwargs):
     with pytest.raises(RequestError, match="SamplingParams: expected"):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("temperature", "hot"),
+        ("temperature", float("nan")),
+        ("temperature", True),
+        ("top_p", None),
+        ("top_p", "0.5"),
+        ("top_k", 2.0),
+        ("top_k", True),
+        ("max_new_tokens", True),
+        ("max_new_tokens", 4.0),
+        ("seed", "x"),
+        ("seed", 1.5),
+        ("seed", True),
+        ("seed", 10**30),
+        ("seed", -(2**63) - 1),
+        ("ignore_eos", "no"),
+    ],
+)
+def test_sampling_params_of_the_wrong_kind_name_the_field(field, value):
+    with pytest.raises(
+        RequestError, match=rf"SamplingParams: expected {field} to be .*, found {re.escape(repr(value))}"
+    ):
+        SamplingParams(**{field: value})
+
+
+@pytest.mark.parametrize("seed", [-(2**63), 0, 2**64 - 1])  # the ends of what torch.Generator takes
+def test_every_seed_the_generator_takes_is_accepted(llm, seed):
+    (out,) = llm.generate([PROMPTS[0]], SamplingParams(max_new_tokens=2, temperature=1.0, seed=seed))
+    assert len(out.token_ids) >= 1
+
+
+@pytest.mark.parametrize(
+    "prompt, found",
+    [([1.5], "1.5"), ([3, True], "True"), ([3, "7"], "'7'"), ([torch.tensor(2.0)], "tensor"), (1.5, "float")],
+)
+def test_token_ids_must_be_integers(llm, prompt, found):
+    with pytest.raises(RequestError, match=rf"expected .*token ids.*integers.*found .*{re.escape(found)}"):
+        llm.generate([prompt])
+    with pytest.raises(RequestError):
+        llm.logits(prompt)
+
+
+def test_integer_token_ids_of_numpy_and_torch_are_taken_as_ints(llm):
+    ids = [5, 9, 13]
+    want = llm.generate([ids], SamplingParams(max_new_tokens=3))[0].token_ids
+    (np_out,) = llm.generate([np.array(ids)], SamplingParams(max_new_tokens=3))
+    (torch_out,) = llm.generate([torch.tensor(ids)], SamplingParams(max_new_tokens=3))
+    assert np_out.token_ids == torch_out.token_ids == want
+    assert np_out.prompt_token_ids == ids and all(type(t) is int for t in np_out.prompt_token_ids)
 
 
 def test_bad_device_and_dtype_are_refused(tiny_mixtral):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -43,3 +46,57 @@ def test_host_budget_auto_sizes_the_tier_to_the_device_and_a_budget_beyond_memor
     assert host_tier_records(0.5, mib, 100, CPU) == 50
     with pytest.raises(OffloadConfigError, match=r"host_budget '100TiB': expected at most the .* GiB of host memory"):
         host_tier_records("100TiB", mib, 10**9, CPU)
+
+
+@pytest.mark.parametrize("device", ["tpu", "", "cuda:x", "cpu,cuda", "meta", 3, None])
+def test_an_unknown_device_is_named(device):
+    from moeinf.runtime.setup import resolve_device
+
+    with pytest.raises(RequestError, match=r"expected device 'cpu' or 'cuda'.*, found " + re.escape(repr(device))):
+        resolve_device(device)
+
+
+def test_a_cuda_index_beyond_the_devices_is_named():
+    from moeinf.runtime.setup import resolve_device
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    expected = f"cuda:{count}" if count else "no CUDA device"
+    with pytest.raises(RequestError, match=expected):
+        resolve_device(f"cuda:{count}")
+
+
+def unwritable_places(tmp_path: Path) -> list[tuple[Path, str]]:
+    """Folders no build can write, even as root: (path, what the error names)."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    return [
+        (a_file, "a file"),
+        (a_file / "below", "Not a directory"),
+        (Path("/sys/kernel/moeinf-store"), "Operation not permitted|Permission denied|Read-only"),
+        (Path("/proc/self"), "No such file|Permission denied|Operation not permitted"),  # a folder, but not writable
+    ]
+
+
+def test_an_offload_dir_that_cannot_hold_the_store_is_named(tiny_mixtral, tmp_path):
+    from moeinf import LLM
+    from moeinf.errors import OffloadConfigError
+
+    folder, _ = tiny_mixtral
+    for place, why in unwritable_places(tmp_path):
+        with pytest.raises(OffloadConfigError, match=rf"expected a folder .*found {re.escape(str(place))}.*({why})"):
+            LLM(folder, progress=False, expert_budget=0.5, offload_dir=place)
+    assert (tmp_path / "a-file").read_text() == "not a folder"  # nothing the user had is touched
+
+
+def test_a_cache_dir_that_is_a_file_is_named_where_the_store_needs_it(tiny_mixtral, tmp_path, monkeypatch):
+    from moeinf import LLM
+    from moeinf.errors import CacheDirError
+
+    folder, _ = tiny_mixtral
+    for place, why in unwritable_places(tmp_path)[:3]:
+        monkeypatch.setenv("MOEINF_CACHE_DIR", str(place))
+        with pytest.raises(
+            CacheDirError,
+            match=rf"MOEINF_CACHE_DIR: expected the cache directory to be a folder.*found {re.escape(str(place))}",
+        ):
+            LLM(folder, progress=False, expert_budget=0.5)

@@ -21,6 +21,7 @@ COUNTERS = (
     "promotion_hits",  # needed experts a promotion had loaded or was loading
     "host_hits",  # loads served from the host tier
     "checksum_failures",  # store records that failed their checksum and were re-read from the checkpoint
+    "records_repaired",  # of those, the ones rewritten in the store from the checkpoint's bytes, read back whole
     "bytes_to_device",
     "bytes_from_disk",
     "stall_s",  # time the compute thread waited for loads

@@ -38,7 +38,6 @@ from moeinf.runtime.experts.host_cache import HostCache
 from moeinf.runtime.experts.source import LayerExperts, LayerRouting
 from moeinf.runtime.experts.transfer import TransferQueue
 
-
 # The FLOP rate both sides of a CPU-only placement get: equal on both, it never tips the choice
 # (only the load does), so it is a round figure rather than a measurement.
 SAME_CPU_FLOPS_PER_S = 1e12
@@ -149,9 +148,12 @@ class ExpertPool:
             self.store.read_into(layer, expert, buffer)
             self.stats.add(bytes_from_disk=self.layout.record_nbytes)
         except StoreChecksumError:
-            # a damaged record is never computed with: rebuild its bytes from the checkpoint
+            # a damaged record is never computed with: rebuild its bytes from the checkpoint, and
+            # write them back so that later reads (this run's and the next's) find it whole
             self.stats.add(checksum_failures=1, bytes_from_disk=self.layout.payload_nbytes)
             self.store.record_from_checkpoint(layer, expert, buffer)
+            if self.store.repair_record(layer, expert, buffer):
+                self.stats.add(records_repaired=1)
 
     # ------------------------------------------------------------------ the controller's mechanism
 

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from moeinf import LLM, SamplingParams
-from moeinf.errors import OffloadConfigError
+from moeinf.errors import LLMClosedError, OffloadConfigError, StoreChecksumError
+from moeinf.loaders.checkpoint import Checkpoint
+from moeinf.loaders.expert_store import ExpertStore, aligned_buffer
 from moeinf.runtime.cache.controller import CacheController, PolicyError
 from moeinf.runtime.cache.counters import TrafficCounters
 from moeinf.runtime.cache.registry import LFUPolicy, LRUPolicy
@@ -123,6 +125,75 @@ def test_corrupted_record_is_caught_and_reread_from_the_checkpoint(folder, resid
         assert not llm.experts.store.built  # the header still matches: the damage is in a record
         assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == resident[0]
         assert llm.stats()["checksum_failures"] > 0
+
+
+def corrupt_record(path, store, layer, expert):
+    """Flips 64 bytes in the middle of record (layer, expert)'s payload."""
+    offset = store.data_offset + (layer * store.num_experts + expert) * store.layout.record_nbytes
+    with open(path, "r+b") as f:
+        f.seek(offset + store.layout.payload_nbytes // 2)
+        f.write(b"\xff" * 64)
+
+
+def corrupt_records(store):
+    """The (layer, expert) pairs whose record fails its checksum, read through a fresh handle."""
+    buffer = aligned_buffer(store.layout.record_nbytes)
+    bad = []
+    for layer in range(store.num_layers):
+        for expert in range(store.num_experts):
+            try:
+                store.read_into(layer, expert, buffer)
+            except StoreChecksumError:
+                bad.append((layer, expert))
+    return bad
+
+
+@pytest.mark.parametrize("host_budget", [0, 1.0])  # read into a slot, or into the host tier
+def test_a_corrupted_record_is_repaired_in_place_once_rebuilt(folder, resident, tmp_path, host_budget):
+    settings = dict(expert_budget=E, host_budget=host_budget, offload_dir=tmp_path)
+    with LLM(folder, progress=False, **settings) as llm:
+        path, store = llm.experts.store.path, llm.experts.store
+    for layer in range(L):
+        corrupt_record(path, store, layer, 3)  # expert 3 of every layer
+    with ExpertStore.open_or_build(Checkpoint.open(folder), tmp_path, torch.float32, progress=False) as check:
+        assert corrupt_records(check) == [(layer, 3) for layer in range(L)]
+    with LLM(folder, progress=False, **settings) as llm:
+        assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == resident[0]
+        first = llm.stats()
+    assert first["checksum_failures"] == first["records_repaired"] >= L  # each damaged record was read
+    with ExpertStore.open_or_build(Checkpoint.open(folder), tmp_path, torch.float32, progress=False) as check:
+        assert not check.built and corrupt_records(check) == []  # rewritten in place: the file verifies clean
+    with LLM(folder, progress=False, **settings) as llm:
+        assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == resident[0]
+        second = llm.stats()
+    assert second["checksum_failures"] == second["records_repaired"] == 0  # nothing read from the checkpoint
+
+
+@pytest.mark.parametrize("budget", [None, 0.5])
+def test_a_closed_llm_refuses_every_use_by_name(folder, tmp_path, budget):
+    llm = LLM(folder, progress=False, expert_budget=budget, offload_dir=tmp_path)
+    llm.generate([PROMPTS[0]], PARAMS)
+    llm.close()
+    llm.close()  # twice is fine
+    expected = r"expected an open LLM, found one closed by close\(\)"
+    with pytest.raises(LLMClosedError, match=expected):
+        llm.generate([PROMPTS[0]], PARAMS)
+    with pytest.raises(LLMClosedError, match=expected):
+        llm.logits(PROMPTS[0])
+    with pytest.raises(LLMClosedError, match=expected):
+        llm.submit(PROMPTS[0], PARAMS)
+    with pytest.raises(LLMClosedError, match=expected):
+        llm.submit(PROMPTS[0], PARAMS)  # the loop a submit after close started is closed too
+    llm.close()
+    assert llm.stats()["prefill_tokens"] == len(PROMPTS[0])  # what it did stays readable
+
+
+def test_closing_an_llm_with_a_running_engine_loop_then_using_it(folder, tmp_path):
+    with LLM(folder, progress=False, expert_budget=0.5, offload_dir=tmp_path) as llm:
+        handle = llm.submit(PROMPTS[0], PARAMS)
+    assert len(handle.result(timeout=30).token_ids) == PARAMS.max_new_tokens  # close() let it finish
+    with pytest.raises(LLMClosedError):
+        llm.submit(PROMPTS[0], PARAMS)
 
 
 def test_changed_checkpoint_rebuilds_the_store(tmp_path):

@@ -8,6 +8,7 @@
 # Steps (a failed or timed-out step is recorded and the next one runs):
 #   1 nvidia-smi and the Python environment (torch, triton, CUDA, the packages moeinf imports)
 #   2 tests/runtime/test_cuda.py: kernels vs references at model shapes, routing, norm, whole models CUDA vs CPU
+#     (resident, offloaded, and hybrid: misses computed on the host beside the GPU's share)
 #   3 python -m bench.kernels: fused_moe against the torch baselines, configs as shipped (heuristic)
 #   4 python -m bench.tune_moe: tunes block configs into moeinf/kernels/configs/ (this copy of the repo)
 #   5 python -m bench.kernels again: now with the tuned configs

@@ -211,7 +211,7 @@ def add_llm_arguments(parser: argparse.ArgumentParser) -> None:
         "--host-compute",
         default="auto",
         choices=HOST_COMPUTE_CHOICES,
-        help="compute a missing expert on the host from the host tier instead of fetching it (CPU so far)",
+        help="compute a missing expert on the host from the host tier instead of fetching it (needs --host-budget)",
     )
     parser.add_argument(
         "--kernels",

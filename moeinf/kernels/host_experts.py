@@ -25,6 +25,7 @@ so an offloaded run equals the resident one bit for bit.
 
 from __future__ import annotations
 
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
@@ -341,6 +342,9 @@ class SecondBuffers:
     w2: torch.Tensor
     b13: torch.Tensor | None = None
     b2: torch.Tensor | None = None
+    # where the host share runs beside the device's when the two are different memories
+    # (kernels/hybrid_experts.py; None: inline)
+    worker: Executor | None = None
 
 
 def applies(

@@ -23,6 +23,10 @@ Shared experts: a shared expert is an always-routed expert. Callers append it as
 (see with_shared_experts). A shared MLP wider than F (DeepSeek: n_shared * F, Qwen2-MoE: 4 * F)
 is split into F-wide experts, since a SwiGLU's ffn splits into a sum over column blocks.
 
+Hybrid execution: an expert whose slot is HOST_SLOT is computed on the host (its weights are in
+host memory, not in a slot); with host_share its pairs' rows of y are zeros here, so out holds the
+device's share and the caller adds the host's (kernels/hybrid_experts.py).
+
 Weights and biases are strided views: w13 [S, 2F, D], w2 [S, D, F], b13 [S, 2F] and b2 [S, D]
 may have a slot stride larger than their slot's size (the offload pool packs each slot as an
 aligned record), so every kernel takes all strides and computes slot offsets in int64.
@@ -41,6 +45,7 @@ from moeinf.kernels.expert_activation import SILU, ExpertActivation
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _ACTIVATION_CODES = {"silu": 0, "clamped_swiglu": 1}  # ExpertActivation.kind -> the ACTIVATION constexpr
+HOST_SLOT = -2  # the slot of an expert the host computes: runtime/cache/placement.py's HOST
 
 
 @triton.jit
@@ -174,6 +179,8 @@ def _down_weighted_kernel(
     HAS_BIAS: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HOST_SHARE: tl.constexpr,  # HOST_SLOT experts are the host's: their rows are zeros here
+    HOST_SLOT_ID: tl.constexpr,
 ):
     pid_m, pid_n = _block_ids(tl.program_id(0), num_blocks_m, tl.cdiv(hidden, BLOCK_N), GROUP_M)
     slot = tl.load(block_slots_ptr + pid_m).to(tl.int64)
@@ -185,8 +192,14 @@ def _down_weighted_kernel(
     y_ptrs = y_ptr + pairs[:, None] * stride_yp + offs_n[None, :] * stride_yd
     if slot < 0:
         # padding blocks have no valid rows and store nothing; rows of a routed expert that has
-        # no slot (a caller bug the launcher cannot see without a device sync) become NaN
-        tl.store(y_ptrs, tl.full((BLOCK_M, BLOCK_N), float("nan"), tl.float32), mask=row_ok[:, None] & col_ok[None, :])
+        # no slot (a caller bug the launcher cannot see without a device sync) become NaN, those
+        # of an expert the host computes (HOST_SHARE) zeros
+        if HOST_SHARE:
+            fill = tl.where(slot == HOST_SLOT_ID, 0.0, float("nan"))
+        else:
+            fill = float("nan")
+        rows = tl.zeros((BLOCK_M, BLOCK_N), tl.float32) + fill
+        tl.store(y_ptrs, rows, mask=row_ok[:, None] & col_ok[None, :])
         return
     offs_k = tl.arange(0, BLOCK_K)
     act_ptrs = act_ptr + pairs[:, None] * stride_ap + offs_k[None, :] * stride_af  # [BLOCK_M, BLOCK_K]
@@ -367,9 +380,10 @@ def down_weighted(
     upcast: bool,
     *,
     b2: torch.Tensor | None = None,
+    host_share: bool = False,
 ) -> None:
     """y[p] = topk_weights[t, k] * (act[p] @ down^T + b2) in float32, into y [T*K, D].
-    b2: [S, D] (any strides, act's dtype), or None."""
+    b2: [S, D] (any strides, act's dtype), or None; host_share: rows of HOST_SLOT experts are 0."""
     P, F = act.shape
     T, K = topk_weights.shape
     _expect(w2.dim() == 3 and w2.shape[2] == F, "w2 shape", f"[S, D, {F}]", list(w2.shape))
@@ -397,7 +411,7 @@ def down_weighted(
         topk_weights.stride(0), topk_weights.stride(1), y.stride(0), y.stride(1),
         TOP_K=K, BLOCK_M=blocks.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         GROUP_M=config.group_m, HAS_BIAS=b2 is not None, UPCAST=upcast,
-        DOT_PRECISION=_dot_precision(act.dtype, upcast),
+        DOT_PRECISION=_dot_precision(act.dtype, upcast), HOST_SHARE=host_share, HOST_SLOT_ID=HOST_SLOT,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
 
@@ -415,15 +429,18 @@ def combine_topk(y: torch.Tensor, top_k: int, out: torch.Tensor) -> None:
     )  # fmt: skip
 
 
-def check_routing(topk_ids: torch.Tensor, expert_slots: torch.Tensor, num_slots: int) -> None:
+def check_routing(topk_ids: torch.Tensor, expert_slots: torch.Tensor, num_slots: int, host_share: bool = False) -> None:
     """Data checks that read the tensors: every routed id names an expert, every routed expert a
-    slot. On a GPU they would stall the stream, so fused_moe runs them only on the CPU."""
+    slot (or, with host_share, HOST_SLOT). On a GPU they would stall the stream, so fused_moe runs
+    them only on the CPU."""
     E = expert_slots.shape[0]
     if topk_ids.numel() == 0:
         return
     low, high = int(topk_ids.min()), int(topk_ids.max())
     _expect(0 <= low and high < E, "topk_ids values", f"expert ids in [0, {E})", f"ids in [{low}, {high}]")
     routed = expert_slots[topk_ids.reshape(-1).unique()]
+    if host_share:
+        routed = routed[routed != HOST_SLOT]
     _expect(
         bool(((routed >= 0) & (routed < num_slots)).all()),
         "expert_slots of routed experts",
@@ -476,6 +493,7 @@ def fused_moe(
     upcast: bool | None = None,
     config: BlockConfig | None = None,
     out: torch.Tensor | None = None,
+    host_share: bool = False,
 ) -> torch.Tensor:
     """Routed gated-MLP experts through a slot table; the contract of moe_experts_reference.
 
@@ -485,7 +503,8 @@ def fused_moe(
     b13: [S, 2F] gate then up biases, b2: [S, D] down biases (any strides, x's dtype; both or
     neither); activation: SwiGLU (SILU) or GPT-OSS's clamped SwiGLU.
     upcast: multiply in float32 (None: only bfloat16 under the interpreter); config: block sizes
-    (None: the tuned file for this shape and device, else the heuristic); out: where to write.
+    (None: the tuned file for this shape and device, else the heuristic); out: where to write;
+    host_share: experts with slot HOST_SLOT add nothing (the host computes them: out is the rest).
     """
     _expect(x.dim() == 2, "x", "a [T, D] tensor", list(x.shape))
     T, D = x.shape
@@ -512,7 +531,7 @@ def fused_moe(
     if T == 0 or K == 0:
         return out.zero_()
     if x.device.type == "cpu":
-        check_routing(topk_ids, expert_slots, S)
+        check_routing(topk_ids, expert_slots, S, host_share)
     upcast = _resolve_upcast(upcast, x.dtype)
     if config is None:
         config = moe_block_config(expert_slots.shape[0], F, D, x.dtype, T, device_name(x.device))
@@ -520,6 +539,6 @@ def fused_moe(
     act = torch.empty((T * K, F), dtype=x.dtype, device=x.device)  # [T*K, F]
     gate_up_act(x, w13, blocks, K, act, config, upcast, b13=b13, activation=activation)
     y = torch.empty((T * K, D), dtype=torch.float32, device=x.device)  # [T*K, D]
-    down_weighted(act, w2, topk_weights, blocks, y, config, upcast, b2=b2)
+    down_weighted(act, w2, topk_weights, blocks, y, config, upcast, b2=b2, host_share=host_share)
     combine_topk(y, K, out)
     return out

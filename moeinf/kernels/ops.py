@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from moeinf.kernels import grouped_experts, host_attention, host_experts, host_norm
+from moeinf.kernels import grouped_experts, host_attention, host_experts, host_norm, hybrid_experts
 from moeinf.kernels.expert_activation import SILU, ExpertActivation
 from moeinf.kernels.reference import (
     grouped_sigmoid_topk_reference,
@@ -107,8 +107,11 @@ class Kernels:
     ) -> torch.Tensor:
         # x: [T, D]; w13: [S, 2F, D]; w2: [S, D, F]; expert_slots: [E] -> [T, D]
         # b13: [S, 2F], b2: [S, D] per-slot biases (both or neither); activation of (gate, up)
-        # host: experts read from the host tier's records instead (hybrid execution; host kernels only)
+        # host: experts read from the host tier's records instead (hybrid execution): with Triton the
+        # device computes the rest beside them (kernels/hybrid_experts.py), else the host kernels all
         extras = dict(b13=b13, b2=b2, activation=activation)
+        if host is not None and self.uses_triton(x):  # the device's share in Triton, the host's beside it
+            return hybrid_experts.hybrid_moe_experts(x, topk_ids, topk_weights, w13, w2, expert_slots, host, **extras)
         if host is not None:
             if not host_experts.applies(x, w13, w2, b13, b2):
                 raise ValueError(

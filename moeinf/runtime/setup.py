@@ -77,8 +77,8 @@ class OffloadConfig:
     policy: str = DEFAULT_POLICY  # which experts to evict and prefetch; see runtime/cache/registry.py
     io_threads: int = 2  # store reads in flight at once
     # where a miss is computed (runtime/cache/placement.py): "never" fetches every one into a slot;
-    # "always" / "auto" may compute it on the host from the host tier (CPU so far; needs a host_budget
-    # of at least one layer's experts, without which "auto" fetches)
+    # "always" / "auto" may compute it on the host from the host tier (needs a host_budget of at
+    # least one layer's experts, without which "auto" fetches)
     host_compute: str = "auto"
 
 

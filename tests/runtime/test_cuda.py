@@ -225,6 +225,21 @@ def test_cuda_model_matches_cpu(on_cpu, budget, tmp_path):
             assert llm.stats()["misses"] > 0
 
 
+@pytest.mark.parametrize("host_compute", ["always", "auto"])
+def test_hybrid_cuda_matches_cpu(on_cpu, host_compute, tmp_path):
+    """Misses computed on the host from the pinned host tier while the GPU computes the slots'
+    experts (kernels/hybrid_experts.py), the placement's costs measured at start-up: float32
+    logits within tolerance of the CPU run and the same greedy tokens."""
+    _, folder, logits, tokens = on_cpu
+    settings = dict(expert_budget=0.3, host_budget=1.0, host_compute=host_compute, offload_dir=tmp_path)
+    with LLM(folder, device=DEVICE, dtype="float32", progress=False, **settings) as llm:
+        got = llm.logits(PROMPT)
+        assert ((got - logits).norm() / logits.norm()).item() < 1e-4
+        assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == tokens
+        if host_compute == "always":
+            assert llm.stats()["host_computed"] > 0
+
+
 def test_a_resident_forward_never_waits_for_the_gpu(on_cpu):
     """With every expert resident the executor queues a whole forward without reading anything
     back (no routing counts, no hit counts per layer), so the host runs ahead of the GPU; torch's

@@ -8,25 +8,28 @@ w2 [S, D, F] (and b13 [S, 2F], b2 [S, D] for families with expert biases) are st
 it, so a load is one contiguous copy per expert (on the CPU a direct read from the store into the
 slot), and the kernels read any slot through the slot table unchanged.
 
-Hybrid execution (host_compute "auto" or "always", on the CPU so far): the controller's Placement
-may compute a miss on the host instead. Its record is then pinned in the host tier for the layer
-(read from the store straight into the tier if not there) and the host kernels read it there:
-LayerExperts.host carries the tier's views, laid out like the slots'. The link (here a copy from
-the tier into a slot) stays free for promotions. The host kernels compute an expert the same from
-either buffer, so such runs equal the resident run bit for bit.
+Hybrid execution (host_compute "auto" or "always", with a host tier of at least one layer's
+experts): the controller's Placement may compute a miss on the host instead. Its record is then
+pinned in the host tier for the layer (read from the store straight into the tier if not there)
+and the host kernels read it there: LayerExperts.host carries the tier's views, laid out like the
+slots'. The link stays free for promotions. On the CPU the host kernels compute every expert, the
+same from either buffer, so such runs equal the resident run bit for bit. On CUDA (and with
+kernels="triton") the device computes the slots' experts in Triton while a worker thread computes
+the host's (kernels/hybrid_experts.py), and the placement's costs are measured at start-up
+(_measured_cuda_costs): host-computed experts round differently from the resident run's.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from moeinf.errors import OffloadConfigError, StoreChecksumError
-from moeinf.kernels import host_experts
+from moeinf.kernels import host_experts, hybrid_experts
 from moeinf.loaders.expert_store import ExpertStore, RecordLayout, aligned_buffer
 from moeinf.runtime.cache.controller import CacheController
 from moeinf.runtime.cache.counters import TrafficCounters
@@ -76,6 +79,9 @@ class ExpertPool:
         self.stats = TrafficCounters()
         placement = self._placement(host_compute, host_records, dtype)
         self._host_views = record_views(torch.from_numpy(self.host.buffer), layout, dtype) if placement else None
+        # where the host's share of a layer runs while the device computes its own (CUDA: two memories)
+        cuda_hybrid = placement is not None and device.type == "cuda"
+        self._host_worker = ThreadPoolExecutor(1, thread_name_prefix="moeinf-host") if cuda_hybrid else None
         self.controller = CacheController(S, store.num_experts, policy, self, self.stats, placement)
         self._tickets: dict[int, Future] = {}  # slot -> its load in flight
         self.queue = TransferQueue(self._load, io_threads)
@@ -85,13 +91,6 @@ class ExpertPool:
         the host tier, so it needs one that holds a layer's experts; "auto" without one fetches."""
         if host_compute == "never":
             return None
-        if self.device.type != "cpu":
-            if host_compute == "always":
-                raise OffloadConfigError(
-                    f"host_compute 'always': expected a CPU device (hybrid execution on {self.device.type} is not "
-                    "built yet), found " + str(self.device)
-                )
-            return None
         if host_records < self.num_experts:
             if host_compute == "always":
                 raise OffloadConfigError(
@@ -99,7 +98,60 @@ class ExpertPool:
                     f"least one layer's {self.num_experts} expert records, found {host_records}"
                 )
             return None
+        if self.device.type == "cuda":
+            return Placement(host_compute, self._measured_cuda_costs(dtype))
         return Placement(host_compute, self._measured_costs(dtype))
+
+    def _measured_cuda_costs(self, dtype: torch.dtype) -> ExpertCosts:
+        """The placement's costs on this machine, measured once at start-up on one expert record:
+        the link (a pinned host-tier record copied into a slot), the host kernels (one record,
+        1 and MAX_TOKENS tokens) and the device kernels (one slot, 1 and 256 tokens). Timings
+        take the best of three, after a warm-up (Numba's compile and Triton's are not costs)."""
+        layout, P = self.layout, self.layout.payload_nbytes
+        params = P / torch.empty((), dtype=dtype).element_size()
+        D = layout.w13_shape[1]
+
+        def best(run) -> float:
+            run()
+            times = []
+            for _ in range(3):
+                torch.cuda.synchronize(self.device)
+                start = time.perf_counter()
+                run()
+                torch.cuda.synchronize(self.device)
+                times.append(time.perf_counter() - start)
+            return max(min(times), 1e-9)
+
+        record = torch.from_numpy(self.host.buffer[0])  # pinned; zeros until the tier fills
+        link_s = best(lambda: self.records[0].copy_(record, non_blocking=True))
+        host_views = (
+            self._host_views
+            if self._host_views is not None
+            else record_views(torch.from_numpy(self.host.buffer), layout, dtype)
+        )
+        second = host_experts.SecondBuffers(torch.tensor([0] + [-1] * (self.num_experts - 1)), *host_views)
+
+        def on_host(tokens: int):
+            x = torch.zeros((tokens, D), dtype=dtype)
+            ids, weights = torch.zeros((tokens, 1), dtype=torch.int64), torch.ones((tokens, 1))
+            return lambda: hybrid_experts.host_share(x, ids, weights, second)
+
+        def on_device(tokens: int):
+            from moeinf.kernels import moe
+
+            x = torch.zeros((tokens, D), dtype=dtype, device=self.device)
+            ids = torch.zeros((tokens, 1), dtype=torch.int64, device=self.device)
+            weights = torch.ones((tokens, 1), device=self.device)
+            slots = torch.tensor([0] + [-1] * (self.num_experts - 1), device=self.device)
+            return lambda: moe.fused_moe(x, ids, weights, self.w13, self.w2, slots, b13=self.b13, b2=self.b2)
+
+        many = host_experts.MAX_TOKENS
+        host_1, host_many = best(on_host(1)), best(on_host(many))
+        device_1, device_many = best(on_device(1)), best(on_device(256))
+        return ExpertCosts(
+            P, 2 * params, P / link_s, P / host_1, 2 * params * many / host_many, P / device_1,
+            2 * params * 256 / device_many,
+        )  # fmt: skip
 
     def _measured_costs(self, dtype: torch.dtype) -> ExpertCosts:
         """The placement's costs on this machine. On the CPU the 'device' slots and the host tier
@@ -216,7 +268,8 @@ class ExpertPool:
                 raise RuntimeError(f"host tier of {self.host.num_records} records is all pinned; expected room")
             records[expert] = record
         self.stats.add(stall_s=time.perf_counter() - start)
-        return host_experts.SecondBuffers(torch.tensor(records, dtype=torch.int64), *self._host_views)
+        records = torch.tensor(records, dtype=torch.int64)
+        return host_experts.SecondBuffers(records, *self._host_views, worker=self._host_worker)
 
     def release(self, layer: int) -> None:
         self.host.unpin_all()
@@ -231,6 +284,8 @@ class ExpertPool:
         return self.controller.resident_experts()
 
     def close(self) -> None:
+        if self._host_worker is not None:
+            self._host_worker.shutdown()
         self.queue.close()
         self.store.close()
 

@@ -60,3 +60,22 @@ def test_what_hybrid_cannot_do_is_named(folder, tmp_path):
         LLM(folder, progress=False, host_compute="gpu")
     with pytest.raises(OffloadConfigError, match="expected host_budget to hold at least one layer's 8 expert records"):
         LLM(folder, progress=False, expert_budget=E, host_budget=4, host_compute="always", offload_dir=tmp_path)
+
+
+def test_the_device_share_in_triton_beside_the_host_share_matches_the_resident_run(folder, tmp_path):
+    """kernels='triton': the device's experts in Triton (its interpreter here, CUDA on a GPU), the
+    host's on the host kernels beside them (kernels/hybrid_experts.py), as on CUDA: host-computed
+    experts round differently, so the logits agree within float32's tolerance and greedy tokens
+    are identical."""
+    prompts, params = [[5, 9, 13, 2, 7]], SamplingParams(max_new_tokens=4, ignore_eos=True)
+
+    def triton_run(**settings):
+        with LLM(folder, progress=False, dtype="float32", kernels="triton", **settings) as llm:
+            return llm.generate(prompts, params)[0].token_ids, llm.logits(prompts[0]), llm.stats()
+
+    tokens, logits, _ = triton_run()
+    settings = dict(expert_budget=E, host_budget=1.0, host_compute="always", offload_dir=tmp_path)
+    got_tokens, got_logits, stats = triton_run(**settings)
+    assert stats["host_computed"] > 0
+    assert got_tokens == tokens
+    assert (got_logits - logits).abs().max() < 1e-4 * logits.abs().max()

@@ -12,6 +12,11 @@ The synthetic model has Mixtral-8x7B's expert shape (hidden 4096, expert ffn 143
 top-2, bf16: 352 MB an expert) but only --layers layers, so its experts (layers x 2.8 GB) and its
 store fit the machine's disk while a 25% budget still forces real traffic. Its weights are random:
 the figures are about bytes and time, not text.
+Hybrid placement (the host computes misses from the pinned host tier while the GPU computes the
+slots' experts): a second synthetic model of Qwen3-30B-A3B's expert shape (hidden 2048, expert
+ffn 768, 128 experts, top-8, bf16: 9.4 MB an expert; --hybrid-layers layers, so model and store
+fit the disk and the host tier the host memory), decoded at 25 / 50% budget with host_compute
+never / always / auto against fully resident ("hybrid" in the results; --hybrid-layers 0 skips).
 Units: GB/s = 1e9 bytes per second; decode tok/s = generated tokens after the first / seconds.
 """
 
@@ -39,6 +44,11 @@ FULL_SHAPE = dict(
     hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, head_dim=128
 )
 SMOKE_SHAPE = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+QWEN3_SHAPE = dict(
+    hidden_size=2048, intermediate_size=768, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+    num_local_experts=128, num_experts_per_tok=8,
+)  # fmt: skip
+SMOKE_QWEN3_SHAPE = dict(SMOKE_SHAPE, num_local_experts=16, num_experts_per_tok=4)
 
 
 def machine() -> dict:
@@ -102,20 +112,25 @@ def h2d_bandwidth(nbytes: int, repeats: int) -> dict:
     }
 
 
-def build_model(folder: Path, layers: int, smoke: bool) -> Path:
-    config = dict(DEFAULT_CONFIG, num_hidden_layers=layers, **(SMOKE_SHAPE if smoke else FULL_SHAPE))
+def build_model(folder: Path, layers: int, smoke: bool, shape: dict | None = None) -> Path:
+    shape = shape or (SMOKE_SHAPE if smoke else FULL_SHAPE)
+    config = dict(DEFAULT_CONFIG, num_hidden_layers=layers, **shape)
     folder.mkdir(parents=True, exist_ok=True)
     write_checkpoint(folder, config, seed=0, progress=True)
     return folder
 
 
-def decode_run(model: Path, budget: float, device: str, store: Path, new_tokens: int, kernels: str = "auto") -> dict:
+def decode_run(
+    model: Path, budget: float, device: str, store: Path, new_tokens: int, kernels: str = "auto", **hybrid
+) -> dict:
     """One budget: load, warm up, then a timed greedy generation of new_tokens. kernels: 'auto'
-    (Triton on CUDA) or 'torch' (the references: the end-to-end baseline of the kernels)."""
+    (Triton on CUDA) or 'torch' (the references: the end-to-end baseline of the kernels); hybrid:
+    host_budget and host_compute, when given."""
     load_start = time.perf_counter()
     llm = LLM(
-        model, device=device, dtype="bfloat16", expert_budget=budget, offload_dir=store, progress=False, kernels=kernels
-    )
+        model, device=device, dtype="bfloat16", expert_budget=budget, offload_dir=store, progress=False, kernels=kernels,
+        **hybrid,
+    )  # fmt: skip
     load_s = time.perf_counter() - load_start
     prompt = list(range(3, 35))
     llm.generate([prompt], SamplingParams(max_new_tokens=4, ignore_eos=True))
@@ -135,8 +150,35 @@ def decode_run(model: Path, budget: float, device: str, store: Path, new_tokens:
         "bytes_to_device": delta["bytes_to_device"],
         "bytes_from_disk": delta["bytes_from_disk"],
         "stall_s": delta["stall_s"],
+        "host_computed": delta["host_computed"],
+        "promotions": delta["promotions"],
+        "promotion_hits": delta["promotion_hits"],
         "resident_experts": after["resident_experts"],
+        **hybrid,
     }
+
+
+def hybrid_runs(work: Path, layers: int, device: str, new_tokens: int, smoke: bool) -> list[dict]:
+    """The Qwen3-30B-A3B-shaped model at 25 / 50% budget with host_compute never / always / auto
+    (every expert in the pinned host tier), and fully resident: decode speed against resident."""
+    model = build_model(work / "qwen3-model", layers, smoke, SMOKE_QWEN3_SHAPE if smoke else QWEN3_SHAPE)
+    store = work / "qwen3-store"
+    resident = decode_run(model, 1.0, device, store, new_tokens)
+    runs = [resident]
+    for budget in (0.25, 0.5):
+        for mode in ("never", "always", "auto"):
+            runs.append(decode_run(model, budget, device, store, new_tokens, host_budget=1.0, host_compute=mode))
+    for r in runs:
+        r["decode_vs_resident"] = r["decode_tok_s"] / resident["decode_tok_s"]
+        print(
+            f"qwen3-shaped, budget {r['budget']:.2f}, host_compute {r.get('host_compute', '-')}: decode "
+            f"{r['decode_tok_s']:.2f} tok/s ({r['decode_vs_resident']:.2f}x resident), hit rate {r['hit_rate']:.2f}, "
+            f"{r['host_computed']} host-computed, {r['promotions']} promotions, {r['bytes_to_device'] / 1e9:.2f} GB "
+            "to device"
+        )
+    shutil.rmtree(model, ignore_errors=True)
+    shutil.rmtree(store, ignore_errors=True)
+    return runs
 
 
 def accelerate_runs(model: Path, runs: list[dict], device: str, work: Path, new_tokens: int) -> list[dict]:
@@ -168,6 +210,10 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU, to test this script")
     parser.add_argument(
+        "--hybrid-layers", type=int, default=4, help="layers of the Qwen3-30B-A3B-shaped hybrid model (0: skip it)"
+    )
+    parser.add_argument("--hybrid-only", action="store_true", help="only the hybrid part (gpu-hybrid-*.json)")
+    parser.add_argument(
         "--accelerate-budgets",
         default="0.25",
         help="budgets (of --budgets, < 1) to also run transformers + Accelerate at; '' skips the baseline",
@@ -178,6 +224,17 @@ def main() -> None:
     device = "cuda" if cuda else "cpu"
     info = machine()
     results = {"machine": info, "parameters": vars(args), "device": device}
+    work = Path(args.workdir or ".gpu-bench")
+    name = info.get("gpu", "cpu-smoke").lower().replace(" ", "-")
+    if args.hybrid_only:
+        try:
+            results["hybrid"] = hybrid_runs(work, max(args.hybrid_layers, 1), device, args.new_tokens, args.smoke)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        out = Path(args.out) / f"gpu-hybrid-{name}.json"
+        write_text_atomic(out, json.dumps(results, indent=2))
+        print(f"wrote {out}")
+        return
     if cuda:
         results["h2d"] = h2d_bandwidth(args.copy_mib * 2**20, args.repeats)
         h = results["h2d"]
@@ -185,7 +242,6 @@ def main() -> None:
             f"H2D {args.copy_mib} MiB pinned: CuPy {h['cupy_gbps']:.1f} GB/s, torch {h['torch_gbps']:.1f} GB/s "
             f"(CuPy/torch {h['cupy_over_torch']:.2f}x)"
         )
-    work = Path(args.workdir or ".gpu-bench")
     try:
         model = build_model(work / "model", args.layers, args.smoke)
         runs = []
@@ -202,6 +258,8 @@ def main() -> None:
                 f"{r['bytes_to_device'] / 1e9:.2f} GB to device, stall {r['stall_s']:.2f} s"
             )
         results["decode"] = runs
+        if args.hybrid_layers > 0:
+            results["hybrid"] = hybrid_runs(work, args.hybrid_layers, device, args.new_tokens, args.smoke)
         wanted = {float(b) for b in args.accelerate_budgets.split(",") if b.strip()}
         if wanted and importlib.util.find_spec("accelerate") is not None:
             chosen = [r for r in runs if r["budget"] in wanted and r["budget"] < 1.0 and r["kernels"] == "auto"]
@@ -210,7 +268,6 @@ def main() -> None:
             print("transformers + Accelerate baseline skipped (no --accelerate-budgets, or accelerate missing)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    name = info.get("gpu", "cpu-smoke").lower().replace(" ", "-")
     out = Path(args.out) / f"gpu-offload-{name}.json"
     write_text_atomic(out, json.dumps(results, indent=2))
     print(f"wrote {out}")

@@ -14,6 +14,8 @@
 #   5 python -m bench.kernels again: now with the tuned configs
 #   6 python -m bench.gpu_offload: host-to-device bandwidth, offloaded decode speed, and transformers +
 #     Accelerate offloading at the same 25% budget (MoE-Infinity's baseline)
+#   6b python -m bench.gpu_offload --hybrid-only: a Qwen3-30B-A3B-shaped model at 25 / 50% budget with
+#     host_compute never / always / auto against resident (issue 14)
 #   7 tests/runtime/test_cuda.py -k fused_moe, bf16, again: the tuned configs through the default lookup
 #   8 tests/kernels/test_kernels.py on the GPU (odd shapes; informative: a few tests expect CPU-only checks)
 # then copies the results where they come back: $OUT when set (the device tool's folder; at most 8
@@ -142,12 +144,14 @@ step cuda-tests 240 30 "${PYTEST[@]}" "${XDIST[@]}" tests/runtime/test_cuda.py -
 if [[ $SMOKE == 0 ]]; then
     KERNELS=("$PY" -m bench.kernels)
     TUNE=("$PY" -m bench.tune_moe --results-dir "$WORK")
-    OFFLOAD=("$PY" -m bench.gpu_offload --out "$WORK" --workdir /tmp/gpu-offload-bench)
+    OFFLOAD=("$PY" -m bench.gpu_offload --out "$WORK" --workdir /tmp/gpu-offload-bench --hybrid-layers 0)
+    HYBRID=("$PY" -m bench.gpu_offload --hybrid-only --out "$WORK" --workdir /tmp/gpu-hybrid-bench)
 else
     KERNELS=("$PY" -m bench.kernels --cpu --models Mixtral-8x7B/16 --tokens 1 --min-time 0.01)
     TUNE=("$PY" -m bench.tune_moe --smoke --models tiny --tokens 1 --max-candidates 3 --out-dir "$WORK/configs"
         --results-dir "$WORK")
-    OFFLOAD=("$PY" -m bench.gpu_offload --smoke --out "$WORK" --workdir "$WORK/offload-work")
+    OFFLOAD=("$PY" -m bench.gpu_offload --smoke --out "$WORK" --workdir "$WORK/offload-work" --hybrid-layers 0)
+    HYBRID=("$PY" -m bench.gpu_offload --smoke --hybrid-only --out "$WORK" --workdir "$WORK/hybrid-work")
 fi
 step kernels-before 180 40 "${KERNELS[@]}" --out "$WORK/kernels-before"
 
@@ -172,6 +176,7 @@ fi
 
 # ------------------------------------------------------------------------------ 6 offload benchmark
 step gpu-offload 300 90 "${OFFLOAD[@]}"
+step gpu-hybrid 200 60 "${HYBRID[@]}"
 
 # ------------------------------------------------------------------------------ 7-8 extra checks, time permitting
 if ((TUNED > 0)); then

@@ -1,8 +1,10 @@
 """`moeinf run` end to end, on the built-in default model and on a given checkpoint."""
 
+import importlib.metadata
 import json
 
 import numpy as np
+import pytest
 
 from moeinf.cli import DEFAULT_PROMPT, main
 from moeinf.loaders.checkpoint import Checkpoint
@@ -186,3 +188,10 @@ def test_run_with_an_expert_budget_reports_evictions(tiny_mixtral, capsys, tmp_p
     assert main(args + ["--budget", "0.5", "--offload-dir", str(tmp_path), "--policy", "lfu"]) == 0
     summary = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("experts:"))
     assert " evictions" in summary and " misses" in summary
+
+
+def test_version_prints_the_installed_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"moeinf {importlib.metadata.version('moeinf')}"

@@ -102,7 +102,7 @@ class LLM:
         self.executor = Executor(self.checkpoint, self.experts, self.device, self.dtype, self.kernels, progress)
         # the running batch, stepped under the lock by whichever thread steps (generate, or submit's loop)
         self.scheduler = Scheduler(self.spec, self.executor, self.experts, max_batch_tokens)
-        self._lock = threading.Lock()
+        self.step_lock = threading.Lock()  # held while a thread steps the scheduler (or runs logits)
         self._engine_loop: EngineLoop | None = None  # submit()'s, started on first use
         self._loop_lock = threading.Lock()  # guards starting it
         self._closed = False  # set by close()
@@ -159,13 +159,13 @@ class LLM:
                 return None
             return lambda _sequence, token, reason: on_token(place, token, reason)
 
-        with self._lock:
+        with self.step_lock:
             sequences = [
                 self.scheduler.start(prompt, params, on_token=report(place), trace=trace)
                 for place, prompt in enumerate(ids)
             ]
         while any(s.span is not None for s in sequences):
-            with self._lock:
+            with self.step_lock:
                 self.scheduler.step()
         failed = next((s.error for s in sequences if s.error is not None), None)
         if failed is not None:  # a step another thread ran failed with these sequences in it
@@ -212,7 +212,7 @@ class LLM:
     def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
         """Full-sequence forward from an empty cache: [T, vocab] float32 on the CPU."""
         ids = self.prompt_ids(token_ids)
-        with self._lock:
+        with self.step_lock:
             if not self.scheduler.running:  # a batch of its own: no routing state carried in from the last
                 self.experts.begin_batch()
             span = Span(self.executor.new_cache(len(ids)), len(ids))
@@ -242,7 +242,7 @@ class LLM:
         still reads. Closing again does nothing more."""
         if self._engine_loop is not None:  # outside the lock: its thread takes it to step
             self._engine_loop.close()
-        with self._lock:  # a step running on another thread finishes first
+        with self.step_lock:  # a step running on another thread finishes first
             if not self._closed:
                 self._closed = True
                 self.experts.close()

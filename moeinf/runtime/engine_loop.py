@@ -155,11 +155,17 @@ class EngineLoop:
                 self._active.extend(admitted)
                 cancelled = [h for h in self._active if h.cancelled]
             # the LLM's lock is never taken while holding _cv: its callbacks take _cv under it
-            with self.llm._lock:
+            with self.llm.step_lock:
                 for handle in admitted:
-                    handle.sequence = self.llm.scheduler.start(
-                        handle.prompt_token_ids, handle.params, self._on_token(handle), self._on_end(handle)
-                    )
+                    try:
+                        handle.sequence = self.llm.scheduler.start(
+                            handle.prompt_token_ids, handle.params, self._on_token(handle), self._on_end(handle)
+                        )
+                    except Exception as error:  # noqa: BLE001 - e.g. no memory for its KV cache: it alone fails
+                        with self._cv:
+                            self._active.remove(handle)
+                        handle.done.set_exception(error)
+                        handle._emit(None)
                 for handle in cancelled:
                     self.llm.scheduler.cancel(handle.sequence)
                 if not self.llm.scheduler.running:

@@ -135,7 +135,8 @@ class Scheduler:
         prompts = [s for s in self.running if s.in_prompt]
         limit = self.max_batch_tokens or max(1, len(decoders) + sum(len(s.prompt) - s.fed for s in prompts))
         groups = [[(s, 1) for s in decoders[i : i + limit]] for i in range(0, len(decoders), limit)]
-        room = limit - len(groups[-1]) if groups and len(groups[-1]) < limit else limit
+        joins_last = bool(groups) and len(groups[-1]) < limit  # the prompts' chunk rides with the last group
+        room = limit - len(groups[-1]) if joins_last else limit
         chunk = []
         for s in prompts:
             if room == 0:
@@ -143,7 +144,7 @@ class Scheduler:
             count = min(len(s.prompt) - s.fed, room)
             chunk.append((s, count))
             room -= count
-        if chunk and groups and len(groups[-1]) < limit:
+        if chunk and joins_last:
             groups[-1].extend(chunk)
         elif chunk:
             groups.append(chunk)

@@ -35,9 +35,7 @@ def reference(folder):
 
 class Gate:
     """A listener that holds the stepping thread at a request's first token until open() is
-    called, so that what is submitted meanwhile is surely waiting at the next step. Submit
-    meanwhile through llm.engine_loop.submit: LLM.submit takes the LLM's lock, which the stepping
-    thread holds while it calls listeners."""
+    called, so that what is submitted meanwhile is surely waiting at the next step."""
 
     def __init__(self):
         self.reached, self.opened = threading.Event(), threading.Event()

@@ -3,9 +3,8 @@ the sum equals moe_experts_reference over all the experts in one buffer, within 
 tolerance; HOST_SLOT experts add nothing to the device's share, and without host_share they are
 refused as unslotted."""
 
-from concurrent.futures import ThreadPoolExecutor
-
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch

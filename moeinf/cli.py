@@ -17,6 +17,7 @@ from tqdm import tqdm
 from moeinf.errors import MoeinfError, RequestError
 from moeinf.kernels.ops import KERNEL_CHOICES
 from moeinf.loaders.default_model import ensure_default_model
+from moeinf.loaders.expert_format import EXPERT_DTYPE_CHOICES
 from moeinf.runtime.cache.counters import COUNTERS
 from moeinf.runtime.cache.placement import HOST_COMPUTE_CHOICES
 from moeinf.runtime.cache.registry import DEFAULT_POLICY, POLICIES
@@ -57,6 +58,7 @@ def llm_from_args(args: argparse.Namespace) -> LLM:
         host_compute=args.host_compute,
         kernels=args.kernels,
         max_batch_tokens=getattr(args, "max_batch_tokens", None),
+        expert_dtype=args.expert_dtype,
     )
 
 
@@ -85,7 +87,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     prefill_rate = stats["prefill_tokens"] / stats["prefill_s"]
     decode_rate = stats["decode_tokens"] / stats["decode_s"] if stats["decode_s"] > 0 else float("nan")
     print(
-        f"model: {llm.checkpoint.path} ({llm.spec.architecture}, {llm.dtype}, {llm.device})\n"
+        f"model: {llm.checkpoint.path} ({llm.spec.architecture}, {llm.dtype}, experts {llm.expert_format.name}, "
+        f"{llm.device})\n"
         f"prefill: {stats['prefill_tokens']} tokens in {stats['prefill_s']:.3f} s ({prefill_rate:.1f} tokens/s)\n"
         f"decode: {stats['decode_tokens']} tokens in {stats['decode_s']:.3f} s ({decode_rate:.1f} tokens/s), "
         f"finished by {out.finish_reason}\n"
@@ -201,6 +204,13 @@ def add_llm_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="Hugging Face checkpoint folder (default: the built-in default model)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
+    parser.add_argument(
+        "--expert-dtype",
+        default="auto",
+        choices=EXPERT_DTYPE_CHOICES,
+        help="routed experts' format: auto (the checkpoint's own, else --dtype), or int8 / int4[-g64|-g128] "
+        "(round to nearest when the store is built)",
+    )
     parser.add_argument(
         "--budget", help="device expert budget: fraction of expert bytes (0.25), size (2GiB, 25%%) or slot count (16)"
     )

@@ -72,6 +72,20 @@ def test_run_with_an_expert_budget_offloads_and_reports_traffic(tiny_mixtral, ca
     assert "the minimum is 4" in capsys.readouterr().err
 
 
+def test_run_with_int4_experts_offloaded_gives_the_resident_tokens(tiny_mixtral, capsys, tmp_path):
+    folder, _ = tiny_mixtral
+    base = ["run", "--model", str(folder), "--prompt-ids", "5,6,7,8", "--max-new-tokens", "6", "--expert-dtype", "int4"]
+    assert main(base) == 0
+    resident = capsys.readouterr().out
+    assert "experts int4-g32" in resident
+    assert main(base + ["--budget", "0.5", "--offload-dir", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.split("---")[0] == resident.split("---")[0]
+    assert (tmp_path / "experts-int4-g32.moeinf").is_file()
+    with pytest.raises(SystemExit):  # argparse names the choices
+        main(base[:-1] + ["int3"])
+    assert "invalid choice: 'int3'" in capsys.readouterr().err
+
+
 def test_trace_records_every_token_of_every_prompt(tmp_path, capsys):
     from moeinf.loaders.default_model import build_byte_tokenizer
     from moeinf.runtime.replay.cost import profile_for

@@ -35,6 +35,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 from moeinf.kernels.expert_activation import SILU, ExpertActivation
+from moeinf.kernels.quantize import QuantizedMatrix
 from moeinf.kernels.reference import expect_both_biases_or_neither
 
 DTYPES = (torch.float32, torch.bfloat16)  # weights and activations these kernels take
@@ -335,16 +336,19 @@ def _buffers(w13, w2, b13, b2, S, F2, D, F) -> tuple:
 class SecondBuffers:
     """Slot-indexed expert weights in a second buffer (the host tier's records), beside the slots:
     slots [E] int64 where each expert sits in it (-1: not there, read from the first buffer);
-    w13 [H, 2F, D], w2 [H, D, F], b13 [H, 2F], b2 [H, D] (both biases or neither), as the first."""
+    w13 [H, 2F, D], w2 [H, D, F], b13 [H, 2F], b2 [H, D] (both biases or neither), as the first
+    (float tensors here; QuantizedMatrix, with input_perm [H, D] for act-order records, where the
+    first are quantized: host_quant_experts.py reads those)."""
 
     slots: torch.Tensor
-    w13: torch.Tensor
-    w2: torch.Tensor
+    w13: torch.Tensor | QuantizedMatrix
+    w2: torch.Tensor | QuantizedMatrix
     b13: torch.Tensor | None = None
     b2: torch.Tensor | None = None
     # where the host share runs beside the device's when the two are different memories
     # (kernels/hybrid_experts.py; None: inline)
     worker: Executor | None = None
+    input_perm: torch.Tensor | None = None
 
 
 def applies(

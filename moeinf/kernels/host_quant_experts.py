@@ -47,6 +47,7 @@ from numba.core import config as numba_config
 from numba.extending import intrinsic, models, register_model
 
 from moeinf.kernels.expert_activation import SILU, ExpertActivation
+from moeinf.kernels.host_experts import SecondBuffers
 from moeinf.kernels.quantize import INT4_SYMMETRIC_ZERO, QuantizedMatrix
 
 MAX_TOKENS = 32  # tokens a call is meant for (decode)
@@ -695,7 +696,7 @@ def _rows_int4(m, slot, first, last, p0, count, xs, out, K):
 
 @njit(parallel=True, cache=True)
 def _project(m, slots, experts, starts, counts, xs, out, N, K):
-    """out[pairs of e, :N] = xs[pairs of e] @ W_e^T for every active expert e, in parallel over
+    """out[pairs of e, :N] = xs[pairs of e] @ W_e^T for every expert e of `experts`, in parallel over
     (expert, block of ROWS_PER_ITEM rows); W_e: slot slots[e] of the quantized matrix m (a _matrix
     tuple: int8, or int4 with xs's rows _permuted)."""
     blocks = (N + ROWS_PER_ITEM - 1) // ROWS_PER_ITEM
@@ -730,19 +731,45 @@ def _permuted(k, permute):
     return k - within + within // 2 + (within % 2) * LANES
 
 
+@njit(cache=True)
+def _source_experts(counts, second_slots, second):
+    """The active experts (counts > 0), ascending, that sit in the second buffer (second True:
+    second_slots[e] >= 0) or in the first."""
+    n = 0
+    for e in range(counts.shape[0]):
+        n += counts[e] > 0 and (second_slots[e] >= 0) == second
+    experts = np.empty(n, np.int64)
+    n = 0
+    for e in range(counts.shape[0]):
+        if counts[e] > 0 and (second_slots[e] >= 0) == second:
+            experts[n] = e
+            n += 1
+    return experts
+
+
 @njit(fastmath=FAST, cache=True)
-def _moe_layer(x, ids, weights, slots, m13, m2, permute13, permute2, F, activation, alpha, limit, S, out):
+def _moe_layer(x, ids, weights, slots, second_slots, m13, m2, m13b, m2b, perm, permb, has_perm, permute13, permute2,
+               F, activation, alpha, limit, S, H, out):  # fmt: skip
     """x: [T, D] float32; ids, weights: [T, K] int64, float32; slots: [E] int64, each expert's slot;
-    m13, m2: the quantized w13 [S, 2F, D] and w2 [S, D, F] as _matrix tuples, permute13 and permute2
-    where they are int4 (their inputs _permuted); out: [T, D] float32, each token's weighted sum.
-    Returns False, computing nothing, where a routed expert is not in 0..E-1 or its slot in 0..S-1."""
+    second_slots: [E] int64, each expert's record in the second buffers (>= 0: read from there
+    instead); m13, m2 (the slots) and m13b, m2b (the second buffers): the quantized w13 [S, 2F, D]
+    and w2 [S, D, F] as _matrix tuples, permute13 and permute2 where they are int4 (their inputs
+    _permuted); perm, permb: (int32 elements, slot 0's offset, slot stride) of each slot's and
+    record's input order [D] when has_perm (act order: w13 reads x[perm]); out: [T, D] float32,
+    each token's weighted sum. Returns False, computing nothing, where a routed expert is not in
+    0..E-1 or its slot not in 0..S-1 (its record in 0..H-1)."""
     T, K = ids.shape
     D = x.shape[1]
     E = slots.shape[0]
     P = T * K
     for p in range(P):
         e = ids[p // K, p % K]
-        if e < 0 or e >= E or slots[e] < 0 or slots[e] >= S:
+        if e < 0 or e >= E:
+            return False
+        if second_slots[e] >= 0:
+            if second_slots[e] >= H:
+                return False
+        elif slots[e] < 0 or slots[e] >= S:
             return False
     # the (token, k) pairs sorted by expert, stably: expert e's pairs are rows starts[e] : + counts[e]
     counts = np.zeros(E, np.int64)
@@ -753,24 +780,25 @@ def _moe_layer(x, ids, weights, slots, m13, m2, permute13, permute2, F, activati
         starts[e] = starts[e - 1] + counts[e - 1]
     fill = starts.copy()
     position = np.empty(P, np.int64)  # [P] each pair's row in expert order
-    xs = _aligned_rows(P, D)  # [P, D] the pairs' tokens, in expert order (_permuted for int4)
+    xs = _aligned_rows(P, D)  # [P, D] the pairs' tokens, in expert order (_permuted for int4; x[perm])
     for p in range(P):
         e = ids[p // K, p % K]
         position[p] = fill[e]
-        for d in range(D):
-            xs[fill[e], _permuted(d, permute13)] = x[p // K, d]
+        if has_perm:
+            order, first, stride = perm if second_slots[e] < 0 else permb
+            base = first + stride * (slots[e] if second_slots[e] < 0 else second_slots[e])
+            for d in range(D):
+                xs[fill[e], _permuted(d, permute13)] = x[p // K, order[base + d]]
+        else:
+            for d in range(D):
+                xs[fill[e], _permuted(d, permute13)] = x[p // K, d]
         fill[e] += 1
-    active = 0
-    for e in range(E):
-        active += counts[e] > 0
-    experts = np.empty(active, np.int64)  # [A] the active experts, ascending
-    active = 0
-    for e in range(E):
-        if counts[e] > 0:
-            experts[active] = e
-            active += 1
+    in_slots = _source_experts(counts, second_slots, False)  # [A] active experts, by where they are read
+    in_second = _source_experts(counts, second_slots, True)
     gate_up = np.empty((P, 2 * F), np.float32)  # [P, 2F]
-    _project(m13, slots, experts, starts, counts, xs, gate_up, 2 * F, D)
+    _project(m13, slots, in_slots, starts, counts, xs, gate_up, 2 * F, D)
+    if in_second.shape[0]:
+        _project(m13b, second_slots, in_second, starts, counts, xs, gate_up, 2 * F, D)
     act = _aligned_rows(P, F)  # [P, F] (_permuted for an int4 w2)
     for q in range(P):
         for f in range(F):
@@ -783,7 +811,9 @@ def _moe_layer(x, ids, weights, slots, m13, m2, permute13, permute2, F, activati
                 value = (up + np.float32(1.0)) * (gate / (np.float32(1.0) + np.exp(-(gate * alpha))))
             act[q, _permuted(f, permute2)] = value
     y = np.empty((P, D), np.float32)  # [P, D]
-    _project(m2, slots, experts, starts, counts, act, y, D, F)
+    _project(m2, slots, in_slots, starts, counts, act, y, D, F)
+    if in_second.shape[0]:
+        _project(m2b, second_slots, in_second, starts, counts, act, y, D, F)
     for t in range(T):
         for d in range(D):
             out[t, d] = 0.0
@@ -800,6 +830,7 @@ def _moe_layer(x, ids, weights, slots, m13, m2, permute13, permute2, F, activati
 
 _NUMPY = {torch.uint8: np.uint8, torch.int8: np.uint8, torch.float32: np.float32}  # int8 as its bytes
 _NUMPY |= {torch.float16: np.uint16, torch.bfloat16: np.uint16}  # 16-bit floats as their bits
+_NUMPY |= {torch.int32: np.int32}  # input orders
 
 
 def _elements(t: torch.Tensor) -> np.ndarray:
@@ -856,6 +887,21 @@ def applies(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] <= MAX_TOKENS
 
 
+def _input_order(name: str, perm: torch.Tensor | None, slots: int, D: int) -> tuple:
+    """perm [S, D] int32 (each slot's input order) -> (its storage's elements, slot 0's offset, slot
+    stride); None -> a stand-in never read."""
+    if perm is None:
+        return _NO_ORDER
+    if perm.dtype != torch.int32 or perm.shape[0] != slots:
+        raise ValueError(
+            f"host quantized experts {name}: expected int32 [{slots}, {D}], found {perm.dtype} {list(perm.shape)}"
+        )
+    return _slot_blocks(name, perm, (D,))
+
+
+_NO_ORDER = (np.zeros(1, np.int32), 0, 0)
+
+
 def host_quant_moe_experts(
     x: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -865,11 +911,16 @@ def host_quant_moe_experts(
     expert_slots: torch.Tensor,
     *,
     activation: ExpertActivation = SILU,
+    input_perm: torch.Tensor | None = None,
+    second: SecondBuffers | None = None,
 ) -> torch.Tensor:
     """quantized_moe_experts_reference's contract (quantize.py), on the CPU: x [T, D] float32,
     topk_ids [T, K] int64, topk_weights [T, K]; w13 [S, 2F, D], w2 [S, D, F] quantized, int8 or int4
     each (every slot's block of each array contiguous: plain stacks or views into records);
-    expert_slots [E] int64 -> [T, D] float32."""
+    expert_slots [E] int64 -> [T, D] float32. input_perm: [S, D] int32, each slot's w13 input order
+    (act-order records: w13 is multiplied with x[:, perm]); None: identity. second: experts read
+    from a second buffer (the host tier's records, laid out as the slots, input_perm with them)
+    instead of the slots (those with second.slots >= 0), computed exactly as from a slot."""
     if x.dtype != torch.float32 or x.dim() != 2:
         raise ValueError(f"host quantized experts: expected x float32 [T, D], found {x.dtype} {list(x.shape)}")
     T, D = x.shape
@@ -886,18 +937,38 @@ def host_quant_moe_experts(
         raise ValueError(
             f"host quantized experts: expected w13 and w2 of the same S slots, found {S} and {w2.q.shape[0]}"
         )
+    perm = _input_order("input_perm", input_perm, S, D)
+    E = expert_slots.shape[0]
+    if second is None:
+        second_slots, m13b, m2b, permb, H = np.full(E, -1, np.int64), m13, m2, perm, 0
+    else:
+        if not (isinstance(second.w13, QuantizedMatrix) and isinstance(second.w2, QuantizedMatrix)):
+            raise ValueError("host quantized experts: expected the second buffers quantized as the slots are")
+        if (second.w13.format, second.w2.format) != (w13.format, w2.format) or (
+            (second.input_perm is None) != (input_perm is None)
+        ):
+            raise ValueError(
+                f"host quantized experts: expected the second buffers in the slots' formats {w13.format} / "
+                f"{w2.format} (input order: {input_perm is not None}), found {second.w13.format} / {second.w2.format} "
+                f"(input order: {second.input_perm is not None})"
+            )
+        H = second.w13.q.shape[0]
+        second_slots = second.slots.to(torch.int64).contiguous().numpy()
+        m13b, m2b = _matrix("second w13", second.w13, 2 * F, D), _matrix("second w2", second.w2, D, F)
+        permb = _input_order("second input_perm", second.input_perm, H, D)
     out = np.empty((T, D), np.float32)
     routed = _moe_layer(
         x.contiguous().numpy(), topk_ids.to(torch.int64).contiguous().numpy(),
         topk_weights.to(torch.float32).contiguous().numpy(), expert_slots.to(torch.int64).contiguous().numpy(),
-        m13, m2, w13.format == "int4", w2.format == "int4", F, ACTIVATIONS[activation.kind],
-        np.float32(activation.alpha), np.float32(activation.limit), S, out,
+        second_slots, m13, m2, m13b, m2b, perm, permb, input_perm is not None, w13.format == "int4",
+        w2.format == "int4", F, ACTIVATIONS[activation.kind], np.float32(activation.alpha),
+        np.float32(activation.limit), S, H, out,
     )  # fmt: skip
     if not routed:  # the kernels index raw memory: nothing ran; say what was out of range
-        E = expert_slots.shape[0]
         slots = expert_slots[topk_ids.clamp(0, E - 1)]
+        records = "" if second is None else f" (or records 0..{H - 1} of the second buffers)"
         raise ValueError(
-            f"host quantized experts: expected routed experts in 0..{E - 1} in slots 0..{S - 1}, found experts "
-            f"{int(topk_ids.min())}..{int(topk_ids.max())} in slots {int(slots.min())}..{int(slots.max())}"
+            f"host quantized experts: expected routed experts in 0..{E - 1} in slots 0..{S - 1}{records}, found "
+            f"experts {int(topk_ids.min())}..{int(topk_ids.max())} in slots {int(slots.min())}..{int(slots.max())}"
         )
     return torch.from_numpy(out)

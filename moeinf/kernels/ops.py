@@ -10,7 +10,9 @@ kernels (host_experts.py: float32 and bfloat16 weights read at memory bandwidth,
 arithmetic in another summation order), and in float32 the residual add with its RMSNorm
 (host_norm.py) and attention (host_attention.py) run one compiled call each instead of a layer's
 worth of small torch ops; larger steps run the experts as two grouped matmuls (grouped_experts.py:
-equal to the reference up to a vectorised sigmoid's last bit, and faster).
+equal to the reference up to a vectorised sigmoid's last bit, and faster). Quantized experts (int8 /
+int4 records, kernels/quantize.py) run host_quant_experts.py's kernels on the CPU for decode-sized
+steps and their torch reference (dequantized experts) otherwise.
 The Triton modules are imported on first use: importing triton takes about a second, and nothing
 on a CPU run needs it.
 """
@@ -19,8 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from moeinf.kernels import grouped_experts, host_attention, host_experts, host_norm, hybrid_experts
+from moeinf.kernels import grouped_experts, host_attention, host_experts, host_norm, host_quant_experts, hybrid_experts
 from moeinf.kernels.expert_activation import SILU, ExpertActivation
+from moeinf.kernels.quantize import QuantizedMatrix, quantized_moe_experts_reference
 from moeinf.kernels.reference import (
     grouped_sigmoid_topk_reference,
     moe_experts_reference,
@@ -104,11 +107,17 @@ class Kernels:
         b2: torch.Tensor | None = None,
         activation: ExpertActivation = SILU,
         host: host_experts.SecondBuffers | None = None,
+        input_perm: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # x: [T, D]; w13: [S, 2F, D]; w2: [S, D, F]; expert_slots: [E] -> [T, D]
         # b13: [S, 2F], b2: [S, D] per-slot biases (both or neither); activation of (gate, up)
         # host: experts read from the host tier's records instead (hybrid execution): with Triton the
         # device computes the rest beside them (kernels/hybrid_experts.py), else the host kernels all
+        # w13, w2 may be QuantizedMatrix (int8 / int4 records), input_perm [S, D] their act order
+        if isinstance(w13, QuantizedMatrix):
+            if b13 is not None or b2 is not None:
+                raise ValueError("quantized experts: expected no expert biases, found b13 / b2")
+            return self._quantized_experts(x, topk_ids, topk_weights, w13, w2, expert_slots, activation, host, input_perm)
         extras = dict(b13=b13, b2=b2, activation=activation)
         if host is not None and self.uses_triton(x):  # the device's share in Triton, the host's beside it
             return hybrid_experts.hybrid_moe_experts(x, topk_ids, topk_weights, w13, w2, expert_slots, host, **extras)
@@ -131,6 +140,39 @@ class Kernels:
         if grouped_experts.applies(x, w13, w2):
             return grouped_experts.moe_experts_grouped(x, topk_ids, topk_weights, w13, w2, expert_slots, **extras)
         return moe_experts_reference(x, topk_ids, topk_weights, w13, w2, expert_slots, **extras)
+
+    def _quantized_experts(
+        self,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        w13: QuantizedMatrix,
+        w2: QuantizedMatrix,
+        expert_slots: torch.Tensor,
+        activation: ExpertActivation,
+        host: host_experts.SecondBuffers | None,
+        input_perm: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Routed experts from int8 / int4 weights: on the CPU the host kernels for decode-sized
+        steps (float32 arithmetic whatever x's dtype: x is widened, the sum rounded to it once),
+        the torch reference on dequantized experts otherwise. The host tier's share (host) needs
+        the host kernels."""
+        if self.choice == "auto" and host_quant_experts.applies(x.float()):
+            y = host_quant_experts.host_quant_moe_experts(
+                x.float(), topk_ids, topk_weights, w13, w2, expert_slots, activation=activation,
+                input_perm=input_perm, second=host,
+            )  # fmt: skip
+            return y.to(x.dtype)
+        if host is not None:
+            raise ValueError(
+                f"quantized experts computed from the host tier need the host kernels: CPU steps of <= "
+                f"{host_quant_experts.MAX_TOKENS} tokens with kernels 'auto', found {x.device} [{x.shape[0]} tokens], "
+                f"kernels {self.choice!r}"
+            )
+        y = quantized_moe_experts_reference(
+            x, topk_ids, topk_weights, w13, w2, expert_slots, activation=activation, input_perm=input_perm
+        )
+        return y.to(x.dtype)
 
 
 AUTO = Kernels("auto")  # immutable: Triton on CUDA, torch elsewhere

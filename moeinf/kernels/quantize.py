@@ -278,20 +278,27 @@ def quantized_moe_experts_reference(
     expert_slots: torch.Tensor,
     *,
     activation: ExpertActivation = SILU,
+    input_perm: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """moe_experts_reference (reference.py) in float32 on dequantized experts: each routed
     expert's w13 [S, 2F, D] and w2 [S, D, F] slot dequantized to float32 (only those), then the
-    float reference. x: [T, D]; topk_ids, topk_weights: [T, K]; expert_slots: [E]. Returns [T, D]
-    float32."""
+    float reference. x: [T, D]; topk_ids, topk_weights: [T, K]; expert_slots: [E]; input_perm:
+    [S, D] integer, each slot's w13 input order (w13 packs W13[:, perm]: its columns are put back
+    in place, W13[:, perm] = dequantized); None: identity. Returns [T, D] float32."""
     routed = torch.unique(topk_ids.reshape(-1))  # [A] the routed experts
     used = torch.unique(expert_slots[routed])  # [U] their slots, ascending
     slots = torch.zeros_like(expert_slots)
     slots[routed] = torch.searchsorted(used, expert_slots[routed])  # [E] each routed expert's row of `used`
+    w13_float = dequantize(w13[used])  # [U, 2F, D]
+    if input_perm is not None:
+        packed, w13_float = w13_float, torch.empty_like(w13_float)
+        for row, slot in enumerate(used.tolist()):
+            w13_float[row][:, input_perm[slot].long()] = packed[row]
     return moe_experts_reference(
         x.to(torch.float32),
         topk_ids,
         topk_weights.to(torch.float32),
-        dequantize(w13[used]),
+        w13_float,
         dequantize(w2[used]),
         slots,
         activation=activation,

@@ -3,18 +3,23 @@
 Safetensors shards keep each expert as three tensors scattered across a file (or across files),
 in the checkpoint's dtype, so loading one expert from them means three lookups, three reads and a
 dtype conversion. The store instead holds every routed expert as one contiguous record, already in
-the compute dtype and already in the device slot layout, starting on an ALIGN boundary. Loading an
+its record format (the compute dtype, or int8 / int4: loaders/expert_record.py) and already in the
+device slot layout, starting on an ALIGN boundary. Loading an
 expert into a slot is then one large aligned read (O_DIRECT where the file system allows it, so the
 page cache is not filled twice with bytes that go straight on to pinned or device memory) and two
 plain byte copies.
 
 File layout:
     [0, 24)                 magic b"MOEINFXS", u32 version, u32 reserved, u64 JSON length (little-endian)
-    [24, 24 + JSON length)  UTF-8 JSON: fingerprint, num_layers, num_experts, dtype, w13_shape,
-                            w2_shape, biases, record_nbytes, data_offset, crc32 (one per record)
+    [24, 24 + JSON length)  UTF-8 JSON: fingerprint, num_layers, num_experts, format (the
+                            ExpertFormat's fields), w13_shape, w2_shape, biases, record_nbytes,
+                            data_offset, crc32 (one per record)
     [data_offset, ...)      records; record (l, e) is number l * E + e, record_nbytes each
-    record                  w13 [2F, D] (gate rows, then up rows), w2 [D, F], for families with
-                            expert biases b13 [2F] and b2 [D], then zero padding
+    record                  its fields (expert_record.py: w13 [2F, D] gate rows then up rows, w2
+                            [D, F], biases; or their quantized arrays), then zero padding
+
+A store file is named by its format (experts-float32.moeinf, experts-int4-g32.moeinf), so stores of
+one checkpoint in several formats sit side by side.
 
 The fingerprint covers the checkpoint's config.json and the name, size and mtime of each weight
 file, so a changed checkpoint makes the old store untrusted and it is rebuilt. A build writes to a
@@ -42,7 +47,6 @@ import threading
 import zlib
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,62 +57,20 @@ from tqdm import tqdm
 from moeinf.atomic_write import atomic_write
 from moeinf.errors import OffloadConfigError, StoreBufferError, StoreChecksumError, StoreError, StoreRecordError
 from moeinf.loaders.checkpoint import Checkpoint
+from moeinf.loaders.expert_format import ExpertFormat
+from moeinf.loaders.expert_record import ALIGN, RecordLayout, pack_record, round_up
 
-ALIGN = 4096
-STORE_VERSION = 2  # 2: records may end with expert biases
+STORE_VERSION = 3  # 2: records may end with expert biases; 3: records may be quantized (header "format")
 MAGIC = b"MOEINFXS"
 PREFIX = struct.Struct("<8sIIQ")  # magic, version, reserved, JSON length
 MAX_CRC = 0xFFFFFFFF
 # the temporary file atomic_write gives a store file (".experts-float32.moeinf.k2j_x9ab.tmp":
 # mkstemp's 8 random characters): the only names remove_stale_temporaries ever deletes
-STALE_TEMPORARY = re.compile(r"\.experts-[a-z0-9_]+\.moeinf\.[a-z0-9_]{8}\.tmp")
+STALE_TEMPORARY = re.compile(r"\.experts-[a-z0-9_-]+\.moeinf\.[a-z0-9_]{8}\.tmp")
 
 
-def round_up(n: int, multiple: int = ALIGN) -> int:
-    return -(-n // multiple) * multiple
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """torch.bfloat16 -> "bfloat16"."""
-    return str(dtype).removeprefix("torch.")
-
-
-@dataclass(frozen=True)
-class RecordLayout:
-    w13_shape: tuple[int, int]  # (2F, D): gate rows, then up rows
-    w2_shape: tuple[int, int]  # (D, F): down
-    dtype: torch.dtype  # compute dtype the bytes are stored in
-    w13_nbytes: int
-    w2_nbytes: int
-    payload_nbytes: int  # w13_nbytes + w2_nbytes (+ b13_nbytes + b2_nbytes)
-    record_nbytes: int  # payload rounded up to ALIGN
-    b13_nbytes: int = 0  # biases (GPT-OSS): b13 [2F] then b2 [D], after w2; 0 without
-    b2_nbytes: int = 0
-
-    @classmethod
-    def of(cls, hidden_size: int, expert_ffn: int, dtype: torch.dtype, biases: bool = False) -> RecordLayout:
-        D, F, itemsize = hidden_size, expert_ffn, dtype.itemsize
-        w13_nbytes = 2 * F * D * itemsize
-        w2_nbytes = D * F * itemsize
-        b13_nbytes, b2_nbytes = (2 * F * itemsize, D * itemsize) if biases else (0, 0)
-        payload = w13_nbytes + w2_nbytes + b13_nbytes + b2_nbytes
-        return cls((2 * F, D), (D, F), dtype, w13_nbytes, w2_nbytes, payload, round_up(payload), b13_nbytes, b2_nbytes)
-
-    @property
-    def biases(self) -> bool:
-        return self.b13_nbytes > 0
-
-    @property
-    def b13_offset(self) -> int:
-        return self.w13_nbytes + self.w2_nbytes
-
-    @property
-    def b2_offset(self) -> int:
-        return self.b13_offset + self.b13_nbytes
-
-
-def checkpoint_fingerprint(checkpoint: Checkpoint, dtype: torch.dtype) -> str:
-    """sha256 hex over the store version, the dtype, config.json's bytes, and the name, size and
+def checkpoint_fingerprint(checkpoint: Checkpoint, fmt: ExpertFormat) -> str:
+    """sha256 hex over the store version, the record format, config.json's bytes, and the name, size and
     mtime of each safetensors file. Each field is length-prefixed so no two inputs collide."""
     digest = hashlib.sha256()
 
@@ -118,7 +80,7 @@ def checkpoint_fingerprint(checkpoint: Checkpoint, dtype: torch.dtype) -> str:
         digest.update(data)
 
     field(STORE_VERSION)
-    field(dtype_name(dtype))
+    field(fmt.name)
     field((Path(checkpoint.path) / "config.json").read_bytes())
     for file in checkpoint.index.files():
         stat = file.stat()
@@ -192,12 +154,12 @@ def encode_header(meta: dict[str, Any]) -> bytes:
 
 
 def header_meta(fingerprint: str, num_layers: int, num_experts: int, layout: RecordLayout) -> dict[str, Any]:
-    """The header fields that depend only on the checkpoint and dtype (no offsets, no checksums)."""
+    """The header fields that depend only on the checkpoint and format (no offsets, no checksums)."""
     return {
         "fingerprint": fingerprint,
         "num_layers": num_layers,
         "num_experts": num_experts,
-        "dtype": dtype_name(layout.dtype),
+        "format": layout.format.header(),
         "w13_shape": list(layout.w13_shape),
         "w2_shape": list(layout.w2_shape),
         "biases": layout.biases,
@@ -295,18 +257,20 @@ class ExpertStore:
         cls,
         checkpoint: Checkpoint,
         directory: str | Path,
-        dtype: torch.dtype,
+        fmt: ExpertFormat | torch.dtype,
         progress: bool = True,
         direct: bool = True,
     ) -> ExpertStore:
-        """Opens `directory`/experts-<dtype>.moeinf if it is a complete store of this checkpoint in
-        `dtype`; otherwise builds it first (built=True, rebuild_reason says why)."""
+        """Opens `directory`/experts-<format name>.moeinf if it is a complete store of this checkpoint
+        in `fmt` (a float dtype: float records of it); otherwise builds it first (built=True,
+        rebuild_reason says why)."""
         spec = checkpoint.spec
-        layout = RecordLayout.of(spec.hidden_size, spec.expert_ffn, dtype, biases=spec.expert_bias)
+        fmt = fmt if isinstance(fmt, ExpertFormat) else ExpertFormat.float(fmt)
+        layout = RecordLayout.for_format(spec.hidden_size, spec.expert_ffn, fmt, biases=spec.expert_bias)
         directory = Path(directory).expanduser()
-        path = directory / f"experts-{dtype_name(dtype)}.moeinf"
+        path = directory / f"experts-{fmt.name}.moeinf"
         num_records = spec.num_moe_layers * spec.num_experts
-        expected = header_meta(checkpoint_fingerprint(checkpoint, dtype), spec.num_moe_layers, spec.num_experts, layout)
+        expected = header_meta(checkpoint_fingerprint(checkpoint, fmt), spec.num_moe_layers, spec.num_experts, layout)
         meta, reason = trusted_header(path, expected, num_records)
         if meta is not None:
             return cls(path, checkpoint, layout, meta, False, None, direct)
@@ -448,29 +412,6 @@ class ExpertStore:
         self.close()
 
 
-def pack_record(checkpoint: Checkpoint, layout: RecordLayout, layer: int, expert: int, out: np.ndarray) -> None:
-    """Writes the payload of record (layer, expert) into out[:payload_nbytes]; `layer` counts MoE
-    layers only (the store holds no dense layers)."""
-    weights = checkpoint.expert_weights(layer, expert)
-    w13, w2 = weights.w13, weights.w2  # [2F, D], [D, F]
-    if tuple(w13.shape) != layout.w13_shape or tuple(w2.shape) != layout.w2_shape:
-        raise StoreError(
-            f"layer {layer}, expert {expert}: expected w13 {list(layout.w13_shape)} and w2 {list(layout.w2_shape)}, "
-            f"found {list(w13.shape)} and {list(w2.shape)}"
-        )
-    if (weights.b13 is not None) != layout.biases:
-        raise StoreError(
-            f"layer {layer}, expert {expert}: expected {'biases' if layout.biases else 'no biases'} in the record, "
-            f"found {'none' if weights.b13 is None else 'biases'} in the checkpoint"
-        )
-    pieces = [w13, w2] + ([weights.b13, weights.b2] if layout.biases else [])
-    offset = 0
-    for piece in pieces:  # converted to the compute dtype, laid end to end
-        data = piece.to(layout.dtype).contiguous().reshape(-1).view(torch.uint8).numpy()
-        out[offset : offset + data.nbytes] = data
-        offset += data.nbytes
-
-
 def make_store_folder(directory: Path) -> None:
     """Creates the store's folder if missing; OffloadConfigError when it is a file or cannot be made."""
     try:
@@ -551,7 +492,7 @@ def build(
                 f"found {path.parent} (creating a file there failed: {e.strerror or e})"
             ) from None
         fd = f.fileno()  # written with pwrite only, so the file object buffers nothing
-        bar = tqdm(total=L * E, desc=f"expert store ({dtype_name(layout.dtype)})", unit="expert", disable=not progress)
+        bar = tqdm(total=L * E, desc=f"expert store ({layout.format.name})", unit="expert", disable=not progress)
         with bar:
             for layer in range(L):
                 for expert in range(E):

@@ -12,6 +12,7 @@ import torch
 
 from moeinf.errors import LLMClosedError, OffloadConfigError, RequestError, TokenizerError
 from moeinf.loaders.checkpoint import Checkpoint
+from moeinf.loaders.expert_format import resolve_expert_format
 from moeinf.loaders.tokenizer import TextCodec
 from moeinf.runtime.cache.policy import CachePolicy
 from moeinf.runtime.cache.registry import DEFAULT_POLICY
@@ -23,6 +24,7 @@ from moeinf.runtime.setup import (
     Budget,
     OffloadConfig,
     build_expert_source,
+    native_expert_format,
     resolve_device,
     resolve_dtype,
     resolve_kernels,
@@ -61,7 +63,10 @@ def token_ids(prompt: object) -> list[int]:
 class LLM:
     """Serves one checkpoint. Offloading settings come as keywords or as one OffloadConfig
     (offload=...); by default every expert stays resident on the compute device. `kernels` picks
-    what runs norms, routing and experts (see resolve_kernels)."""
+    what runs norms, routing and experts (see resolve_kernels). `expert_dtype` the routed experts'
+    format (loaders/expert_format.py): "auto" (the checkpoint's own quantized format, else the
+    compute dtype), or "int8" / "int4" / "int4-g64" / "int4-g128", quantized round to nearest as the
+    store (or the resident stack) is built; dense layers stay in the compute dtype."""
 
     def __init__(
         self,
@@ -78,6 +83,7 @@ class LLM:
         offload: OffloadConfig | None = None,
         max_batch_tokens: int | None = None,
         kernels: str = "auto",
+        expert_dtype: str = "auto",
     ):
         keywords = OffloadConfig(expert_budget, host_budget, offload_dir, policy, host_compute=host_compute)
         if offload is not None and keywords != OffloadConfig():
@@ -93,11 +99,13 @@ class LLM:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.spec.torch_dtype, self.device)
         self.kernels = resolve_kernels(kernels, self.device)
+        # how the routed experts are held and computed: the compute dtype, or int8 / int4 records
+        self.expert_format = resolve_expert_format(expert_dtype, self.dtype, native_expert_format(self.checkpoint))
         tokenizer_file = self.checkpoint.tokenizer_file
         self.codec = TextCodec(tokenizer_file) if tokenizer_file else None
         # where the executor finds each layer's experts, and the one it tells what each step routes
         self.experts = build_expert_source(
-            self.checkpoint, self.offload, self.device, self.dtype, progress, max_batch_tokens
+            self.checkpoint, self.offload, self.device, self.dtype, progress, max_batch_tokens, self.expert_format
         )
         self.executor = Executor(self.checkpoint, self.experts, self.device, self.dtype, self.kernels, progress)
         # the running batch, stepped under the lock by whichever thread steps (generate, or submit's loop)

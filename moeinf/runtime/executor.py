@@ -189,6 +189,7 @@ class Executor:
         y = self.kernels.moe_experts(
             x, ids, weights, experts.w13, experts.w2, experts.slots,
             b13=experts.b13, b2=experts.b2, activation=spec.expert_activation, host=experts.host,
+            input_perm=experts.input_perm,
         )  # fmt: skip
         self.experts.release(m)
         if lw.shared_w13 is not None:

@@ -21,6 +21,8 @@ from moeinf.kernels.block_configs import interpreting
 from moeinf.kernels.ops import KERNEL_CHOICES, Kernels
 from moeinf.loaders.checkpoint import Checkpoint
 from moeinf.loaders.default_model import cache_dir
+from moeinf.loaders.expert_format import ExpertFormat
+from moeinf.loaders.expert_record import RecordLayout
 from moeinf.loaders.expert_store import ExpertStore
 from moeinf.runtime.cache.placement import HOST_COMPUTE_CHOICES
 from moeinf.runtime.cache.registry import DEFAULT_POLICY, make_policy
@@ -161,6 +163,11 @@ def host_tier_records(value: Budget, expert_nbytes: int, total: int, device: tor
     return records
 
 
+def native_expert_format(checkpoint: Checkpoint) -> ExpertFormat | None:
+    """The checkpoint's own quantized expert format (expert_dtype "auto" keeps it), or None."""
+    return None  # float checkpoints only, until published quantized checkpoints load as they are
+
+
 def default_store_dir(checkpoint: Checkpoint) -> Path:
     """One store folder per checkpoint folder, under the cache directory."""
     digest = hashlib.sha1(str(checkpoint.path.resolve()).encode()).hexdigest()[:12]
@@ -174,19 +181,23 @@ def build_expert_source(
     dtype: torch.dtype,
     progress: bool,
     max_batch_tokens: int | None,
+    fmt: ExpertFormat | None = None,
 ) -> ExpertSource:
     """Every expert resident when the budget affords them all; else a pool of slots over the store,
-    run by the configured policy."""
+    run by the configured policy. fmt: the experts' record format (None: float in `dtype`); budgets
+    count its bytes."""
     spec = checkpoint.spec
     if offload.host_compute not in HOST_COMPUTE_CHOICES:
         choices = ", ".join(HOST_COMPUTE_CHOICES)
         raise OffloadConfigError(f"host_compute: expected one of {choices}, found {offload.host_compute!r}")
+    fmt = fmt or ExpertFormat.float(dtype)
     total = spec.num_moe_layers * spec.num_experts
-    expert_nbytes = spec.expert_params * torch.empty((), dtype=dtype).element_size()
+    layout = RecordLayout.for_format(spec.hidden_size, spec.expert_ffn, fmt, biases=spec.expert_bias)
+    expert_nbytes = layout.payload_nbytes
     slots = parse_budget(offload.expert_budget, expert_nbytes, total, "expert_budget")
     policy = make_policy(offload.policy, spec.num_moe_layers, spec.num_experts)
     if slots >= total:
-        return ResidentExperts(checkpoint, device, dtype, progress)
+        return ResidentExperts(checkpoint, device, dtype, progress, fmt)
     # A layer computes only with all its routed experts resident at once: one step's tokens route
     # to at most top_k each, and without max_batch_tokens a prefill can reach every expert.
     minimum = spec.num_experts
@@ -196,11 +207,11 @@ def build_expert_source(
         raise OffloadConfigError(
             f"expert_budget {offload.expert_budget!r} affords {slots} expert slots; the minimum is {minimum} "
             f"(one layer's experts for a step of {max_batch_tokens or 'any number of'} tokens, "
-            f"{minimum * expert_nbytes / 2**20:.1f} MiB in {str(dtype).split('.')[-1]})"
+            f"{minimum * expert_nbytes / 2**20:.1f} MiB in {fmt.name})"
         )
     host_records = host_tier_records(offload.host_budget, expert_nbytes, total, device)
     if offload.io_threads < 1:
         raise OffloadConfigError(f"io_threads: expected >= 1, found {offload.io_threads}")
     store_dir = Path(offload.offload_dir) if offload.offload_dir else default_store_dir(checkpoint)
-    store = ExpertStore.open_or_build(checkpoint, store_dir, dtype, progress=progress)
+    store = ExpertStore.open_or_build(checkpoint, store_dir, fmt, progress=progress)
     return ExpertPool(store, slots, host_records, device, dtype, policy, offload.io_threads, offload.host_compute)

@@ -12,7 +12,7 @@ from moeinf.kernels.host_experts import host_moe_experts
 from moeinf.kernels.ops import AUTO, Kernels
 from moeinf.kernels.reference import moe_experts_reference
 from moeinf.kernels.tolerance import TOLERANCE, rel_rms
-from moeinf.loaders.expert_store import RecordLayout
+from moeinf.loaders.expert_record import RecordLayout
 
 CLAMPED = ExpertActivation("clamped_swiglu", alpha=1.702, limit=2.0)  # binds at the scale below
 # hidden D and expert ffn F: the default model's shape, and one whose rows are no multiple of 4
@@ -80,12 +80,12 @@ def record_views(w13, w2, b13=None, b2=None, order=None):
     flat = records.view(-1).view(w13.dtype)
     views = [
         flat.as_strided((S, F2, D), (R // itemsize, D, 1)),
-        flat.as_strided((S, D, F2 // 2), (R // itemsize, F2 // 2, 1), layout.w13_nbytes // itemsize),
+        flat.as_strided((S, D, F2 // 2), (R // itemsize, F2 // 2, 1), layout.field("w2").offset // itemsize),
     ]
     if b13 is not None:
         views += [
-            flat.as_strided((S, F2), (R // itemsize, 1), layout.b13_offset // itemsize),
-            flat.as_strided((S, D), (R // itemsize, 1), layout.b2_offset // itemsize),
+            flat.as_strided((S, F2), (R // itemsize, 1), layout.field("b13").offset // itemsize),
+            flat.as_strided((S, D), (R // itemsize, 1), layout.field("b2").offset // itemsize),
         ]
     for view, source in zip(views, (w13, w2, b13, b2)):
         view.copy_(source[order])

@@ -1,8 +1,9 @@
 """The quantized host expert kernels against quantized_moe_experts_reference (the float32 reference on
 the dequantized experts): int8, int4 symmetric and asymmetric with float16 and bfloat16 scales,
 group counts odd and even, 1 to 32 tokens, top-2 and top-8, both activations; weights read out of
-store-record views in any slot order to the same bits; nothing read from a slot no routed expert
-sits in; bad inputs refused.
+store-record views in any slot order to the same bits, and from second buffers (the host tier) beside
+the slots to the same bits; act-order input orders; nothing read from a slot no routed expert sits
+in; bad inputs refused.
 
 Tolerance: TOLERANCE[float32] (1e-5 relative RMS). Kernel and reference multiply the same weights
 (int4's are exact in float32; int8's kernel takes q * x and the row's scale once where the reference
@@ -18,8 +19,9 @@ import torch
 
 from moeinf.kernels import host_quant_experts
 from moeinf.kernels.expert_activation import ExpertActivation
+from moeinf.kernels.host_experts import SecondBuffers
 from moeinf.kernels.host_quant_experts import host_quant_moe_experts
-from moeinf.kernels.quantize import QuantizedMatrix, quantize, quantized_moe_experts_reference
+from moeinf.kernels.quantize import QuantizedMatrix, dequantize, quantize, quantized_moe_experts_reference
 from moeinf.kernels.tolerance import TOLERANCE, rel_rms
 
 CLAMPED = ExpertActivation("clamped_swiglu", alpha=1.702, limit=2.0)
@@ -149,6 +151,47 @@ def test_record_views_in_any_slot_order_give_the_same_bits(name):
     order = torch.randperm(w13.q.shape[0], generator=torch.Generator().manual_seed(5))  # slot s in record order[s]
     pooled = host_quant_moe_experts(x, ids, weights, record_views(w13, order), record_views(w2, order), order[slots])
     assert torch.equal(pooled, resident)
+
+
+@pytest.mark.parametrize("name", ["int8-odd", "int4-g32-asym-bf16"])
+def test_experts_in_second_buffers_give_the_same_bits(name):
+    """Some routed experts read from a second buffer (the host tier's records, in another order):
+    computed exactly as from their slots."""
+    x, ids, weights, w13, w2, slots = make_case(name, 5, 4)
+    resident = host_quant_moe_experts(x, ids, weights, w13, w2, slots)
+    order = torch.randperm(w13.q.shape[0], generator=torch.Generator().manual_seed(7))
+    second_slots = torch.full_like(slots, -1)
+    second_slots[::2] = order[slots[::2]]  # every other expert read from the second buffer
+    slots_left = slots.clone()
+    slots_left[::2] = -1  # not in a slot: a read from the first buffer would fault the range check
+    host = SecondBuffers(second_slots, record_views(w13, order), record_views(w2, order))
+    mixed = host_quant_moe_experts(x, ids, weights, w13, w2, slots_left, second=host)
+    assert torch.equal(mixed, resident)
+
+
+def random_input_orders(S: int, D: int, seed: int) -> torch.Tensor:
+    """perm [S, D] int32: a random input order per slot, as if each slot's w13 were the packed
+    W[:, perm] of act-order weights."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(D, generator=g) for _ in range(S)]).to(torch.int32)
+
+
+@pytest.mark.parametrize("name", ["int8", "int4-g64-asym-fp16"])
+def test_input_orders_of_act_order_weights(name):
+    x, ids, weights, w13, w2, slots = make_case(name, 6, 4)
+    perm = random_input_orders(w13.shape[0], w13.shape[2], seed=3)
+    got = host_quant_moe_experts(x, ids, weights, w13, w2, slots, input_perm=perm)
+    expected = quantized_moe_experts_reference(x, ids, weights, w13, w2, slots, input_perm=perm)
+    assert rel_rms(got, expected) < TOLERANCE[torch.float32]
+    # the order matters: without it the result is another one
+    assert rel_rms(host_quant_moe_experts(x, ids, weights, w13, w2, slots), expected) > 0.1
+    # and the reference puts w13's columns back: x[:, perm] against the packed columns
+    e = int(ids[0, 0])
+    packed = dequantize(w13[int(slots[e])])  # [2F, D]
+    direct = x[:1, perm[int(slots[e])].long()] @ packed.T
+    unpermuted = torch.empty_like(packed)
+    unpermuted[:, perm[int(slots[e])].long()] = packed
+    assert torch.allclose(direct, x[:1] @ unpermuted.T, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_inputs_are_refused_with_what_was_found():

@@ -28,6 +28,7 @@ import torch
 from moeinf.errors import MoeinfError, StoreBufferError, StoreChecksumError, StoreError, StoreRecordError
 from moeinf.loaders import expert_store
 from moeinf.loaders.checkpoint import Checkpoint
+from moeinf.loaders.expert_format import ExpertFormat
 from moeinf.loaders.expert_store import ALIGN, STORE_VERSION, ExpertStore, aligned_buffer, checkpoint_fingerprint
 from tests.checkpoints import save_tiny_mixtral
 
@@ -74,8 +75,9 @@ def expected_record(ckpt: Checkpoint, dtype: torch.dtype, layer: int, expert: in
 def unpack(store: ExpertStore, buf: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """A payload's bytes viewed back as (w13, w2) in the store's dtype."""
     lay = store.layout
-    w13 = torch.frombuffer(bytearray(buf[: lay.w13_nbytes]), dtype=lay.dtype).view(lay.w13_shape)
-    w2 = torch.frombuffer(bytearray(buf[lay.w13_nbytes : lay.payload_nbytes]), dtype=lay.dtype).view(lay.w2_shape)
+    n13 = lay.field("w13").nbytes
+    w13 = torch.frombuffer(bytearray(buf[:n13]), dtype=lay.dtype).view(lay.w13_shape)
+    w2 = torch.frombuffer(bytearray(buf[n13 : lay.payload_nbytes]), dtype=lay.dtype).view(lay.w2_shape)
     return w13, w2
 
 
@@ -126,7 +128,7 @@ def test_records_equal_checkpoint_experts(layout, dtype, single_saved, sharded_s
         lay = store.layout
         assert (store.num_layers, store.num_experts) == (spec.num_layers, spec.num_experts)
         assert (lay.w13_shape, lay.w2_shape, lay.dtype) == ((2 * F, D), (D, F), dtype)
-        assert lay.payload_nbytes == lay.w13_nbytes + lay.w2_nbytes == 3 * F * D * dtype.itemsize
+        assert lay.payload_nbytes == lay.field("w13").nbytes + lay.field("w2").nbytes == 3 * F * D * dtype.itemsize
         assert lay.record_nbytes % ALIGN == 0 and 0 < lay.record_nbytes - lay.payload_nbytes < ALIGN
         assert store.built and store.path.name == f"experts-{str(dtype).removeprefix('torch.')}.moeinf"
         assert_matches_checkpoint(store, ckpt)
@@ -146,8 +148,8 @@ def test_file_format_on_disk(single_saved, store_dir):
     magic, version, reserved, json_len = struct.unpack_from("<8sIIQ", raw)
     assert (magic, version, reserved) == (b"MOEINFXS", STORE_VERSION, 0)
     meta = json.loads(raw[24 : 24 + json_len].decode())
-    assert meta["fingerprint"] == checkpoint_fingerprint(ckpt, torch.bfloat16)
-    assert meta["dtype"] == "bfloat16"
+    assert meta["fingerprint"] == checkpoint_fingerprint(ckpt, ExpertFormat.float(torch.bfloat16))
+    assert meta["format"]["kind"] == "float" and meta["format"]["dtype"] == "bfloat16"
     assert (meta["num_layers"], meta["num_experts"]) == (ckpt.spec.num_layers, ckpt.spec.num_experts)
     assert meta["w13_shape"] == list(lay.w13_shape) and meta["w2_shape"] == list(lay.w2_shape)
     assert meta["record_nbytes"] == lay.record_nbytes
@@ -581,10 +583,11 @@ def test_aligned_buffer_rejects_negative():
 
 def test_fingerprint_tracks_dtype_and_files(ckpt_dir):
     ckpt = Checkpoint.open(ckpt_dir)
-    first = checkpoint_fingerprint(ckpt, torch.float32)
-    assert first == checkpoint_fingerprint(Checkpoint.open(ckpt_dir), torch.float32)
+    first = checkpoint_fingerprint(ckpt, ExpertFormat.float(torch.float32))
+    assert first == checkpoint_fingerprint(Checkpoint.open(ckpt_dir), ExpertFormat.float(torch.float32))
     assert len(first) == 64 and int(first, 16) >= 0
-    assert first != checkpoint_fingerprint(ckpt, torch.bfloat16)
+    assert first != checkpoint_fingerprint(ckpt, ExpertFormat.float(torch.bfloat16))
+    assert first != checkpoint_fingerprint(ckpt, ExpertFormat("int8"))
     weights = ckpt_dir / "model.safetensors"
     os.utime(weights, ns=(0, weights.stat().st_mtime_ns + 1))
-    assert first != checkpoint_fingerprint(ckpt, torch.float32)
+    assert first != checkpoint_fingerprint(ckpt, ExpertFormat.float(torch.float32))

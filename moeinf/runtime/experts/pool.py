@@ -3,10 +3,11 @@ host tier and the disk store, evictions and prefetches decided by a CacheControl
 policy (the pool is its LoadMechanism), every transfer counted.
 
 Slots live in one buffer of records, records: [S, record_nbytes] uint8, laid out exactly like a
-record of the expert store (w13 then w2, then any biases, in the compute dtype). w13 [S, 2F, D],
-w2 [S, D, F] (and b13 [S, 2F], b2 [S, D] for families with expert biases) are strided views into
-it, so a load is one contiguous copy per expert (on the CPU a direct read from the store into the
-slot), and the kernels read any slot through the slot table unchanged.
+record of the expert store (loaders/expert_record.py: w13 then w2, then any biases, in the compute
+dtype; or their int8 / int4 arrays). w13 [S, 2F, D], w2 [S, D, F] (float tensors or
+QuantizedMatrix; and b13 [S, 2F], b2 [S, D] for families with expert biases) are strided views
+into it, so a load is one contiguous copy per expert (on the CPU a direct read from the store into
+the slot), and the kernels read any slot through the slot table unchanged.
 
 Hybrid execution (host_compute "auto" or "always", with a host tier of at least one layer's
 experts): the controller's Placement may compute a miss on the host instead. Its record is then
@@ -16,7 +17,8 @@ slots'. The link stays free for promotions. On the CPU the host kernels compute 
 same from either buffer, so such runs equal the resident run bit for bit. On CUDA (and with
 kernels="triton") the device computes the slots' experts in Triton while a worker thread computes
 the host's (kernels/hybrid_experts.py), and the placement's costs are measured at start-up
-(_measured_cuda_costs): host-computed experts round differently from the resident run's.
+(_measured_cuda_costs): host-computed experts round differently from the resident run's. The
+device/host split on CUDA is written for float records: quantized ones fetch every miss there.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ import torch
 
 from moeinf.errors import OffloadConfigError, StoreChecksumError
 from moeinf.kernels import host_experts, hybrid_experts
-from moeinf.loaders.expert_store import ExpertStore, RecordLayout, aligned_buffer
+from moeinf.loaders.expert_record import RecordLayout, record_views
+from moeinf.loaders.expert_store import ExpertStore, aligned_buffer
 from moeinf.runtime.cache.controller import CacheController
 from moeinf.runtime.cache.counters import TrafficCounters
 from moeinf.runtime.cache.placement import HOST, ExpertCosts, Placement
@@ -71,14 +74,14 @@ class ExpertPool:
         else:
             self._records_np = aligned_buffer(S * R).reshape(S, R)  # aligned: O_DIRECT reads land in slots
             self.records = torch.from_numpy(self._records_np)
-        self.w13, self.w2, self.b13, self.b2 = record_views(self.records, layout, dtype)
+        self.views = record_views(self.records, layout)  # w13 [S, 2F, D], w2 [S, D, F], ... into the slots
         self.copier = CudaSlotCopier(self.records, layout.payload_nbytes) if cuda_copies_available(device) else None
         if device.type == "cuda" and self.copier is None:
             self._staging = threading.local()  # torch copies from per-thread pinned buffers
         self.host = HostCache(host_records, R, pinned=device.type == "cuda")
         self.stats = TrafficCounters()
         placement = self._placement(host_compute, host_records, dtype)
-        self._host_views = record_views(torch.from_numpy(self.host.buffer), layout, dtype) if placement else None
+        self._host_views = record_views(torch.from_numpy(self.host.buffer), layout) if placement else None
         # where the host's share of a layer runs while the device computes its own (CUDA: two memories)
         cuda_hybrid = placement is not None and device.type == "cuda"
         self._host_worker = ThreadPoolExecutor(1, thread_name_prefix="moeinf-host") if cuda_hybrid else None
@@ -91,6 +94,13 @@ class ExpertPool:
         the host tier, so it needs one that holds a layer's experts; "auto" without one fetches."""
         if host_compute == "never":
             return None
+        if self.layout.quantized and self.device.type == "cuda":  # the hybrid kernels are float ones
+            if host_compute == "always":
+                raise OffloadConfigError(
+                    f"host_compute 'always': expected float experts on CUDA (the device/host split runs float "
+                    f"kernels), found {self.layout.format.name} records; use host_compute 'never' or 'auto'"
+                )
+            return None
         if host_records < self.num_experts:
             if host_compute == "always":
                 raise OffloadConfigError(
@@ -100,7 +110,7 @@ class ExpertPool:
             return None
         if self.device.type == "cuda":
             return Placement(host_compute, self._measured_cuda_costs(dtype))
-        return Placement(host_compute, self._measured_costs(dtype))
+        return Placement(host_compute, self._measured_costs())
 
     def _measured_cuda_costs(self, dtype: torch.dtype) -> ExpertCosts:
         """The placement's costs on this machine, measured once at start-up on one expert record:
@@ -108,7 +118,7 @@ class ExpertPool:
         1 and MAX_TOKENS tokens) and the device kernels (one slot, 1 and 256 tokens). Timings
         take the best of three, after a warm-up (Numba's compile and Triton's are not costs)."""
         layout, P = self.layout, self.layout.payload_nbytes
-        params = P / torch.empty((), dtype=dtype).element_size()
+        params = expert_params(layout)
         D = layout.w13_shape[1]
 
         def best(run) -> float:
@@ -127,9 +137,9 @@ class ExpertPool:
         host_views = (
             self._host_views
             if self._host_views is not None
-            else record_views(torch.from_numpy(self.host.buffer), layout, dtype)
+            else record_views(torch.from_numpy(self.host.buffer), layout)
         )
-        second = host_experts.SecondBuffers(torch.tensor([0] + [-1] * (self.num_experts - 1)), *host_views)
+        second = host_experts.SecondBuffers(torch.tensor([0] + [-1] * (self.num_experts - 1)), *host_views[:4])
 
         def on_host(tokens: int):
             x = torch.zeros((tokens, D), dtype=dtype)
@@ -143,7 +153,8 @@ class ExpertPool:
             ids = torch.zeros((tokens, 1), dtype=torch.int64, device=self.device)
             weights = torch.ones((tokens, 1), device=self.device)
             slots = torch.tensor([0] + [-1] * (self.num_experts - 1), device=self.device)
-            return lambda: moe.fused_moe(x, ids, weights, self.w13, self.w2, slots, b13=self.b13, b2=self.b2)
+            views = self.views
+            return lambda: moe.fused_moe(x, ids, weights, views.w13, views.w2, slots, b13=views.b13, b2=views.b2)
 
         many = host_experts.MAX_TOKENS
         host_1, host_many = best(on_host(1)), best(on_host(many))
@@ -153,7 +164,7 @@ class ExpertPool:
             2 * params * 256 / device_many,
         )  # fmt: skip
 
-    def _measured_costs(self, dtype: torch.dtype) -> ExpertCosts:
+    def _measured_costs(self) -> ExpertCosts:
         """The placement's costs on this machine. On the CPU the 'device' slots and the host tier
         are the same memory read by the same kernels, so a load (one record copied tier to slot,
         timed here once) only ever adds to the compute: "auto" computes every decode miss from
@@ -163,7 +174,7 @@ class ExpertPool:
         start = time.perf_counter()
         dst[:] = src
         copy_bytes_per_s = R / max(time.perf_counter() - start, 1e-9)
-        params = self.layout.payload_nbytes / torch.empty((), dtype=dtype).element_size()
+        params = expert_params(self.layout)
         same = copy_bytes_per_s, SAME_CPU_FLOPS_PER_S  # host and "device": one memory, one kernel
         return ExpertCosts(self.layout.payload_nbytes, 2 * params, copy_bytes_per_s, *same, *same)
 
@@ -252,7 +263,8 @@ class ExpertPool:
             self.copier.compute_waits_for([slot for slot in table if slot >= 0])
         host = self._host_share(layer, table)
         slots = torch.tensor([max(slot, -1) for slot in table], dtype=torch.int64, device=self.device)  # [E]
-        return LayerExperts(slots, self.w13, self.w2, self.b13, self.b2, host)
+        views = self.views
+        return LayerExperts(slots, views.w13, views.w2, views.b13, views.b2, host, views.input_perm)
 
     def _host_share(self, layer: int, table: list[int]) -> host_experts.SecondBuffers | None:
         """The host tier's records of the experts the controller placed on the host, pinned there
@@ -269,7 +281,8 @@ class ExpertPool:
             records[expert] = record
         self.stats.add(stall_s=time.perf_counter() - start)
         records = torch.tensor(records, dtype=torch.int64)
-        return host_experts.SecondBuffers(records, *self._host_views, worker=self._host_worker)
+        w13, w2, b13, b2, input_perm = self._host_views
+        return host_experts.SecondBuffers(records, w13, w2, b13, b2, self._host_worker, input_perm)
 
     def release(self, layer: int) -> None:
         self.host.unpin_all()
@@ -290,17 +303,7 @@ class ExpertPool:
         self.store.close()
 
 
-def record_views(records: torch.Tensor, layout: RecordLayout, dtype: torch.dtype) -> tuple:
-    """records: [N, record_nbytes] uint8, each row laid out as a store record -> (w13 [N, 2F, D],
-    w2 [N, D, F], b13 [N, 2F] or None, b2 [N, D] or None) in `dtype`, strided views into it."""
-    N, R = records.shape
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    flat = records.view(-1).view(dtype)
+def expert_params(layout: RecordLayout) -> int:
+    """Weights of one expert, w13's and w2's (the FLOPs per token are twice this)."""
     (F2, D), (_, F) = layout.w13_shape, layout.w2_shape
-    w13 = flat.as_strided((N, F2, D), (R // itemsize, D, 1))
-    w2 = flat.as_strided((N, D, F), (R // itemsize, F, 1), layout.w13_nbytes // itemsize)
-    if not layout.biases:
-        return w13, w2, None, None
-    b13 = flat.as_strided((N, F2), (R // itemsize, 1), layout.b13_offset // itemsize)
-    b2 = flat.as_strided((N, D), (R // itemsize, 1), layout.b2_offset // itemsize)
-    return w13, w2, b13, b2
+    return F2 * D + D * F

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from moeinf.kernels.host_experts import SecondBuffers
+from moeinf.kernels.quantize import QuantizedMatrix
 from moeinf.runtime.cache.counters import TrafficCounters
 from moeinf.runtime.cache.eam import expert_counts
 from moeinf.runtime.cache.policy import CachePolicy
@@ -59,13 +60,14 @@ class LayerExperts:
     expert kernels read, and where in them each routed expert of the layer sits."""
 
     slots: torch.Tensor  # [E] int64 the slot of each expert of the layer (-1: not routed this step)
-    w13: torch.Tensor  # [S, 2F, D] gate and up rows of every slot
-    w2: torch.Tensor  # [S, D, F] down
+    w13: torch.Tensor | QuantizedMatrix  # [S, 2F, D] gate and up rows of every slot (float or int8 / int4)
+    w2: torch.Tensor | QuantizedMatrix  # [S, D, F] down
     b13: torch.Tensor | None = None  # [S, 2F] for families with expert biases
     b2: torch.Tensor | None = None  # [S, D]
     # the experts computed on the host this layer (hybrid execution): read from the host tier's
     # records instead of the slots (their `slots` entries are -1); None: every routed expert is in a slot
     host: SecondBuffers | None = None
+    input_perm: torch.Tensor | None = None  # [S, D] int32 w13's input order (act-order records); None: identity
 
 
 class ExpertSource(Protocol):

@@ -32,6 +32,28 @@ Each expert has its own permutations (GPTQ orders by each expert's own Hessian),
 are quantized separately: their perms agree when their calibration inputs did, which nothing
 guarantees; compare them, and gather x once per distinct perm.
 
+In a checkpoint. A quantized linear module `m` (the tensor name of its weight less ".weight")
+stores, instead of m.weight, the tensors below (N outputs, K inputs, G the group, K / G groups):
+
+    gptq                 dtype                 shape                          note
+    m.qweight            int32                 [K * bits / 32, N]
+    m.qzeros             int32                 [K / G, N * bits / 32]
+    m.scales             float16 / bfloat16    [K / G, N]
+    m.g_idx              int32                 [K]                            optional
+    compressed-tensors (pack-quantized)
+    m.weight_packed      int32                 [N, ceil(K * bits / 32)]
+    m.weight_scale       float16 / bfloat16    [N, K / G] ([N, 1] channel)
+    m.weight_shape       int64 / int32         [2]                            holds [N, K]
+    m.weight_zero_point  int32 / int8          [ceil(N * bits / 32), K / G]   asymmetric only
+                                               / [N, K / G]
+    m.weight_g_idx       int32                 [K]                            optional
+
+(float32 scales too where the layout is int8 per channel, which keeps float32 scales). Whether a
+module is quantized is what the checkpoint holds: m.qweight (gptq) or m.weight_packed
+(compressed-tensors) beside no m.weight; its bits, group size and symmetry are what the scheme's
+weight_quant(m) says (a module the checkpoint holds packed but the config leaves unquantized is a
+ConfigError). packed_tensors lists what a module must hold, unpack_module unpacks it.
+
 Checks on the tensors' shapes and dtypes raise TensorShapeError / TensorDtypeError; a config that
 asks for something moeinf cannot read raises ConfigError. This module only needs torch.
 """
@@ -315,6 +337,138 @@ def _parse_compressed_tensors(q: dict[str, Any], source: str) -> QuantScheme:
     return QuantScheme(
         method="compressed-tensors", checkpoint_format="pack-quantized", targets=tuple(targets), ignore=tuple(ignore)
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# the tensors of a quantized module, in a checkpoint
+
+WEIGHT_SUFFIX = ".weight"
+MARKERS = {"gptq": "qweight", "compressed-tensors": "weight_packed"}  # what a quantized module holds
+TENSORS = {"gptq": GPTQ_TENSORS, "compressed-tensors": COMPRESSED_TENSORS}
+G_IDX = {"gptq": "g_idx", "compressed-tensors": "weight_g_idx"}
+SCALES = {"gptq": "scales", "compressed-tensors": "weight_scale"}
+_SCALE_CODES = ("F16", "BF16")
+
+
+def module_of(weight_name: str) -> str | None:
+    """model.layers.0.self_attn.q_proj.weight -> model.layers.0.self_attn.q_proj; None for a name
+    that is not a module's weight."""
+    return weight_name[: -len(WEIGHT_SUFFIX)] if weight_name.endswith(WEIGHT_SUFFIX) else None
+
+
+def scale_dtype_codes(quant: WeightQuant) -> tuple[str, ...]:
+    """The safetensors dtypes a module's scales may have: float16 / bfloat16, which moeinf's layout
+    keeps, and float32 too where that layout is int8 per channel (float32 scales, the 16-bit ones
+    widened exactly)."""
+    if quant.bits == 8 and quant.group_size is None and quant.symmetric:
+        return _SCALE_CODES + ("F32",)
+    return _SCALE_CODES
+
+
+@dataclass(frozen=True)
+class PackedTensor:
+    """One tensor `<module>.<suffix>` a quantized module must (required) or may hold: one of
+    `forms`, each a (shape, safetensors dtypes) pair."""
+
+    suffix: str
+    forms: tuple[tuple[tuple[int, ...], tuple[str, ...]], ...]
+    required: bool
+    meaning: str  # for messages: what the tensor holds
+
+
+def packed_tensors(method: str, quant: WeightQuant, shape: tuple[int, int], module: str) -> tuple[PackedTensor, ...]:
+    """What quantized `module` (float weight [N, K] = shape) holds under `method` (the table of the
+    module docstring). A shape the format cannot pack (K / G or the 32-bit words not whole) raises
+    TensorShapeError naming the module."""
+    rows, cols = shape
+    bits, per = quant.bits, 32 // quant.bits
+    group = cols if quant.group_size is None else quant.group_size
+    if cols % group:
+        raise TensorShapeError(
+            f"{module}: expected its {cols} inputs to be a multiple of group_size {group} (whole groups only), "
+            f"found {cols} % {group} = {cols % group}"
+        )
+    groups = cols // group
+    scales = scale_dtype_codes(quant)
+    index = (("I32", "I64"),)
+    if method == "gptq":
+        for what, dim in (("inputs", cols), ("outputs", rows)):
+            if dim % per:
+                raise TensorShapeError(
+                    f"{module}: GPTQ packs {per} {bits}-bit codes per int32 word; expected its {dim} {what} to be a "
+                    f"multiple of {per}, found {dim}"
+                )
+        return (
+            PackedTensor("qweight", (((cols // per, rows), ("I32",)),), True, f"{per} codes a word along the inputs"),
+            PackedTensor("qzeros", (((groups, rows // per), ("I32",)),), True, f"{per} zeros a word along the outputs"),
+            PackedTensor("scales", (((groups, rows), scales),), True, f"one scale per group of {group} and output"),
+            PackedTensor("g_idx", (((cols,), *index),), False, "the group of each input"),
+        )
+    if method != "compressed-tensors":
+        raise ConfigError(f"{module}: expected a method among {', '.join(MARKERS)}, found {method!r}")
+    words = -(-cols // per)
+    scale_shapes = [((rows, groups), scales)] + ([((rows,), scales)] if quant.group_size is None else [])
+    return (
+        PackedTensor("weight_packed", (((rows, words), ("I32",)),), True, f"{per} codes a word along the inputs"),
+        PackedTensor("weight_scale", tuple(scale_shapes), True, f"one scale per group of {group} and output"),
+        PackedTensor("weight_shape", (((2,), *index),), True, "[N, K]"),
+        PackedTensor(
+            "weight_zero_point",
+            (((-(-rows // per), groups), ("I32",)), ((rows, groups), ("I8", "I32"))),
+            not quant.symmetric,
+            "the zeros, packed along the outputs or one int8 each",
+        ),
+        PackedTensor("weight_g_idx", (((cols,), *index),), False, "the group of each input"),
+    )
+
+
+def unpack_module(
+    scheme: QuantScheme,
+    quant: WeightQuant,
+    tensors: dict[str, torch.Tensor],
+    shape: tuple[int, int],
+    module: str,
+) -> PackedWeight:
+    """A quantized module's tensors (by suffix, those it holds) -> moeinf's packed layout of its
+    weight [N, K] = shape, unpacked by unpack_gptq or unpack_compressed_tensors. An optional g_idx
+    is honoured whatever the config says (a trivial one gives no perm)."""
+    if scheme.method == "gptq":
+        packed = unpack_gptq(
+            tensors["qweight"],
+            tensors["qzeros"],
+            tensors["scales"],
+            tensors.get("g_idx"),
+            bits=quant.bits,
+            group_size=-1 if quant.group_size is None else quant.group_size,
+            sym=quant.symmetric,
+            checkpoint_format=scheme.checkpoint_format,
+            name=module,
+        )
+    else:
+        stored = [int(d) for d in tensors["weight_shape"].tolist()]
+        if stored != list(shape):
+            raise TensorShapeError(f"{module}: expected weight_shape to hold {list(shape)}, found {stored}")
+        packed = unpack_compressed_tensors(
+            tensors["weight_packed"],
+            tensors["weight_scale"],
+            shape,
+            tensors.get("weight_zero_point"),
+            tensors.get("weight_g_idx"),
+            bits=quant.bits,
+            group_size=quant.group_size,
+            symmetric=quant.symmetric,
+            name=module,
+        )
+    if packed.shape != tuple(shape):
+        raise TensorShapeError(f"{module}: expected a weight of shape {list(shape)}, found {list(packed.shape)}")
+    return packed
+
+
+def scatters_groups(g_idx: torch.Tensor, group_size: int | None) -> bool:
+    """Whether g_idx [K] scatters the groups along K (act order), i.e. unpacking gives a perm."""
+    inputs = g_idx.shape[0]
+    group = inputs if group_size is None else group_size
+    return not torch.equal(g_idx.to(torch.int64), torch.arange(inputs) // group)
 
 
 # ---------------------------------------------------------------------------------------------

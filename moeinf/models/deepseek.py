@@ -17,7 +17,7 @@ from typing import Any
 
 from moeinf.errors import ConfigError
 from moeinf.models.family import DECODER_TENSOR_NAMES, ROLE_SHAPES, Family
-from moeinf.models.moe_config import read_moe_spec
+from moeinf.models.moe_config import INT_QUANTIZATIONS, read_moe_spec
 from moeinf.models.spec import ConfigReader, MLASpec, ModelSpec
 
 _LAYER = "model.layers.{layer}"
@@ -142,7 +142,7 @@ def _deepseek_spec(config: dict[str, Any], source: str, architecture: str, famil
         n_group=n_group,
         topk_group=topk_group,
         router_fp32=True,
-        quantizations=("fp8",),  # DeepSeek-V3 ships fine-grained FP8
+        quantizations=("fp8", *INT_QUANTIZATIONS),  # DeepSeek-V3 ships fine-grained FP8
         **features,
     )
     if spec.num_moe_layers < spec.num_layers and spec.dense_ffn is None:

@@ -117,6 +117,9 @@ FP8_ROLES = frozenset(
     + ("expert_gate", "expert_up", "expert_down", "shared_gate", "shared_up", "shared_down")
     + ("mlp_gate", "mlp_up", "mlp_down")
 )
+# the linear layers a GPTQ or compressed-tensors checkpoint may store packed (any linear module: which
+# ones are is what the checkpoint holds, loaders/quant_formats.py); embeddings and norms never are
+INT_QUANT_ROLES = FP8_ROLES | frozenset(("router", "shared_expert_gate", "lm_head"))
 MXFP4_EXPERT_ROLES = ("experts_gate_up_blocks", "experts_gate_up_scales", "experts_down_blocks", "experts_down_scales")
 SHARED_EXPERT_ROLES = ("shared_gate", "shared_up", "shared_down")
 SHARED_EXPERT_GATE_ROLES = ("shared_expert_gate",)
@@ -185,11 +188,20 @@ class Family:
             self.tensor_name(role, layer, expert): role for expert in range(spec.num_experts) for role in EXPERT_ROLES
         }
 
-    def expected_tensors(self, spec: ModelSpec) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
-        """Every tensor name the model reads -> (the shape it must have on disk, its allowed dtypes)."""
+    def expected_roles(self, spec: ModelSpec) -> dict[str, str]:
+        """Every tensor name the model reads -> its role."""
         roles = {self.tensor_name(r): r for r in self.global_roles(spec)}
         for layer in range(spec.num_layers):
             roles.update({self.tensor_name(role, layer): role for role in self.layer_roles(spec, layer)})
         for layer in spec.moe_layers:
             roles.update(self.expert_tensor_names(spec, layer))
-        return {name: (self.tensor_shape(spec, role), self.tensor_dtypes(spec, role)) for name, role in roles.items()}
+        return roles
+
+    def expected_tensors(self, spec: ModelSpec) -> dict[str, tuple[tuple[int, ...], tuple[str, ...]]]:
+        """Every tensor name the model reads -> (the shape it must have on disk, its allowed dtypes).
+        A GPTQ / compressed-tensors checkpoint may hold an INT_QUANT_ROLES weight packed instead
+        (loaders/quant_formats.py says which tensors then, checked against this same shape)."""
+        return {
+            name: (self.tensor_shape(spec, role), self.tensor_dtypes(spec, role))
+            for name, role in self.expected_roles(spec).items()
+        }

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from moeinf.models.family import DECODER_TENSOR_NAMES, ROLE_SHAPES, Family
-from moeinf.models.moe_config import read_moe_spec
+from moeinf.models.moe_config import INT_QUANTIZATIONS, read_moe_spec
 from moeinf.models.spec import ModelSpec
 
 MIXTRAL_TENSOR_NAMES = {
@@ -30,6 +30,7 @@ def parse_mixtral_config(config: dict[str, Any], source: str = "config.json") ->
         default_theta=1e6,
         default_eps=1e-5,
         default_max_position=4096 * 32,
+        quantizations=INT_QUANTIZATIONS,
     )
 
 

@@ -12,6 +12,10 @@ from typing import Any
 from moeinf.errors import ConfigError
 from moeinf.models.spec import ROPE_TYPES, ConfigReader, ModelSpec, read_rope
 
+# integer-quantized checkpoints read as they are (loaders/quant_formats.py): the families whose routed
+# experts are per-expert linear modules accept them
+INT_QUANTIZATIONS = ("gptq", "compressed-tensors")
+
 
 def first_key(read: ConfigReader, keys: tuple[str, ...]) -> str:
     """The first of `keys` present in the config (families renamed some keys across versions)."""
@@ -63,7 +67,9 @@ def read_moe_spec(
     rope_types: tuple[str, ...] = ROPE_TYPES,  # the rope types this family computes like transformers
     head_dim: int | None = None,  # the family's own head size (MLA: q/k heads); None: config's head_dim
     rotary_dim: int | None = None,  # dims of a head that rotate, None: head_dim (times partial_rotary_factor)
-    quantizations: tuple[str, ...] = (),  # quant_methods the family's checkpoints may use (dequantized on load)
+    # quant_methods the family's checkpoints may use: fp8 / mxfp4 dequantized on load, INT_QUANTIZATIONS read
+    # packed (loaders/quant_formats.py)
+    quantizations: tuple[str, ...] = (),
     **features: Any,
 ) -> ModelSpec:
     """Defaults are transformers' config defaults for the family, used when a key is absent.
@@ -72,6 +78,7 @@ def read_moe_spec(
     quantization = config.get("quantization_config")
     if quantization is not None:
         method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else quantization
+        method = method.lower() if isinstance(method, str) else method
         if method not in quantizations:
             readable = f"; this family reads {', '.join(quantizations)} checkpoints" if quantizations else ""
             raise ConfigError(

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from moeinf.models.family import ROLE_SHAPES, Family
-from moeinf.models.moe_config import read_moe_spec
+from moeinf.models.moe_config import INT_QUANTIZATIONS, read_moe_spec
 from moeinf.models.qwen_moe import QWEN_TENSOR_NAMES
 from moeinf.models.spec import ConfigReader, ModelSpec
 
@@ -32,6 +32,7 @@ def parse_olmoe_config(config: dict[str, Any], source: str = "config.json") -> M
         qk_norm="full",
         clip_qkv=None if clip is None else read.positive_float("clip_qkv"),
         router_weights_fp32=False,
+        quantizations=INT_QUANTIZATIONS,
     )
 
 

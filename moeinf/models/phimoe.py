@@ -12,7 +12,7 @@ from typing import Any
 from moeinf.errors import ConfigError
 from moeinf.models.family import ROLE_SHAPES, Family
 from moeinf.models.mixtral import MIXTRAL_TENSOR_NAMES
-from moeinf.models.moe_config import read_moe_spec
+from moeinf.models.moe_config import INT_QUANTIZATIONS, read_moe_spec
 from moeinf.models.spec import ConfigReader, ModelSpec
 
 _LAYER = "model.layers.{layer}"
@@ -62,6 +62,7 @@ def parse_phimoe_config(config: dict[str, Any], source: str = "config.json") -> 
         router_jitter_eps=read.non_negative_float("router_jitter_noise", 0.01),
         # transformers multiplies expert outputs by weights in the model dtype
         router_weights_fp32=False,
+        quantizations=INT_QUANTIZATIONS,
     )
 
 

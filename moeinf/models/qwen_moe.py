@@ -13,7 +13,7 @@ from typing import Any
 
 from moeinf.errors import ConfigError
 from moeinf.models.family import DECODER_TENSOR_NAMES, ROLE_SHAPES, Family
-from moeinf.models.moe_config import read_moe_spec
+from moeinf.models.moe_config import INT_QUANTIZATIONS, read_moe_spec
 from moeinf.models.spec import ConfigReader, ModelSpec
 
 _LAYER = "model.layers.{layer}"
@@ -84,6 +84,7 @@ def parse_qwen2_moe_config(config: dict[str, Any], source: str = "config.json") 
         attention_bias=read.boolean("qkv_bias", True),
         shared_expert_ffn=shared_ffn,
         shared_expert_gated=shared_ffn is not None,
+        quantizations=INT_QUANTIZATIONS,
     )
 
 
@@ -96,7 +97,7 @@ def parse_qwen3_moe_config(config: dict[str, Any], source: str = "config.json") 
         "qwen3_moe",
         attention_bias=read.boolean("attention_bias", False),
         qk_norm="head",
-        quantizations=("fp8",),  # the Qwen3-*-FP8 releases
+        quantizations=("fp8", *INT_QUANTIZATIONS),  # the Qwen3-*-FP8 releases; GPTQ / llm-compressor ones
     )
 
 

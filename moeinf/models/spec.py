@@ -106,9 +106,10 @@ class ModelSpec:
     rope_fp32: bool = False
     expert_bias: bool = False  # routed experts' projections carry biases (GPT-OSS)
     expert_activation: ExpertActivation = SILU  # how an expert combines its gate and up projections
-    # How the checkpoint is quantized; moeinf dequantizes on load and computes in the compute dtype.
-    # "mxfp4": GPT-OSS's experts packed (kernels/mxfp4.py); "fp8": linear weights float8 with a scale
-    # per quant_block of [rows, cols] (kernels/fp8.py); None: plain float weights
+    # How the checkpoint is quantized (config.json's quant_method, lower case). "mxfp4": GPT-OSS's experts
+    # packed (kernels/mxfp4.py); "fp8": linear weights float8 with a scale per quant_block of [rows, cols]
+    # (kernels/fp8.py), both dequantized on load; "gptq", "compressed-tensors": integer weights packed
+    # (loaders/quant_formats.py), dequantized or kept packed for the experts; None: plain float weights
     quantization: str | None = None
     quant_block: tuple[int, int] | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)

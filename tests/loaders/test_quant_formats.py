@@ -16,9 +16,13 @@ from moeinf.loaders.quant_formats import (
     WeightQuant,
     dequantize_gptq,
     dequantize_packed,
+    module_of,
+    packed_tensors,
     parse_quantization_config,
+    scatters_groups,
     unpack_compressed_tensors,
     unpack_gptq,
+    unpack_module,
 )
 from tests.quant_checkpoints import ct_compress, ct_decompress, ct_scheme, pack_gptq, random_gptq
 
@@ -637,3 +641,68 @@ def test_handled_elsewhere_and_absent():
 def test_refused(quantization, message):
     with pytest.raises(ConfigError, match=message):
         parse_quantization_config({"quantization_config": quantization}, "m/config.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# a quantized module's tensors in a checkpoint
+
+
+def test_module_of():
+    assert module_of("model.layers.0.mlp.experts.3.up_proj.weight") == "model.layers.0.mlp.experts.3.up_proj"
+    assert module_of("model.layers.0.self_attn.q_proj.bias") is None
+
+
+def forms(tensors):
+    return {t.suffix: (t.forms, t.required) for t in tensors}
+
+
+def test_packed_tensors_gptq():
+    # a [96, 64] weight (N outputs, K inputs), 4 bits in groups of 32: 8 codes an int32 word
+    got = forms(packed_tensors("gptq", WeightQuant(4, 32, False, True), (96, 64), "m"))
+    assert got["qweight"] == ((((8, 96), ("I32",)),), True)
+    assert got["qzeros"] == ((((2, 12), ("I32",)),), True)
+    assert got["scales"] == ((((2, 96), ("F16", "BF16")),), True)
+    assert got["g_idx"] == ((((64,), ("I32", "I64")),), False)
+    # 8-bit per channel symmetric: moeinf's int8 layout, float32 scales readable too
+    got = forms(packed_tensors("gptq", WeightQuant(8, None, True, False), (96, 64), "m"))
+    assert got["qweight"][0] == (((16, 96), ("I32",)),) and got["scales"][0] == (((1, 96), ("F16", "BF16", "F32")),)
+    with pytest.raises(TensorShapeError, match="m: expected its 96 inputs to be a multiple of group_size 64"):
+        packed_tensors("gptq", WeightQuant(4, 64, True, False), (32, 96), "m")
+    with pytest.raises(TensorShapeError, match="m: GPTQ packs 8 4-bit codes.*its 36 outputs"):
+        packed_tensors("gptq", WeightQuant(4, 32, True, False), (36, 64), "m")
+
+
+def test_packed_tensors_compressed_tensors():
+    got = forms(packed_tensors("compressed-tensors", WeightQuant(4, 32, False, False), (36, 64), "m"))
+    assert got["weight_packed"] == ((((36, 8), ("I32",)),), True)
+    assert got["weight_scale"] == ((((36, 2), ("F16", "BF16")),), True)
+    assert got["weight_shape"] == ((((2,), ("I32", "I64")),), True)
+    # zeros packed along the 36 outputs (5 words), or one int8 each as before compressed-tensors 0.10
+    assert got["weight_zero_point"] == ((((5, 2), ("I32",)), ((36, 2), ("I8", "I32"))), True)
+    channel = forms(packed_tensors("compressed-tensors", WeightQuant(8, None, True, False), (36, 64), "m"))
+    assert channel["weight_scale"][0] == (((36, 1), ("F16", "BF16", "F32")), ((36,), ("F16", "BF16", "F32")))
+    assert channel["weight_zero_point"][1] is False  # symmetric: none needed
+
+
+def test_unpack_module():
+    ref = random_gptq(32, 64, bits=4, group_size=32, sym=False, desc_act=True, seed=9)
+    tensors = pack_gptq(ref.codes, ref.zeros, ref.scales, ref.g_idx, bits=4, checkpoint_format="gptq_v2")
+    scheme = parse_quantization_config({"quantization_config": GPTQ_V2_ASYM})
+    packed = unpack_module(scheme, WeightQuant(4, 32, False, True), tensors, (32, 64), "m")
+    assert packed.perm is not None and torch.equal(dequantize_packed(packed), ref.weight)
+    assert scatters_groups(ref.g_idx, 32) and not scatters_groups(torch.arange(64, dtype=torch.int32) // 32, 32)
+    assert not scatters_groups(torch.zeros(64, dtype=torch.int32), None)
+    with pytest.raises(TensorShapeError, match=r"m: expected a weight of shape \[32, 32\], found \[32, 64\]"):
+        unpack_module(scheme, WeightQuant(4, 32, False, True), tensors, (32, 32), "m")
+
+
+def test_unpack_module_checks_weight_shape():
+    pytest.importorskip("compressed_tensors")
+    weight = torch.randn(16, 64, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    scheme = ct_scheme(4, 32, symmetric=True)
+    state = ct_compress(weight, scheme)
+    ct = parse_quantization_config({"quantization_config": QWEN3_MOE_W4A16})
+    packed = unpack_module(ct, WeightQuant(4, 32, True, False), state, (16, 64), "m")
+    assert torch.equal(dequantize_packed(packed), ct_decompress(state, scheme, torch.float32))
+    with pytest.raises(TensorShapeError, match=r"m: expected weight_shape to hold \[16, 60\], found \[16, 64\]"):
+        unpack_module(ct, WeightQuant(4, 32, True, False), state, (16, 60), "m")

@@ -189,3 +189,28 @@ def test_rope_scaled_logits_match_transformers(case, tmp_path):
 def test_malformed_rope_settings_are_config_errors(extra, message):
     with pytest.raises(ConfigError, match=message):
         rope_of(mixtral_config(**extra))
+
+
+# ----------------------------------------------------------------------------- quantization_config
+
+GPTQ = {"bits": 4, "group_size": 128, "desc_act": False, "sym": True, "quant_method": "gptq"}
+PACK_QUANTIZED = {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {}}
+
+
+@pytest.mark.parametrize("quantization", [GPTQ, {**GPTQ, "quant_method": "GPTQ"}, PACK_QUANTIZED])
+@pytest.mark.parametrize(
+    "architecture",
+    ["MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM", "PhimoeForCausalLM"],
+)
+def test_families_with_per_expert_linears_accept_integer_checkpoints(architecture, quantization):
+    # the spec names the method; loaders/quant_formats.py reads the rest of the config
+    config = mixtral_config(architectures=[architecture], num_experts=4, moe_intermediate_size=96)
+    config["quantization_config"] = quantization
+    spec = spec_from_config(config)[1]
+    assert spec.quantization == quantization["quant_method"].lower() and spec.quant_block is None
+
+
+def test_fused_experts_refuse_integer_checkpoints():
+    config = mixtral_config(architectures=["GptOssForCausalLM"], num_local_experts=4, quantization_config=GPTQ)
+    with pytest.raises(ConfigError, match="quant_method 'gptq' is not supported; this family reads mxfp4"):
+        spec_from_config(config)

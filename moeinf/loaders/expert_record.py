@@ -29,6 +29,7 @@ so that every array view is aligned for the 16-lane loads of the host kernels.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -238,10 +239,26 @@ def quantized_arrays(expert: QuantizedExpert) -> dict[str, torch.Tensor]:
     return arrays
 
 
+def keeps_native_format(checkpoint: Checkpoint, fmt: ExpertFormat) -> bool:
+    """Whether records in `fmt` hold the checkpoint's experts as it packs them (GPTQ, compressed-
+    tensors in that very format): moved bit for bit, never requantized."""
+    if not fmt.quantized or checkpoint.scheme is None:
+        return False
+    try:
+        return checkpoint.native_expert_format() == fmt
+    except ConfigError:  # a packing with no records of its own (int8 grouped, mixed): requantized or dequantized
+        return False
+
+
 def pack_record(checkpoint: Checkpoint, layout: RecordLayout, layer: int, expert: int, out: np.ndarray) -> None:
     """Writes the payload of record (layer, expert) into out[:payload_nbytes]; `layer` counts MoE
     layers only (the store holds no dense layers). Float records convert the checkpoint's weights
-    to their dtype; quantized ones quantize them round to nearest."""
+    to their dtype; quantized ones take the checkpoint's packed experts as they are where the
+    format is its own (keeps_native_format), else quantize the (dequantized) weights round to
+    nearest."""
+    if keeps_native_format(checkpoint, layout.format):
+        write_fields(layout, quantized_arrays(native_expert(checkpoint, layout, layer, expert)), out)
+        return
     weights = checkpoint.expert_weights(layer, expert)
     w13, w2 = weights.w13, weights.w2  # [2F, D], [D, F]
     if tuple(w13.shape) != layout.w13_shape or tuple(w2.shape) != layout.w2_shape:
@@ -261,3 +278,20 @@ def pack_record(checkpoint: Checkpoint, layout: RecordLayout, layer: int, expert
         if layout.biases:
             arrays |= {"b13": weights.b13, "b2": weights.b2}
     write_fields(layout, arrays, out)
+
+
+def native_expert(checkpoint: Checkpoint, layout: RecordLayout, layer: int, expert: int) -> QuantizedExpert:
+    """The checkpoint's packed expert in the record's terms: its input order int32 (the identity
+    for an expert without act order, where the format has input orders)."""
+    packed = checkpoint.packed_expert(layer, expert)
+    plain = dataclasses.replace(layout.format, input_perm=False)  # whether this expert has an order of its own aside
+    if dataclasses.replace(packed.expert_format, input_perm=False) != plain:
+        raise StoreError(
+            f"layer {layer}, expert {expert}: expected the checkpoint's expert format {layout.format.name}, found "
+            f"{packed.expert_format.name}"
+        )
+    perm = None
+    if layout.format.input_perm:
+        D = layout.w13_shape[1]
+        perm = (torch.arange(D) if packed.input_perm is None else packed.input_perm).to(torch.int32)
+    return QuantizedExpert(packed.w13, packed.w2, perm)

@@ -12,7 +12,6 @@ import torch
 
 from moeinf.errors import LLMClosedError, OffloadConfigError, RequestError, TokenizerError
 from moeinf.loaders.checkpoint import Checkpoint
-from moeinf.loaders.expert_format import resolve_expert_format
 from moeinf.loaders.tokenizer import TextCodec
 from moeinf.runtime.cache.policy import CachePolicy
 from moeinf.runtime.cache.registry import DEFAULT_POLICY
@@ -24,7 +23,7 @@ from moeinf.runtime.setup import (
     Budget,
     OffloadConfig,
     build_expert_source,
-    native_expert_format,
+    expert_format_for,
     resolve_device,
     resolve_dtype,
     resolve_kernels,
@@ -76,7 +75,7 @@ class LLM:
         progress: bool = True,
         *,
         expert_budget: Budget = None,
-        host_budget: Budget = 0,
+        host_budget: Budget = "auto",
         offload_dir: str | Path | None = None,
         policy: str | CachePolicy = DEFAULT_POLICY,
         host_compute: str = "auto",
@@ -100,7 +99,7 @@ class LLM:
         self.dtype = resolve_dtype(dtype, self.spec.torch_dtype, self.device)
         self.kernels = resolve_kernels(kernels, self.device)
         # how the routed experts are held and computed: the compute dtype, or int8 / int4 records
-        self.expert_format = resolve_expert_format(expert_dtype, self.dtype, native_expert_format(self.checkpoint))
+        self.expert_format = expert_format_for(self.checkpoint, expert_dtype, self.dtype)
         tokenizer_file = self.checkpoint.tokenizer_file
         self.codec = TextCodec(tokenizer_file) if tokenizer_file else None
         # where the executor finds each layer's experts, and the one it tells what each step routes

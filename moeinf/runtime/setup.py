@@ -21,7 +21,7 @@ from moeinf.kernels.block_configs import interpreting
 from moeinf.kernels.ops import KERNEL_CHOICES, Kernels
 from moeinf.loaders.checkpoint import Checkpoint
 from moeinf.loaders.default_model import cache_dir
-from moeinf.loaders.expert_format import ExpertFormat
+from moeinf.loaders.expert_format import ExpertFormat, resolve_expert_format
 from moeinf.loaders.expert_record import RecordLayout
 from moeinf.loaders.expert_store import ExpertStore
 from moeinf.runtime.cache.placement import HOST_COMPUTE_CHOICES
@@ -74,7 +74,9 @@ class OffloadConfig:
     """Where experts live. The defaults keep every expert resident on the compute device."""
 
     expert_budget: Budget = None  # device slots
-    host_budget: Budget = 0  # host-memory cache of expert records in front of the disk store
+    # host-memory cache of expert records in front of the disk store; "auto": on CUDA as much as
+    # host_tier_records affords, on the CPU none (the slots are host memory already)
+    host_budget: Budget = "auto"
     offload_dir: str | None = None  # packed expert store; default: under the cache directory
     policy: str = DEFAULT_POLICY  # which experts to evict and prefetch; see runtime/cache/registry.py
     io_threads: int = 2  # store reads in flight at once
@@ -163,9 +165,12 @@ def host_tier_records(value: Budget, expert_nbytes: int, total: int, device: tor
     return records
 
 
-def native_expert_format(checkpoint: Checkpoint) -> ExpertFormat | None:
-    """The checkpoint's own quantized expert format (expert_dtype "auto" keeps it), or None."""
-    return None  # float checkpoints only, until published quantized checkpoints load as they are
+def expert_format_for(checkpoint: Checkpoint, expert_dtype: str, dtype: torch.dtype) -> ExpertFormat:
+    """expert_dtype -> the records' format (loaders/expert_format.py). "auto" keeps a GPTQ /
+    compressed-tensors checkpoint's own expert packing (its ConfigError, where the runtime has no
+    records for that packing, tells to choose one); any other choice never asks for it."""
+    native = checkpoint.native_expert_format() if expert_dtype == "auto" else None
+    return resolve_expert_format(expert_dtype, dtype, native)
 
 
 def default_store_dir(checkpoint: Checkpoint) -> Path:

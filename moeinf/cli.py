@@ -214,7 +214,11 @@ def add_llm_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--budget", help="device expert budget: fraction of expert bytes (0.25), size (2GiB, 25%%) or slot count (16)"
     )
-    parser.add_argument("--host-budget", default="0", help="host-memory expert cache in front of the disk store")
+    parser.add_argument(
+        "--host-budget",
+        default="auto",
+        help="host-memory expert cache in front of the disk store (auto: half the free memory on CUDA, none on the CPU)",
+    )
     parser.add_argument("--offload-dir", help="folder of the packed expert store (default: under the cache dir)")
     parser.add_argument("--policy", default=DEFAULT_POLICY, choices=sorted(POLICIES), help="expert eviction policy")
     parser.add_argument(

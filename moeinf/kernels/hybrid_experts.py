@@ -5,7 +5,8 @@ the link (the routed tokens to the host, their [T, D] sum back), never weights.
 
     host share    out_host[t] = sum over t's pairs (t, k) with slot HOST_SLOT, in k order, of
                   w_tk * expert_k(x_t)                       host kernels, float32 [T, D]
-    device share  out_dev[t]  = the same over the pairs in slots  (fused_moe, host_share: x's dtype)
+    device share  out_dev[t]  = the same over the pairs in slots  (fused_moe, host_share: x's dtype;
+                  with kernels "torch", moe_experts_reference pair by pair: device_share_torch)
     out = out_dev + out_host, rounded to x's dtype
 
 The host share is issued first, on the worker given (SecondBuffers.worker, else inline), and the
@@ -22,6 +23,7 @@ import torch
 from moeinf.kernels import host_experts
 from moeinf.kernels.expert_activation import SILU, ExpertActivation
 from moeinf.kernels.host_experts import SecondBuffers
+from moeinf.kernels.reference import moe_experts_reference
 
 
 def host_share(
@@ -65,19 +67,49 @@ def hybrid_moe_experts(
     b13: torch.Tensor | None = None,
     b2: torch.Tensor | None = None,
     activation: ExpertActivation = SILU,
+    triton: bool = True,
 ) -> torch.Tensor:
     """moe_experts_reference's contract with the experts split (see the module docstring): x [T, D]
     and the slot buffers on the device, expert_slots [E] with HOST_SLOT for host.slots' experts.
-    Returns [T, D] in x's dtype on x's device."""
-    from moeinf.kernels import moe  # Triton: imported where it runs
-
-    # the slot table marks the host's experts; the routing and the tokens cross to the host once
-    expert_slots = torch.where(host.slots.to(expert_slots.device) >= 0, moe.HOST_SLOT, expert_slots)
+    Returns [T, D] in x's dtype on x's device. triton False: the device share in torch
+    (device_share_torch), the baseline kernels="torch" runs."""
     x_host, ids_host, weights_host = x.cpu(), topk_ids.cpu(), topk_weights.cpu()
     job = (x_host, ids_host, weights_host, host, activation)
     pending = host.worker.submit(host_share, *job) if host.worker is not None else None
-    device = moe.fused_moe(
-        x, topk_ids, topk_weights.float(), w13, w2, expert_slots, b13=b13, b2=b2, activation=activation, host_share=True
-    )
+    extras = dict(b13=b13, b2=b2, activation=activation)
+    if triton:
+        from moeinf.kernels import moe  # Triton: imported where it runs
+
+        # the slot table marks the host's experts; the routing and the tokens cross to the host once
+        expert_slots = torch.where(host.slots.to(expert_slots.device) >= 0, moe.HOST_SLOT, expert_slots)
+        device = moe.fused_moe(x, topk_ids, topk_weights.float(), w13, w2, expert_slots, **extras, host_share=True)
+    else:
+        device = device_share_torch(x, topk_ids, topk_weights, w13, w2, expert_slots, host, **extras)
     shared = pending.result() if pending is not None else host_share(*job)
     return (device.float() + shared.to(x.device)).to(x.dtype)
+
+
+def device_share_torch(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    expert_slots: torch.Tensor,
+    host: SecondBuffers,
+    **extras,
+) -> torch.Tensor:
+    """The device share in torch: x [T, D] -> [T, D] float32, the pairs whose expert sits in a slot
+    (not in host.slots), each a one-expert row of moe_experts_reference, weighted and added per
+    token in (t, k) order (the host's pairs never touch a slot: theirs hold another expert)."""
+    T, D = x.shape
+    out = torch.zeros((T, D), dtype=torch.float32, device=x.device)
+    in_slots = host.slots.to(x.device)[topk_ids] < 0  # [T, K]
+    tokens, ks = in_slots.nonzero(as_tuple=True)  # [P] the device's pairs, token-major
+    if tokens.numel() == 0:
+        return out
+    products = moe_experts_reference(
+        x[tokens], topk_ids[tokens, ks][:, None], topk_weights[tokens, ks][:, None].float(), w13, w2, expert_slots,
+        **extras,
+    )  # fmt: skip  # [P, D]
+    return out.index_add_(0, tokens, products.float())

@@ -121,6 +121,10 @@ class Kernels:
         extras = dict(b13=b13, b2=b2, activation=activation)
         if host is not None and self.uses_triton(x):  # the device's share in Triton, the host's beside it
             return hybrid_experts.hybrid_moe_experts(x, topk_ids, topk_weights, w13, w2, expert_slots, host, **extras)
+        if host is not None and x.device.type != "cpu":  # kernels "torch" on CUDA: the device's share in torch
+            return hybrid_experts.hybrid_moe_experts(
+                x, topk_ids, topk_weights, w13, w2, expert_slots, host, **extras, triton=False
+            )
         if host is not None:
             if not host_experts.applies(x, w13, w2, b13, b2):
                 raise ValueError(

@@ -81,3 +81,16 @@ def test_host_slot_experts_add_nothing_to_the_device_share():
 
 def test_the_kernels_host_slot_is_the_placements():
     assert moe.HOST_SLOT == HOST
+
+
+@pytest.mark.parametrize("on_host", [[1, 4], [0, 1, 2, 3, 4, 5], []], ids=["some", "all", "none"])
+def test_the_torch_device_share_sums_to_the_reference(on_host):
+    """kernels="torch" on CUDA: the device's share in torch, pair by pair, beside the host's. The
+    host experts' slots hold NaN, so a device share that read one would poison the sum."""
+    for dtype in (torch.float32, torch.bfloat16):
+        x, ids, weights, w13, w2, slots, host, bias = split_case(7, dtype, on_host, seed=9, biases=True)
+        poisoned = w13.clone()
+        poisoned[on_host] = float("nan")
+        got = hybrid_experts.hybrid_moe_experts(x, ids, weights, poisoned, w2, slots, host, **bias, triton=False)
+        expected = moe_experts_reference(x, ids, weights, w13, w2, torch.arange(6), **bias)
+        assert got.dtype == dtype and rel_rms(got, expected) < TOLERANCE[dtype]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 
 import pytest
 import torch
 
+from moeinf import LLM
 from moeinf.errors import RequestError
 from moeinf.runtime.setup import resolve_dtype
 
@@ -46,6 +48,13 @@ def test_host_budget_auto_sizes_the_tier_to_the_device_and_a_budget_beyond_memor
     assert host_tier_records(0.5, mib, 100, CPU) == 50
     with pytest.raises(OffloadConfigError, match=r"host_budget '100TiB': expected at most the .* GiB of host memory"):
         host_tier_records("100TiB", mib, 10**9, CPU)
+
+
+def test_host_budget_is_auto_by_default():
+    from moeinf.runtime.setup import OffloadConfig
+
+    assert OffloadConfig().host_budget == "auto"
+    assert inspect.signature(LLM).parameters["host_budget"].default == "auto"
 
 
 @pytest.mark.parametrize("device", ["tpu", "", "cuda:x", "cpu,cuda", "meta", 3, None])

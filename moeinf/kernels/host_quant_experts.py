@@ -710,6 +710,46 @@ def _project(m, slots, experts, starts, counts, xs, out, N, K):
             _rows_int8(m, slots[e], first, last, starts[e], counts[e], xs, out, K)
 
 
+@njit(parallel=True, cache=True)
+def _dequantize_rows(m, slots, out, N, K):
+    """out[u] = the float32 W [N, K] of slot slots[u] of the quantized matrix m (a _matrix tuple),
+    in parallel over (slot, row): (code - zero) * scale, exactly dequantize()'s values."""
+    for item in prange(slots.shape[0] * N):
+        u, n = item // N, item % N
+        slot = slots[u]
+        if m[13]:  # int4: byte j holds inputs 2j (low nibble) and 2j + 1
+            q, scale, zero, G, bf16, has_zero = m[0], m[4], m[7], m[10], m[11], m[12]
+            H, groups = K // 2, K // G
+            qr = m[1] + slot * m[2] + n * H
+            sr = m[5] + slot * m[6] + n * groups
+            zr = m[8] + slot * m[9] + n * groups
+            for g in range(groups):
+                s = _scale_value(_at(scale, sr + g), bf16)
+                z = np.float32(_at(zero, zr + g)) if has_zero else np.float32(INT4_SYMMETRIC_ZERO)
+                for j in range(g * G // 2, (g + 1) * G // 2):
+                    byte = _at(q, qr + j)
+                    out[u, n, 2 * j] = (np.float32(byte & 15) - z) * s
+                    out[u, n, 2 * j + 1] = (np.float32(byte >> 4) - z) * s
+        else:  # int8: q * the row's scale
+            s = _at(m[3], m[5] + slot * m[6] + n)
+            qr = m[1] + slot * m[2] + n * K
+            for k in range(K):
+                out[u, n, k] = np.float32(_int8_at(m[0], qr + k)) * s
+
+
+def dequantize_slots(m: QuantizedMatrix, slots: torch.Tensor) -> torch.Tensor:
+    """m [S, N, K] (plain stacks or record views) -> float32 [U, N, K]: the matrices of the U slots
+    `slots` (int64), dequantized as quantize.dequantize does, bit for bit, in parallel (the
+    prefill path: a grouped float matmul over them follows)."""
+    S, N, K = m.shape
+    slots = slots.to(torch.int64).contiguous()
+    if slots.numel() and (int(slots.min()) < 0 or int(slots.max()) >= S):
+        raise ValueError(f"dequantize_slots: expected slots in 0..{S - 1}, found {slots.tolist()}")
+    out = np.empty((slots.shape[0], N, K), np.float32)
+    _dequantize_rows(_matrix("matrix", m, N, K), slots.numpy(), out, N, K)
+    return torch.from_numpy(out)
+
+
 # ---------------------------------------------------------------------------------- the layer
 
 

@@ -12,7 +12,8 @@ arithmetic in another summation order), and in float32 the residual add with its
 worth of small torch ops; larger steps run the experts as two grouped matmuls (grouped_experts.py:
 equal to the reference up to a vectorised sigmoid's last bit, and faster). Quantized experts (int8 /
 int4 records, kernels/quantize.py) run host_quant_experts.py's kernels on the CPU for decode-sized
-steps and their torch reference (dequantized experts) otherwise.
+steps, larger CPU steps dequantize the routed experts in chunks for the grouped matmuls
+(dequantized_experts.py), and the torch reference on dequantized experts runs elsewhere.
 The Triton modules are imported on first use: importing triton takes about a second, and nothing
 on a CPU run needs it.
 """
@@ -21,7 +22,15 @@ from __future__ import annotations
 
 import torch
 
-from moeinf.kernels import grouped_experts, host_attention, host_experts, host_norm, host_quant_experts, hybrid_experts
+from moeinf.kernels import (
+    dequantized_experts,
+    grouped_experts,
+    host_attention,
+    host_experts,
+    host_norm,
+    host_quant_experts,
+    hybrid_experts,
+)
 from moeinf.kernels.expert_activation import SILU, ExpertActivation
 from moeinf.kernels.quantize import QuantizedMatrix, quantized_moe_experts_reference
 from moeinf.kernels.reference import (
@@ -173,6 +182,11 @@ class Kernels:
                 f"{host_quant_experts.MAX_TOKENS} tokens with kernels 'auto', found {x.device} [{x.shape[0]} tokens], "
                 f"kernels {self.choice!r}"
             )
+        if self.choice == "auto" and x.device.type == "cpu":  # prefill: dequantized chunks, grouped matmuls
+            y = dequantized_experts.dequantized_moe_experts(
+                x, topk_ids, topk_weights, w13, w2, expert_slots, activation=activation, input_perm=input_perm
+            )
+            return y.to(x.dtype)
         y = quantized_moe_experts_reference(
             x, topk_ids, topk_weights, w13, w2, expert_slots, activation=activation, input_perm=input_perm
         )

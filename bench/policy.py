@@ -2,13 +2,19 @@
 
 Run:
   python -m bench.policy --trace FILE.npz --capacity 0.25 [--profile pcie4|pcie5|nvme] [--json]
-                         [--host ddr4|ddr5|this]
+                         [--host ddr4|ddr5|this] [--expert-format native|int8|int4|int4-g64|int4-g128]
   python -m bench.policy --report [--out bench/results] [--jobs 2] [--only POLICY,...]
   python -m bench.policy --report --host ddr4,ddr5 [--out bench/results] [--jobs 2]
+                         [--expert-format int4] [--workloads mixtral,...]
 
 With --host, the hybrid placements of bench/placements.py (misses computed on that host) are
 replayed beside the fetch-only policies, and --json adds "default": the name of the runtime's
 default configuration; --report --host writes the hybrid tables instead of the policy tables.
+--expert-format costs the routed experts as stored in that format (moeinf/runtime/replay/cost.py
+EXPERT_FORMATS: bytes from the record layout, FLOPs and dense layers unchanged; native: the
+model's own, bf16 for Mixtral and Qwen3, FP8 for DeepSeek-V3); with --report --host a quantized
+format writes policy-hybrid-FORMAT.json and its own section of policy.md, beside the native one.
+--workloads keeps the report's workloads whose names contain one of its comma-separated substrings.
 
 The first form replays FILE through moeinf's CacheController with each policy registered in
 moeinf.runtime.cache.registry.POLICIES at run time (lru, lfu, and activation-aware / lookahead once
@@ -53,7 +59,7 @@ from bench import placements, synthetic
 from moeinf.atomic_write import atomic_write, write_text_atomic
 from moeinf.runtime.cache.registry import POLICIES
 from moeinf.runtime.replay.belady import BeladyPolicy, lower_bound_tpot
-from moeinf.runtime.replay.cost import LINKS, MODELS, ReplayProfile, profile_for
+from moeinf.runtime.replay.cost import EXPERT_FORMAT_CHOICES, LINKS, MODELS, NATIVE, ReplayProfile, profile_for
 from moeinf.runtime.replay.loop import replay
 from moeinf.runtime.replay.result import ReplayResult
 from moeinf.runtime.traces import Trace, read_trace, write_trace
@@ -105,10 +111,12 @@ def table(policies: dict[str, dict], bound_tpot_s: float) -> str:
     return "\n".join(lines)
 
 
-def run_one(trace: Trace, name: str, slots: int, link: str, progress: bool) -> tuple[dict, float | None]:
+def run_one(
+    trace: Trace, name: str, slots: int, link: str, progress: bool, expert_format: str = NATIVE
+) -> tuple[dict, float | None]:
     """One policy's summary with the report's extra figures, and the lower bound when the policy
-    is Belady."""
-    profile = profile_for(trace, link)
+    is Belady; the routed experts in `expert_format` (cost.py EXPERT_FORMAT_CHOICES)."""
+    profile = profile_for(trace, link, expert_format=expert_format)
     result: ReplayResult = replay(trace, name, slots, profile, progress=progress)
     bound = lower_bound_tpot(result, profile) if name == BeladyPolicy.name else None
     extra = {
@@ -119,11 +127,11 @@ def run_one(trace: Trace, name: str, slots: int, link: str, progress: bool) -> t
     return {**result.summary(), **extra}, bound
 
 
-def compare(trace: Trace, slots: int, link: str, progress: bool) -> dict:
+def compare(trace: Trace, slots: int, link: str, progress: bool, expert_format: str = NATIVE) -> dict:
     """{"policies": {name: summary and extra figures}, "bound": {"tpot_s"}} for every policy."""
     policies, bound = {}, None
     for name in tqdm(policy_names(), desc="policies", unit="policy", disable=not progress):
-        policies[name], b = run_one(trace, name, slots, link, progress)
+        policies[name], b = run_one(trace, name, slots, link, progress, expert_format)
         bound = b if b is not None else bound
     return {"policies": policies, "bound": {"tpot_s": bound}}
 
@@ -139,12 +147,18 @@ class Source:
     real: bool
 
 
-def report_sources() -> list[Source]:
-    """The shared real traces (where present) and the synthetic workloads."""
+def wanted(name: str, workloads: list[str] | None) -> bool:
+    """Whether workload `name` is one `workloads` (substrings; None: every workload) asks for."""
+    return workloads is None or any(w in name for w in workloads)
+
+
+def report_sources(workloads: list[str] | None = None) -> list[Source]:
+    """The shared real traces (where present) and the synthetic workloads; with `workloads`, those
+    whose names contain one of its substrings (none matching is an error)."""
     sources = []
     for file in synthetic.REAL_TRACES:
         path = synthetic.SHARED_TRACES / file
-        if path.exists():
+        if path.exists() and wanted(file.removesuffix(".npz"), workloads):
             trace = read_trace(path)
             sources.append(
                 Source(file.removesuffix(".npz"), f"real: {', '.join(trace.meta.get('sequences', []))}", trace, True)
@@ -154,7 +168,7 @@ def report_sources() -> list[Source]:
     # and 25% costs ~11 us (bench/scorer.py) where scanning every slot in Python cost ~1.4 ms, and a
     # DeepSeek replay at 25% takes 0.1-0.4 ms per layer-step (lru to lookahead; 2-core VM), 3 ms before.
     skewed = ("arxiv", "github", "wikipedia")  # the domains whose routing skews most (C4 and books stay nearer uniform)
-    workloads = {
+    synthetic_workloads = {
         "synthetic-mixtral": synthetic.Workload(model="mixtral-8x7b", sequences=48, min_tokens=32, max_tokens=64),
         "synthetic-qwen3": synthetic.Workload(
             model="qwen3-30b-a3b", sequences=16, min_tokens=16, max_tokens=16, tasks=skewed
@@ -163,7 +177,14 @@ def report_sources() -> list[Source]:
             model="deepseek-v3", sequences=12, min_tokens=16, max_tokens=16, tasks=skewed
         ),
     }
-    for name, w in tqdm(workloads.items(), desc="generate", unit="workload"):
+    chosen = {name: w for name, w in synthetic_workloads.items() if wanted(name, workloads)}
+    if not sources and not chosen:
+        known = [f.removesuffix(".npz") for f in synthetic.REAL_TRACES] + list(synthetic_workloads)
+        raise SystemExit(
+            f"--workloads: expected substrings of the workload names ({', '.join(known)}; the real ones where "
+            f"{synthetic.SHARED_TRACES} holds them), found {','.join(workloads)!r}, matching none"
+        )
+    for name, w in tqdm(chosen.items(), desc="generate", unit="workload"):
         trace = synthetic.generate(w)
         description = (
             f"synthetic {w.model} shape, {w.sequences} sequences x "
@@ -387,11 +408,26 @@ def main(argv: list[str] | None = None) -> None:
         help=f"host profile(s) for the hybrid placements (bench/placements.py), of {', '.join(placements.HOST_CHOICES)}; "
         "comma-separated with --report",
     )
+    parser.add_argument(
+        "--expert-format",
+        default=NATIVE,
+        choices=EXPERT_FORMAT_CHOICES,
+        help="how the routed experts are stored (moeinf/runtime/replay/cost.py EXPERT_FORMATS); native: the model's own",
+    )
+    parser.add_argument(
+        "--workloads",
+        help="with --report --host: only the workloads whose names contain one of these (comma-separated)",
+    )
     args = parser.parse_args(argv)
 
+    if args.report and not args.host and (args.expert_format != NATIVE or args.workloads):
+        parser.error(
+            "--expert-format and --workloads: expected --report --host (the policy tables are of every workload's "
+            "native experts), found --report without --host"
+        )
     if args.report and args.host:
-        sources = report_sources()
-        placements.report(sources, Path(args.out), args.profile, args.host.split(","), args.jobs)
+        sources = report_sources(args.workloads.split(",") if args.workloads else None)
+        placements.report(sources, Path(args.out), args.profile, args.host.split(","), args.jobs, args.expert_format)
         return
     if args.report:
         report(Path(args.out), args.profile, args.jobs, args.only.split(",") if args.only else None)
@@ -400,12 +436,16 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--trace is required (or --report)")
     trace = read_trace(args.trace)
     slots = slots_for(trace, args.capacity)
-    figures = compare(trace, slots, args.profile, progress=True)  # bars go to stderr
+    fmt = args.expert_format
+    figures = compare(trace, slots, args.profile, progress=True, expert_format=fmt)  # bars go to stderr
     if args.host:
         host = placements.host_profile(args.host, Path(args.out))
-        for name in placements.configurations(profile_for(trace, args.profile, host=host), slots, trace.num_experts):
+        profile = profile_for(trace, args.profile, host=host, expert_format=fmt)
+        for name in placements.configurations(profile, slots, trace.num_experts):
             if name not in figures["policies"]:  # the fetch-only ones are there already
-                figures["policies"][name] = placements.run_configuration(trace, name, slots, args.profile, host)
+                figures["policies"][name] = placements.run_configuration(
+                    trace, name, slots, args.profile, host, expert_format=fmt
+                )
         figures["default"] = placements.DEFAULT
     if args.json:
         keys = ("hit_rate", "misses", "bytes", "stall_s", "tpot_s")  # the promised schema, nothing more
@@ -415,11 +455,12 @@ def main(argv: list[str] | None = None) -> None:
             promised["default"] = figures["default"]
         print(json.dumps(promised))
         return
-    profile = profile_for(trace, args.profile)
+    profile = profile_for(trace, args.profile, expert_format=fmt)
     print(
         f"{args.trace}: {trace.num_sequences} sequences, {trace.num_tokens} tokens, "
-        f"{trace.num_layers}x{trace.num_experts} top-{trace.top_k}; {slots} slots; {args.profile} "
-        f"({profile.load_s * 1e3:.2f} ms per expert load, {profile.decode_compute_s() * 1e3:.2f} ms per token resident)"
+        f"{trace.num_layers}x{trace.num_experts} top-{trace.top_k}; {slots} slots; {args.profile}; {fmt} experts "
+        f"({profile.model.expert_bytes / 1e6:.1f} MB each, {profile.load_s * 1e3:.2f} ms per expert load, "
+        f"{profile.decode_compute_s() * 1e3:.2f} ms per token resident)"
     )
     if args.host:
         print(placements.table(figures["policies"]))

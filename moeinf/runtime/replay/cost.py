@@ -5,11 +5,25 @@ H100-class GPU, since batch-1 decode is memory-bound; prefill steps take the lar
 their FLOPs at an effective tensor-core rate. Attention's KV reads are left out (short contexts:
 Mixtral reads 4 KB of KV per layer per cached token, under 1% of its 84 MB of attention weights at
 1k tokens). The figures and their sources are beside each constant below.
+
+Expert formats: each ModelCost holds its model's native figures (bf16 experts for Mixtral and
+Qwen3, FP8 for DeepSeek-V3); `ModelCost.with_expert_format(name)` (and `profile_for(...,
+expert_format=name)`) gives the same model with its routed experts stored as the runtime stores
+them on request (loaders/expert_format.py's --expert-dtype names, EXPERT_FORMATS here), their bytes
+exact from loaders/expert_record.py's record fields at the model's hidden size D and expert width
+F. Only the routed experts change: dense layers, the router and shared experts stay as they were,
+and so does the FLOP count (expert_params is the number of weights, whatever they are stored in).
+Everything that reads an expert's weights scales with its bytes: the link (load_s), the host
+kernels and the GPU where they are bandwidth-bound (host_expert_s, device_experts_s). The model
+assumes the quantized kernels keep the float kernels' effective bandwidth and FLOP rate (the
+dequantisation hidden under the memory reads, as batch-1 decode lets it be); a host or GPU whose
+int4 kernels are compute-bound runs slower than this says.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from moeinf.errors import ReplayConfigError
@@ -38,23 +52,127 @@ class Gpu:
 H100 = Gpu("H100-SXM-class", hbm_bytes_per_s=2.6e12, flops_per_s=600e12, layer_overhead_s=20e-6)
 
 
+# loaders/expert_record.py's FIELD_ALIGN: each field of a quantized record starts on a 64-byte
+# boundary. Restated, not imported, since replay runs without torch; tests/runtime/replay/
+# test_expert_formats.py checks that the bytes below equal RecordLayout's.
+RECORD_FIELD_ALIGN = 64
+NATIVE = "native"  # the model's own expert format: the ModelCost figures as written
+
+
+@dataclass(frozen=True)
+class ExpertFormatCost:
+    """How a quantized routed expert is stored, as far as its bytes go: loaders/expert_format.py's
+    round-to-nearest formats, laid out as loaders/expert_record.py's record fields (w13 [2F, D],
+    w2 [D, F]; D hidden size, F the expert's FFN width):
+
+        int8    q int8 [rows, inputs] (1 B a weight) + scale float32 [rows]         per matrix
+        int4    q uint8 [rows, inputs / 2] (0.5 B a weight) + scale float16
+                [rows, inputs / G] (2 B per G inputs), symmetric (no zero array)    per matrix
+    """
+
+    name: str  # its --expert-dtype name: int8, int4 (groups of 32), int4-g64, int4-g128
+    kind: str  # "int8" or "int4"
+    group_size: int | None = None  # int4: inputs per float16 scale (G)
+
+    def field_nbytes(self, rows: int, inputs: int) -> tuple[int, int]:
+        """(q, scale) bytes of one matrix [rows, inputs] in this format."""
+        if self.kind == "int8":
+            return rows * inputs, 4 * rows
+        if inputs % self.group_size or inputs % 2:
+            raise ReplayConfigError(
+                f"expert format {self.name}: expected the group size {self.group_size} to divide a matrix's "
+                f"{inputs} inputs, found a remainder of {inputs % self.group_size}"
+            )
+        return rows * inputs // 2, 2 * rows * (inputs // self.group_size)
+
+    def expert_bytes(self, hidden_size: int, expert_ffn: int) -> int:
+        """Bytes of one expert's record payload (w13, then w2; each field on a RECORD_FIELD_ALIGN
+        boundary), the bytes a load moves and a kernel reads; the record's padding up to 4 KiB is
+        left out, as it is for the float formats."""
+        D, F = hidden_size, expert_ffn
+        end = 0
+        for nbytes in (*self.field_nbytes(2 * F, D), *self.field_nbytes(D, F)):
+            end = -(-end // RECORD_FIELD_ALIGN) * RECORD_FIELD_ALIGN + nbytes
+        return end
+
+    def bytes_per_weight(self) -> float:
+        """Bytes per weight when the shapes are unknown: int4's q and scales exactly (0.5 + 2 / G),
+        int8's q only (its float32 scale per row, 4 (2F + D) B an expert, is left out: a relative
+        4 (2F + D) / (3 D F), 0.03% at D = F = 4096, 6% at D = F = 64)."""
+        return 1.0 if self.kind == "int8" else 0.5 + 2 / self.group_size
+
+
+EXPERT_FORMATS: dict[str, ExpertFormatCost] = {
+    f.name: f
+    for f in (
+        ExpertFormatCost("int8", "int8"),  # per output channel, float32 scales
+        ExpertFormatCost("int4", "int4", 32),  # llama.cpp Q4_0's block, the runtime's int4 default
+        ExpertFormatCost("int4-g64", "int4", 64),
+        ExpertFormatCost("int4-g128", "int4", 128),
+    )
+}
+EXPERT_FORMAT_CHOICES = (NATIVE, *EXPERT_FORMATS)
+
+
+def expert_format_cost(name: str) -> ExpertFormatCost | None:
+    """The ExpertFormatCost called `name`; None for "native" (the model's own figures)."""
+    if name == NATIVE:
+        return None
+    if not isinstance(name, str) or name not in EXPERT_FORMATS:
+        raise ReplayConfigError(f"expert format: expected one of {', '.join(EXPERT_FORMAT_CHOICES)}, found {name!r}")
+    return EXPERT_FORMATS[name]
+
+
 @dataclass(frozen=True)
 class ModelCost:
-    """What one decode token reads, for one model. Layers are the trace's layers (MoE layers)."""
+    """What one decode token reads, for one model. Layers are the trace's layers (MoE layers).
+    Bytes are bytes; D = hidden_size, F = expert_ffn (elements)."""
 
     name: str
     num_layers: int
     num_experts: int
     top_k: int
-    expert_bytes: int  # one routed expert: w1, w3 [F, D] and w2 [D, F]
+    expert_bytes: int  # one routed expert, as stored in expert_format: w1, w3 [F, D] and w2 [D, F]
     layer_dense_bytes: int  # per MoE layer, read every step: attention, router, shared experts
     step_bytes: int  # per step outside the MoE layers: lm head, dense-FFN layers
-    bytes_per_param: float
+    bytes_per_param: float  # of the dense weights (layer_dense_bytes); the native experts' too
     aliases: tuple[str, ...] = ()  # lower-case substrings of meta["model"] that name this model
+    hidden_size: int | None = None  # D (None: unknown, as for a trace's own meta["cost"] without it)
+    expert_ffn: int | None = None  # F, one routed expert's intermediate width
+    expert_format: str = NATIVE  # NATIVE, or a name in EXPERT_FORMATS (with_expert_format)
+    expert_weights: float | None = None  # weights of one routed expert; None: expert_bytes / bytes_per_param
 
     @property
     def expert_params(self) -> float:
-        return self.expert_bytes / self.bytes_per_param
+        """Weights of one routed expert (3 D F, plus biases where a family has them): what its FLOPs
+        count, 2 a weight a token, whatever format its bytes are in."""
+        return self.expert_bytes / self.bytes_per_param if self.expert_weights is None else self.expert_weights
+
+    @property
+    def expert_bytes_per_param(self) -> float:
+        """Bytes a routed expert's weight takes as stored (the dense weights': bytes_per_param)."""
+        return self.expert_bytes / self.expert_params
+
+    def with_expert_format(self, name: str) -> ModelCost:
+        """This model with its routed experts stored in `name` (EXPERT_FORMAT_CHOICES): expert_bytes
+        exact from the record layout at (hidden_size, expert_ffn), or, where those are unknown,
+        expert_params x the format's bytes per weight (ExpertFormatCost.bytes_per_weight says what
+        that leaves out). Everything else, FLOPs included, is unchanged."""
+        fmt = expert_format_cost(name)
+        if self.expert_format != NATIVE:
+            raise ReplayConfigError(
+                f"{self.name} with expert format {name!r}: expected the model's native costs to convert, found "
+                f"them in {self.expert_format!r} already"
+            )
+        if fmt is None:
+            return self
+        if self.hidden_size is not None and self.expert_ffn is not None:
+            expert_bytes = fmt.expert_bytes(self.hidden_size, self.expert_ffn)
+        else:
+            expert_bytes = math.ceil(self.expert_params * fmt.bytes_per_weight())
+        return replace(
+            self, expert_bytes=expert_bytes, expert_format=fmt.name, expert_weights=float(self.expert_params)
+        )
 
     def matches(self, num_layers: int, num_experts: int, top_k: int) -> bool:
         return (self.num_layers, self.num_experts, self.top_k) == (num_layers, num_experts, top_k)
@@ -78,6 +196,8 @@ MODELS: dict[str, ModelCost] = {
             step_bytes=32000 * 4096 * 2,
             bytes_per_param=2,
             aliases=("mixtral-8x7b", "mixtral 8x7b"),
+            hidden_size=4096,
+            expert_ffn=14336,
         ),
         # Qwen3-30B-A3B (config.json: hidden 2048, moe_intermediate 768, 32 heads / 4 KV heads of
         # 128, 48 layers, 128 experts top-8, vocab 151936, untied lm head), bf16.
@@ -93,6 +213,8 @@ MODELS: dict[str, ModelCost] = {
             step_bytes=151936 * 2048 * 2,
             bytes_per_param=2,
             aliases=("qwen3-30b-a3b",),
+            hidden_size=2048,
+            expert_ffn=768,
         ),
         # DeepSeek-V3 (config.json: hidden 7168, moe_intermediate 2048, 61 layers of which the first
         # 3 are dense (intermediate 18432), 256 routed experts top-8 + 1 shared, MLA with q_lora
@@ -114,6 +236,8 @@ MODELS: dict[str, ModelCost] = {
             + 129280 * 7168 * 2,
             bytes_per_param=1,
             aliases=("deepseek-v3", "deepseek v3"),
+            hidden_size=7168,
+            expert_ffn=2048,
         ),
     )
 }
@@ -204,22 +328,32 @@ class ReplayProfile:
 
 
 COST_FIELDS = ("expert_bytes", "layer_dense_bytes", "step_bytes", "bytes_per_param")
+SHAPE_FIELDS = ("hidden_size", "expert_ffn")  # optional in meta["cost"]: both or neither
 
 
 def model_for(meta: dict) -> ModelCost:
     """The ModelCost a trace's meta describes: its own meta["cost"] (ModelCost's byte fields, as
-    `moeinf trace` records them for the model it ran), else a known model by name (meta["model"]
-    containing an alias), else by shape (num_layers, num_experts, top_k)."""
+    `moeinf trace` records them for the model it ran, and optionally SHAPE_FIELDS, which make its
+    quantized expert bytes exact), else a known model by name (meta["model"] containing an
+    alias), else by shape (num_layers, num_experts, top_k)."""
     shape = (meta["num_layers"], meta["num_experts"], meta["top_k"])
     if "cost" in meta:
         cost = meta["cost"]
-        if not isinstance(cost, dict) or sorted(cost) != sorted(COST_FIELDS):
-            raise ReplayConfigError(f"trace meta.cost: expected the keys {', '.join(COST_FIELDS)}, found {cost!r}")
-        for key in COST_FIELDS:
+        keys = sorted(cost) if isinstance(cost, dict) else None
+        if keys not in (sorted(COST_FIELDS), sorted(COST_FIELDS + SHAPE_FIELDS)):
+            raise ReplayConfigError(
+                f"trace meta.cost: expected the keys {', '.join(COST_FIELDS)} (and optionally both of "
+                f"{', '.join(SHAPE_FIELDS)}), found {cost!r}"
+            )
+        for key in cost:
             value = cost[key]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ReplayConfigError(f"trace meta.cost.{key}: expected a positive number, found {value!r}")
-        return ModelCost(str(meta.get("model", "traced")), *shape, **cost)
+            if key in SHAPE_FIELDS and value != int(value):
+                raise ReplayConfigError(f"trace meta.cost.{key}: expected a whole number of elements, found {value!r}")
+        return ModelCost(
+            str(meta.get("model", "traced")), *shape, **{k: int(v) if k in SHAPE_FIELDS else v for k, v in cost.items()}
+        )
     name = str(meta.get("model", "")).lower()
     for model in MODELS.values():
         if any(alias in name for alias in model.aliases):
@@ -239,16 +373,26 @@ def model_for(meta: dict) -> ModelCost:
     )
 
 
-def profile_for(trace: Trace, link: str = "pcie4", gpu: Gpu = H100, host: str | Host | None = None) -> ReplayProfile:
+def profile_for(
+    trace: Trace,
+    link: str = "pcie4",
+    gpu: Gpu = H100,
+    host: str | Host | None = None,
+    expert_format: str | None = None,
+) -> ReplayProfile:
     """The profile of `link` (one of LINKS) for the model `trace` was recorded on, with `host` (one
-    of HOSTS, a Host, or None for no host compute)."""
+    of HOSTS, a Host, or None for no host compute), its routed experts in `expert_format` (one of
+    EXPERT_FORMAT_CHOICES; None or "native": the model's own)."""
     if link not in LINKS:
         raise ReplayConfigError(f"link profile: expected one of {', '.join(LINKS)}, found {link!r}")
     if isinstance(host, str):
         if host not in HOSTS:
             raise ReplayConfigError(f"host profile: expected one of {', '.join(HOSTS)}, found {host!r}")
         host = HOSTS[host]
-    return ReplayProfile(link, LINKS[link], model_for(trace.meta), gpu, host)
+    model = model_for(trace.meta)
+    if expert_format is not None:
+        model = model.with_expert_format(expert_format)
+    return ReplayProfile(link, LINKS[link], model, gpu, host)
 
 
 def traced_model_cost(spec: ModelSpec, dense: DenseWeights, bytes_per_param: int) -> dict:

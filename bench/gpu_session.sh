@@ -7,8 +7,11 @@
 #
 # Steps (a failed or timed-out step is recorded and the next one runs):
 #   1 nvidia-smi and the Python environment (torch, triton, CUDA, the packages moeinf imports)
-#   2 tests/runtime/test_cuda.py: kernels vs references at model shapes, routing, norm, whole models CUDA vs CPU
-#     (resident, offloaded, and hybrid: misses computed on the host beside the GPU's share)
+#   2 tests/runtime/test_cuda.py: kernels vs references at model shapes (fused_moe, and fused_quant_moe on
+#     int8 / int4 weights), routing, norm, whole models CUDA vs CPU (resident, offloaded, and hybrid:
+#     misses computed on the host beside the GPU's share)
+#   2b tests/kernels/test_quant_moe.py on the GPU: fused_quant_moe's odd shapes, formats, record views and
+#     host-share rows compiled for real (issue 15)
 #   3 python -m bench.kernels: fused_moe against the torch baselines, configs as shipped (heuristic)
 #   4 python -m bench.tune_moe: tunes block configs into moeinf/kernels/configs/ (this copy of the repo)
 #   5 python -m bench.kernels again: now with the tuned configs
@@ -16,6 +19,8 @@
 #     Accelerate offloading at the same 25% budget (MoE-Infinity's baseline)
 #   6b python -m bench.gpu_offload --hybrid-only: a Qwen3-30B-A3B-shaped model at 25 / 50% budget with
 #     host_compute never / always / auto against resident (issue 14)
+#   6c python -m bench.kernels --formats int8 int4: fused_quant_moe against fused_moe on the dequantized
+#     weights (issue 15)
 #   7 tests/runtime/test_cuda.py -k fused_moe, bf16, again: the tuned configs through the default lookup
 #   8 tests/kernels/test_kernels.py on the GPU (odd shapes; informative: a few tests expect CPU-only checks)
 # then copies the results where they come back: $OUT when set (the device tool's folder; at most 8
@@ -139,15 +144,23 @@ sys.exit(1 if set(missing) - {"cupy", "xdist"} else 0)
 
 # ------------------------------------------------------------------------------ 2 CUDA tests
 step cuda-tests 240 30 "${PYTEST[@]}" "${XDIST[@]}" tests/runtime/test_cuda.py --junitxml="$WORK/test_cuda.xml"
+if [[ $SMOKE == 0 ]]; then
+    step quant-kernel-tests-gpu 90 30 "${PYTEST[@]}" "${XDIST[@]}" tests/kernels/test_quant_moe.py \
+        --junitxml="$WORK/test_quant_moe_gpu.xml"
+else
+    record quant-kernel-tests-gpu skipped 0 "smoke: tests/kernels/test_quant_moe.py runs in the normal suite"
+fi
 
 # ------------------------------------------------------------------------------ 3-5 kernels, tune, kernels
 if [[ $SMOKE == 0 ]]; then
-    KERNELS=("$PY" -m bench.kernels)
+    KERNELS=("$PY" -m bench.kernels --formats float)
+    KERNELS_QUANT=("$PY" -m bench.kernels --formats int8 int4)
     TUNE=("$PY" -m bench.tune_moe --results-dir "$WORK")
     OFFLOAD=("$PY" -m bench.gpu_offload --out "$WORK" --workdir /tmp/gpu-offload-bench --hybrid-layers 0)
     HYBRID=("$PY" -m bench.gpu_offload --hybrid-only --out "$WORK" --workdir /tmp/gpu-hybrid-bench)
 else
-    KERNELS=("$PY" -m bench.kernels --cpu --models Mixtral-8x7B/16 --tokens 1 --min-time 0.01)
+    KERNELS=("$PY" -m bench.kernels --cpu --formats float --models Mixtral-8x7B/16 --tokens 1 --min-time 0.01)
+    KERNELS_QUANT=("$PY" -m bench.kernels --cpu --formats int8 int4 --models Mixtral-8x7B/16 --tokens 1)
     TUNE=("$PY" -m bench.tune_moe --smoke --models tiny --tokens 1 --max-candidates 3 --out-dir "$WORK/configs"
         --results-dir "$WORK")
     OFFLOAD=("$PY" -m bench.gpu_offload --smoke --out "$WORK" --workdir "$WORK/offload-work" --hybrid-layers 0)
@@ -177,6 +190,7 @@ fi
 # ------------------------------------------------------------------------------ 6 offload benchmark
 step gpu-offload 300 90 "${OFFLOAD[@]}"
 step gpu-hybrid 200 60 "${HYBRID[@]}"
+step kernels-quant 180 60 "${KERNELS_QUANT[@]}" --out "$WORK/kernels-quant"
 
 # ------------------------------------------------------------------------------ 7-8 extra checks, time permitting
 if ((TUNED > 0)); then
@@ -227,7 +241,8 @@ if [[ -n "${OUT:-}" ]]; then
     fi
     # plain names only come back from $OUT; the config files (with '=' and ',') travel in the tarball
     for pair in "kernels-before/kernels-*.csv:kernels-before.csv" "kernels-after/kernels-*.csv:kernels-after.csv" \
-        "tune_moe-*.csv:tune_moe.csv" "gpu-offload-*.json:gpu-offload.json"; do
+        "kernels-quant/kernels-*.csv:kernels-quant.csv" "tune_moe-*.csv:tune_moe.csv" \
+        "gpu-offload-*.json:gpu-offload.json"; do
         for file in "$WORK"/${pair%%:*}; do
             if [[ -f $file ]]; then
                 cp "$file" "$OUT/${pair##*:}"

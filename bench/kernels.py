@@ -1,6 +1,7 @@
 """Kernel microbenchmark: the fused MoE Triton kernel against torch baselines, same inputs, same run.
 
 Run:  python -m bench.kernels [--cpu] [--models NAME ...] [--tokens 1 16 256 4096] [--out bench/results]
+                              [--formats float int8 int4]
 
 GPU (the default where CUDA is available): bfloat16, the real expert shapes of
   Mixtral-8x7B      D=4096 F=14336 E=8   top-2
@@ -24,6 +25,16 @@ Implementations (all: x [M, D] -> out [M, D], the contract of moe_experts_refere
   loop        transformers' eager loop: torch.where(topk_ids == e) for every expert, one host sync each
   grouped_mm  torch._grouped_mm over the tokens sorted by expert (where torch has it); it needs the
               experts stacked in id order, so it runs on the identity slot table the bench uses
+
+Quantized weights (GPU only; --formats int8 / int4, both by default): the same experts quantized with
+kernels/quantize.py's RTN, int8 per output channel or int4 in groups of 128 inputs (symmetric,
+float16 scales), x in bfloat16:
+  triton-int8 / triton-int4                moeinf.kernels.quant_moe.fused_quant_moe on the packed weights
+  triton-int8-dequant / triton-int4-dequant  fused_moe on the same weights dequantized to bfloat16
+                                             (what the quantized kernel saves against)
+Their rel_rms is against quantized_moe_experts_reference (the float32 reference on the dequantized
+experts), their speedup the -dequant row's median over this one's, and their bytes count the
+quantized arrays (q, scale, zero) of the routed experts for the triton-int* rows.
 
 Units and model:
   flops   = 6 * M * K * D * F  (gate, up and down GEMMs of the M*K routed pairs)
@@ -59,6 +70,8 @@ from bench.common import csv_text
 from moeinf.atomic_write import write_text_atomic
 from moeinf.kernels.block_configs import device_name
 from moeinf.kernels.moe import fused_moe
+from moeinf.kernels.quant_moe import fused_quant_moe
+from moeinf.kernels.quantize import dequantize, quantize, quantized_moe_experts_reference
 from moeinf.kernels.reference import moe_experts_reference
 from moeinf.kernels.tolerance import TOLERANCE, rel_rms
 
@@ -76,6 +89,8 @@ CPU_MODELS = {
 }
 GPU_TOKENS = (1, 16, 256, 4096)
 CPU_TOKENS = (1, 16, 64)
+FORMATS = ("float", "int8", "int4")  # --formats: the float implementations, and each quantized format's rows
+INT4_GROUP_SIZE = 128  # every GPU model's D and F are multiples of it
 
 # device-name substring -> (dense bf16 TFLOP/s, HBM TB/s), spec sheets; the first match wins
 GPU_PEAKS = {
@@ -149,6 +164,15 @@ def make_experts(D, FF, E, dtype, device, seed=0):
     return w13, w2, torch.arange(E, device=device)
 
 
+def make_quant_experts(D, FF, E, dtype, device, format, group_size=INT4_GROUP_SIZE, seed=0):
+    """make_experts' weights quantized with quantize.py's RTN: int8 per output channel, or int4 in
+    groups of group_size inputs, symmetric, float16 scales. Returns (w13, w2, slots), w13 and w2
+    QuantizedMatrix stacks [E, 2F, D] and [E, D, F]."""
+    w13, w2, slots = make_experts(D, FF, E, dtype, device, seed)
+    options = {} if format == "int8" else dict(group_size=group_size)
+    return quantize(w13, format, **options), quantize(w2, format, **options), slots
+
+
 def make_tokens(M, D, E, K, dtype, device, seed):
     """x [M, D] and a random routing: distinct experts per token, softmax weights renormalised
     over the top k (Mixtral's rule)."""
@@ -202,7 +226,73 @@ def gpu_peaks(name: str) -> tuple[float, float] | None:
 # ----------------------------------------------------------------------------- the run
 
 
-def run(models: dict, tokens: tuple, on_gpu: bool, min_time: float) -> list[dict]:
+def measure(row: dict, call: Callable, expected: torch.Tensor, flops: float, nbytes: float, on_gpu: bool,
+            min_time: float, peaks) -> float | None:  # fmt: skip
+    """Checks `call`'s output against `expected` and times it into `row` (printed); returns the
+    median ms, or None (with a note) where it failed."""
+    try:
+        row["rel_rms"] = f"{rel_rms(call(), expected):.2e}"
+        timing = time_gpu(call) if on_gpu else time_cpu(call, min_time)
+    except (RuntimeError, NotImplementedError) as error:  # e.g. grouped_mm on an older GPU
+        row["note"] = f"failed: {str(error).splitlines()[0][:120]}"
+        return None
+    seconds = timing["median_ms"] / 1e3
+    row.update(
+        median_ms=f"{timing['median_ms']:.4f}",
+        min_ms=f"{timing['min_ms']:.4f}",
+        rounds=timing.get("rounds", ""),
+        tflops=f"{flops / seconds / 1e12:.3f}",
+        gbs=f"{nbytes / seconds / 1e9:.1f}",
+    )
+    if peaks is not None:
+        roof_ms = max(flops / (peaks[0] * 1e12), nbytes / (peaks[1] * 1e12)) * 1e3
+        row.update(roofline_ms=f"{roof_ms:.4f}", roofline_frac=f"{roof_ms / timing['median_ms']:.3f}")
+    if not on_gpu:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        row["note"] = f"mean {timing['mean_ms']:.4f} ms, stddev {timing['stddev_ms']:.4f} ms, load average {load:.2f}"
+    print_row(row)
+    return timing["median_ms"]
+
+
+def run_quantized(
+    model: str, shape: tuple, tokens: tuple, format: str, device_label: str, peaks, stamp: str, on_gpu: bool = True
+) -> list[dict]:
+    """The GPU rows of one quantized format: fused_quant_moe on the packed experts, and fused_moe on
+    the same experts dequantized to bfloat16 (see the module docstring). on_gpu False: the same on
+    the CPU, in the Triton interpreter (TRITON_INTERPRET=1), timed by time_cpu: to test this code."""
+    D, FF, E, K = shape
+    device, dtype = torch.device("cuda" if on_gpu else "cpu"), torch.bfloat16
+    w13, w2, slots = make_quant_experts(D, FF, E, dtype, device, format)
+    dense13, dense2 = dequantize(w13).to(dtype), dequantize(w2).to(dtype)  # [E, 2F, D], [E, D, F]
+    expert_bytes = (w13.nbytes + w2.nbytes) / E  # the quantized arrays of one expert
+    rows = []
+    for M in tokens:
+        x, ids, weights = make_tokens(M, D, E, K, dtype, device, seed=M)
+        flops, dense_bytes = work(M, D, FF, K, ids, x.element_size())
+        quant_bytes = torch.unique(ids).numel() * expert_bytes + 2.0 * M * D * x.element_size()
+        expected = quantized_moe_experts_reference(x, ids, weights, w13, w2, slots)
+        quant_call = functools.partial(fused_quant_moe, x, ids, weights, w13, w2, slots)
+        dense_call = functools.partial(fused_moe, x, ids, weights, dense13, dense2, slots)
+        impls = {f"triton-{format}": (quant_call, quant_bytes), f"triton-{format}-dequant": (dense_call, dense_bytes)}
+        timings = {}
+        for name, (call, nbytes) in impls.items():
+            row = {"device": device_label, "model": model, "M": M, "D": D, "F": FF, "E": E, "K": K,
+                   "dtype": f"bfloat16 ({format} weights)", "impl": name, "timestamp_utc": stamp,
+                   "note": ""}  # fmt: skip
+            timings[name] = measure(row, call, expected, flops, nbytes, on_gpu, 0.0, peaks)
+            rows.append(row)
+        baseline = timings[f"triton-{format}-dequant"]
+        for row in rows[-len(impls) :]:
+            if baseline is not None and timings[row["impl"]] is not None:
+                row["speedup"] = f"{baseline / timings[row['impl']]:.2f}"
+        del x, ids, weights, expected
+    del w13, w2, dense13, dense2
+    if on_gpu:
+        torch.cuda.empty_cache()
+    return rows
+
+
+def run(models: dict, tokens: tuple, on_gpu: bool, min_time: float, formats: tuple = ("float",)) -> list[dict]:
     device = torch.device("cuda" if on_gpu else "cpu")
     dtype = torch.bfloat16 if on_gpu else torch.float32
     device_label = (
@@ -215,6 +305,11 @@ def run(models: dict, tokens: tuple, on_gpu: bool, min_time: float) -> list[dict
     impls = implementations(on_gpu)
     rows = []
     for model, (D, FF, E, K) in models.items():
+        if on_gpu:
+            for format in (f for f in formats if f != "float"):
+                rows += run_quantized(model, (D, FF, E, K), tokens, format, device_label, peaks, stamp)
+        if "float" not in formats:
+            continue
         w13, w2, slots = make_experts(D, FF, E, dtype, device)
         for M in tokens:
             x, ids, weights = make_tokens(M, D, E, K, dtype, device, seed=M)
@@ -226,33 +321,10 @@ def run(models: dict, tokens: tuple, on_gpu: bool, min_time: float) -> list[dict
                 row = {"device": device_label, "model": model, "M": M, "D": D, "F": FF, "E": E, "K": K,
                        "dtype": str(dtype).removeprefix("torch."), "impl": name, "timestamp_utc": stamp,
                        "note": ""}  # fmt: skip
-                call = functools.partial(fn, *args)
-                try:
-                    row["rel_rms"] = f"{rel_rms(call(), expected):.2e}"
-                    timing = time_gpu(call) if on_gpu else time_cpu(call, min_time)
-                except (RuntimeError, NotImplementedError) as error:  # e.g. grouped_mm on an older GPU
-                    row["note"] = f"failed: {str(error).splitlines()[0][:120]}"
-                    rows.append(row)
-                    continue
-                timings[name] = timing["median_ms"]
-                seconds = timing["median_ms"] / 1e3
-                row.update(
-                    median_ms=f"{timing['median_ms']:.4f}",
-                    min_ms=f"{timing['min_ms']:.4f}",
-                    rounds=timing.get("rounds", ""),
-                    tflops=f"{flops / seconds / 1e12:.3f}",
-                    gbs=f"{nbytes / seconds / 1e9:.1f}",
-                )
-                if peaks is not None:
-                    roof_ms = max(flops / (peaks[0] * 1e12), nbytes / (peaks[1] * 1e12)) * 1e3
-                    row.update(roofline_ms=f"{roof_ms:.4f}", roofline_frac=f"{roof_ms / timing['median_ms']:.3f}")
-                if not on_gpu:
-                    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-                    row["note"] = (
-                        f"mean {timing['mean_ms']:.4f} ms, stddev {timing['stddev_ms']:.4f} ms, load average {load:.2f}"
-                    )
+                median = measure(row, functools.partial(fn, *args), expected, flops, nbytes, on_gpu, min_time, peaks)
                 rows.append(row)
-                print_row(row)
+                if median is not None:
+                    timings[name] = median
             for row in rows:
                 if row["model"] == model and row["M"] == M and row["impl"] in timings and "reference" in timings:
                     row["speedup"] = f"{timings['reference'] / timings[row['impl']]:.2f}"
@@ -279,6 +351,10 @@ def main() -> None:
     parser.add_argument("--tokens", nargs="+", type=int, help="token counts M (default: the mode's list)")
     parser.add_argument("--min-time", type=float, default=0.2, help="CPU: seconds of timed rounds per case")
     parser.add_argument("--threads", type=int, help="CPU: torch threads (default: torch's own choice)")
+    parser.add_argument(
+        "--formats", nargs="*", choices=FORMATS, default=list(FORMATS),
+        help="float: the float implementations; int8, int4: the quantized rows (GPU only). Default: all",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()
     on_gpu = torch.cuda.is_available() and not args.cpu
@@ -290,7 +366,9 @@ def main() -> None:
         parser.error(f"unknown models {sorted(unknown)}; expected some of {sorted(table)}")
     models = {name: table[name] for name in (args.models or table)}
     tokens = tuple(args.tokens or (GPU_TOKENS if on_gpu else CPU_TOKENS))
-    rows = run(models, tokens, on_gpu, args.min_time)
+    if not on_gpu and set(args.formats) - {"float"}:
+        print(f"quantized rows ({', '.join(f for f in args.formats if f != 'float')}) run on a GPU only: skipped")
+    rows = run(models, tokens, on_gpu, args.min_time, tuple(args.formats))
     label = device_name(torch.device("cuda")) if on_gpu else "cpu"
     path = args.out / f"kernels-{label}.csv"
     write_text_atomic(path, csv_text(COLUMNS, rows))

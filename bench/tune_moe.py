@@ -1,11 +1,14 @@
 """Offline tuner of the fused-MoE block sizes: times candidate BlockConfigs of fused_moe on a GPU for
 each model shape and token count M, keeps the fastest whose output matches the torch reference, and
 writes one tuned file per (E, N, K, dtype, device) that moe_block_config reads (the format is in
-moeinf/kernels/block_configs.py).
+moeinf/kernels/block_configs.py). With --format int8 or int4 it tunes fused_quant_moe (quant_moe.py)
+on weights in that format instead, into files whose names carry the format (float files stay as
+they are).
 
 Run on a CUDA machine:
   python -m bench.tune_moe [--models NAME ...] [--tokens 1 16 64 256 1024 4096] [--budget-s 150]
                            [--max-candidates 16] [--out-dir moeinf/kernels/configs] [--results-dir bench/results]
+                           [--format int8|int4 [--group-size 128]]
   python -m bench.tune_moe --dry-run-list [--models ...] [--tokens ...]   the candidates in the order tried; no GPU
 Smoke test anywhere (CPU, Triton interpreter, tiny shapes, perf_counter timer; files go to a new temp
 directory unless --out-dir is given):
@@ -15,6 +18,13 @@ Shapes: bench/kernels.py's GPU_MODELS, Mixtral-8x7B (D=4096 F=14336 E=8 top-2), 
 F=768 E=128 top-8), DeepSeek-V2-Lite (D=2048 F=1408 E=64 top-6). E is what fused_moe looks files up
 by, expert_slots.shape[0]: the runtime runs shared experts apart from fused_moe, so DeepSeek-V2-Lite's
 files have E = 64, its routed experts.
+
+Weights: float (the default) in --dtype; or w13 and w2 both quantized (kernels/quantize.py's RTN) to
+--format: int8 per output channel, or int4 in groups of --group-size (default 128; smoke 32)
+inputs, symmetric, float16 scales (the common GPTQ / compressed-tensors W4A16 layout); x in
+--dtype. The file is keyed by x's dtype and the format, not the group size: the int4 kernel cuts
+block_k to the group (quant_moe.int4_block_k), so a file tuned at G = 128 serves every G, its
+block_k cut for smaller ones (candidates that the cut would change are pruned).
 
 Method, for each (model, M):
   candidates  the grid block_m 16/32/64/128 x block_n 32/64/128 x block_k 32/64/128 x group_m 1/8 x
@@ -26,8 +36,8 @@ Method, for each (model, M):
   compile     on a GPU, --compile-workers processes first compile every (M, candidate) into Triton's
               on-disk cache, so that the timing loop loads kernels instead of compiling them one by one
   check       each candidate's output against moe_experts_reference in float32 (float64 for float32
-              runs) on the same inputs: a relative RMS error above --tolerance, a NaN, or a failed
-              compile or launch rejects it
+              runs) on the same inputs (quantized weights: the routed experts dequantized): a relative
+              RMS error above --tolerance, a NaN, or a failed compile or launch rejects it
   time        triton.testing.do_bench's median (L2 flushed between runs) of the whole fused_moe call,
               alignment, both GEMMs and the combine: what the runtime pays
   select      the fastest accepted candidate (select_best). The heuristic is always measured, so an
@@ -35,7 +45,8 @@ Method, for each (model, M):
   budget      --budget-s is shared out over the models, then the rounds, then the M, unspent time
               rolling over; a case stops trying candidates when its share is spent
 Writes one config file per model into --out-dir (atomically; it replaces an older file of the same
-name) and every trial to <results-dir>/tune_moe-<device>.csv; prints a progress bar and a summary.
+name) and every trial to <results-dir>/tune_moe-<device>.csv (tune_moe-<device>-<format>.csv for
+quantized weights); prints a progress bar and a summary.
 """
 
 from __future__ import annotations
@@ -68,7 +79,7 @@ import triton.testing
 from tqdm import tqdm
 
 from bench.common import csv_text
-from bench.kernels import GPU_MODELS, make_experts, make_tokens
+from bench.kernels import GPU_MODELS, make_experts, make_quant_experts, make_tokens
 from moeinf.atomic_write import write_text_atomic
 from moeinf.kernels.block_configs import (
     CONFIG_DIR,
@@ -80,6 +91,8 @@ from moeinf.kernels.block_configs import (
     write_config_file,
 )
 from moeinf.kernels.moe import fused_moe
+from moeinf.kernels.quant_moe import fused_quant_moe, int4_block_k
+from moeinf.kernels.quantize import QuantizedMatrix, dequantize
 from moeinf.kernels.reference import moe_experts_reference
 from moeinf.kernels.tolerance import MODEL_SHAPE_TOLERANCE, rel_rms
 
@@ -89,6 +102,8 @@ BENCH = Path(__file__).resolve().parent
 SMOKE_MODELS = {"tiny": (64, 32, 4, 2), "tiny-odd": (48, 40, 6, 3)}
 GPU_TOKENS = (1, 16, 64, 256, 1024, 4096)
 SMOKE_TOKENS = (1, 8)
+QUANT_FORMATS = ("int8", "int4")
+GROUP_SIZE, SMOKE_GROUP_SIZE = 128, 32  # int4 inputs per group: every GPU model's D and F are multiples of 128
 
 GRID = {
     "block_m": (16, 32, 64, 128),
@@ -120,9 +135,66 @@ SMEM_BYTES = 227 * 1024  # shared memory a Hopper block may opt into
 ACC_REGS_PER_THREAD = 128  # fp32 accumulator registers per thread past which spills are likely
 FIRST_ROUND = 0.6  # of the candidates and of the time: tiles; the rest: launch variants of the best tiles
 CSV_COLUMNS = (
-    "device", "model", "D", "F", "E", "K", "M", "dtype", *GRID, "heuristic", "status", "ms", "rel_rms",
+    "device", "model", "D", "F", "E", "K", "M", "dtype", "format", *GRID, "heuristic", "status", "ms", "rel_rms",
     "chosen", "note", "timestamp_utc",
 )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+@dataclass(frozen=True)
+class Weights:
+    """The expert weights a run tunes for: float (format None: fused_moe) or quantized, both w13 and
+    w2 in `format` (fused_quant_moe); int4 in groups of group_size, symmetric, float16 scales."""
+
+    format: str | None = None
+    group_size: int | None = None
+
+    def __post_init__(self):
+        if self.format not in (None, *QUANT_FORMATS):
+            raise ValueError(f"weights format: expected None or one of {QUANT_FORMATS}, found {self.format!r}")
+        if (self.format == "int4") != (self.group_size is not None):
+            raise ValueError(f"weights: expected a group size with int4 only, found {self.format} {self.group_size}")
+
+    @property
+    def label(self) -> str:
+        """The CSV's format column, and the summary's."""
+        if self.format is None:
+            return "float"
+        return self.format if self.group_size is None else f"{self.format}-g{self.group_size}"
+
+    @property
+    def runner(self) -> Callable:
+        return fused_moe if self.format is None else fused_quant_moe
+
+    def unfit(self, shape: tuple[int, int, int, int]) -> str | None:
+        """Why these weights cannot hold a model of shape (D, F, E, K), or None."""
+        D, F, _, _ = shape
+        if self.group_size is not None and (D % self.group_size or F % self.group_size):
+            return f"int4 groups of {self.group_size} need D = {D} and F = {F} multiples of it"
+        return None
+
+    def experts(self, shape, dtype: torch.dtype, device: torch.device, zeros: bool = False):
+        """(w13, w2, slots) of every expert of the shape, slot = expert id; zeros: placeholder weights
+        of the same layout (all codes 0, scales 1) for compiling."""
+        D, F, E, _ = shape
+        if self.format is None:
+            if zeros:
+                w13 = torch.zeros(E, 2 * F, D, dtype=dtype, device=device)
+                return w13, torch.zeros(E, D, F, dtype=dtype, device=device), torch.arange(E, device=device)
+            return make_experts(D, F, E, dtype, device)
+        if not zeros:
+            return make_quant_experts(D, F, E, dtype, device, self.format, self.group_size)
+        return self._zeros(2 * F, D, E, device), self._zeros(D, F, E, device), torch.arange(E, device=device)
+
+    def _zeros(self, N: int, K: int, E: int, device: torch.device) -> QuantizedMatrix:
+        if self.format == "int8":
+            q = torch.zeros(E, N, K, dtype=torch.int8, device=device)
+            return QuantizedMatrix("int8", q, torch.ones(E, N, device=device))
+        q = torch.zeros(E, N, K // 2, dtype=torch.uint8, device=device)
+        scale = torch.ones(E, N, K // self.group_size, dtype=torch.float16, device=device)
+        return QuantizedMatrix("int4", q, scale, None, self.group_size)
 
 
 # ----------------------------------------------------------------------------- candidates
@@ -132,8 +204,11 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
-def prune_reason(config: BlockConfig, M: int, shape: tuple[int, int, int, int], itemsize: int) -> str | None:
-    """Why `config` is not worth timing for M tokens of shape (D, F, E, K), or None."""
+def prune_reason(
+    config: BlockConfig, M: int, shape: tuple[int, int, int, int], itemsize: int, group_size: int | None = None
+) -> str | None:
+    """Why `config` is not worth timing for M tokens of shape (D, F, E, K), or None. group_size: int4
+    weights' G (their kernel cuts block_k to int4_block_k), None for float and int8 weights."""
     D, F, E, K = shape
     pairs = M * K
     per_expert = math.ceil(pairs / min(E, pairs))  # (token, expert) pairs of a routed expert, on average
@@ -144,6 +219,8 @@ def prune_reason(config: BlockConfig, M: int, shape: tuple[int, int, int, int], 
         return "block_n/block_k: wider than the matrices"
     if config.group_m > 1 and per_expert < 2 * bm:
         return "group_m: one row block per expert, nothing to share in L2"
+    if group_size is not None and int4_block_k(bk, group_size) != bk:
+        return "block_k: int4 runs it as another block_k (cut to the group)"
     if config.num_stages * (bm * bk + 2 * bk * bn) * itemsize > SMEM_BYTES:
         return "shared memory: x, gate and up tiles of every stage"
     if 2 * bm * bn > ACC_REGS_PER_THREAD * 32 * config.num_warps:
@@ -177,13 +254,19 @@ class Plan:
 
 
 def plan_candidates(
-    M: int, shape: tuple[int, int, int, int], itemsize: int, heuristic: BlockConfig, limit: int
+    M: int,
+    shape: tuple[int, int, int, int],
+    itemsize: int,
+    heuristic: BlockConfig,
+    limit: int,
+    group_size: int | None = None,
 ) -> Plan:
     """First round, in the order tried: the heuristic (whether or not the pruning keeps it: it is the
     baseline), the priors the pruning keeps, then one config per tile (block sizes and group_m) with
-    the launch nearest 4 warps and 3 stages, tiles nearest the heuristic's first; cut to `limit`."""
+    the launch nearest 4 warps and 3 stages, tiles nearest the heuristic's first; cut to `limit`.
+    group_size: int4 weights' G (see prune_reason)."""
     grid = [BlockConfig(*values) for values in itertools.product(*GRID.values())]
-    kept = [c for c in grid if prune_reason(c, M, shape, itemsize) is None]
+    kept = [c for c in grid if prune_reason(c, M, shape, itemsize, group_size) is None]
     kept_set = set(kept)
     priors = [c for c in (PRIORS_DECODE if M <= shape[2] else PRIORS_PREFILL) if c in kept_set and c != heuristic]
     chosen = [heuristic, *priors]
@@ -247,13 +330,18 @@ def select_best(trials: Sequence[Trial], tolerance: float) -> Trial | None:
 
 def reference_output(x, ids, weights, w13, w2, slots) -> torch.Tensor:
     """moe_experts_reference on the same inputs, in float32 (float64 for float32 runs), reading only
-    the routed experts' weights (a wide copy of every expert of Mixtral would be GBs)."""
+    the routed experts' weights (a wide copy of every expert of Mixtral would be GBs); quantized
+    weights (QuantizedMatrix) are dequantized, those experts only."""
     wide = torch.float64 if x.dtype == torch.float32 else torch.float32
     used = ids.unique()  # [U] routed experts
     compact = torch.full_like(slots, -1)
     compact[used] = torch.arange(used.numel(), device=slots.device, dtype=slots.dtype)
     rows = slots[used]
-    return moe_experts_reference(x.to(wide), ids, weights.to(wide), w13[rows].to(wide), w2[rows].to(wide), compact)
+
+    def routed(w) -> torch.Tensor:  # [U, N, K] in the wide dtype
+        return (dequantize(w[rows]) if isinstance(w, QuantizedMatrix) else w[rows]).to(wide)
+
+    return moe_experts_reference(x.to(wide), ids, weights.to(wide), routed(w13), routed(w2), compact)
 
 
 def run_trial(trial: Trial, call: Callable[[], torch.Tensor], reference: torch.Tensor, timer, tolerance: float):
@@ -284,7 +372,8 @@ def tune_case(
 ) -> list[Trial]:
     """Trials of the candidates in order until `deadline` (time.perf_counter()); the first candidate
     runs whatever the time when it is the heuristic, the baseline. inputs: (x, ids, weights, w13, w2,
-    slots); runner: fused_moe's signature (injectable for tests)."""
+    slots); runner: fused_moe's signature, or fused_quant_moe's for QuantizedMatrix weights (injectable
+    for tests)."""
     x, ids, weights, w13, w2, slots = inputs
     reference = reference_output(x, ids, weights, w13, w2, slots)
     trials = []
@@ -327,23 +416,21 @@ def cpu_timer(repeats: int) -> Callable[[Callable], float]:
 _WORKER_WEIGHTS: dict = {}
 
 
-def _compile_one(shape: tuple[int, int, int, int], dtype_name: str, device: str, M: int, config: BlockConfig) -> str:
-    """In a worker process: one fused_moe call of the real shapes (zero weights), which compiles its
-    kernels into Triton's on-disk cache. Returns '' or the error."""
+def _compile_one(
+    shape: tuple[int, int, int, int], dtype_name: str, device: str, M: int, config: BlockConfig, kind: Weights
+) -> str:
+    """In a worker process: one fused_moe (fused_quant_moe) call of the real shapes and layouts (zero
+    weights), which compiles its kernels into Triton's on-disk cache. Returns '' or the error."""
     D, F, E, K = shape
     dtype = getattr(torch, dtype_name)
-    if _WORKER_WEIGHTS.get("key") != (shape, dtype_name, device):
+    if _WORKER_WEIGHTS.get("key") != (shape, dtype_name, device, kind):
         _WORKER_WEIGHTS.clear()
-        _WORKER_WEIGHTS.update(
-            key=(shape, dtype_name, device),
-            w13=torch.zeros(E, 2 * F, D, dtype=dtype, device=device),
-            w2=torch.zeros(E, D, F, dtype=dtype, device=device),
-            slots=torch.arange(E, device=device),
-        )
+        w13, w2, slots = kind.experts(shape, dtype, torch.device(device), zeros=True)
+        _WORKER_WEIGHTS.update(key=(shape, dtype_name, device, kind), w13=w13, w2=w2, slots=slots)
     w = _WORKER_WEIGHTS
     x, ids, weights = make_tokens(M, D, E, K, dtype, torch.device(device), seed=M)
     try:
-        fused_moe(x, ids, weights, w["w13"], w["w2"], w["slots"], config=config)
+        kind.runner(x, ids, weights, w["w13"], w["w2"], w["slots"], config=config)
         if device == "cuda":
             torch.cuda.synchronize()
     except Exception as error:
@@ -361,14 +448,16 @@ class CompilePool:
         self.pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
         self.broken = False
 
-    def compile(self, shape, dtype: torch.dtype, device: torch.device, jobs: list, deadline: float) -> tuple[int, int]:
+    def compile(
+        self, shape, dtype: torch.dtype, device: torch.device, jobs: list, deadline: float, kind: Weights = Weights()
+    ) -> tuple[int, int]:
         """Compiles the (M, config) jobs until `deadline`; returns (compiled, failed). Jobs left over
         compile in the timing loop. Returns only when no worker is busy, so that no compile or worker
         launch overlaps a timing."""
         if self.broken or not jobs:
             return 0, 0
         dtype_name = str(dtype).removeprefix("torch.")
-        futures = [self.pool.submit(_compile_one, shape, dtype_name, device.type, M, c) for M, c in jobs]
+        futures = [self.pool.submit(_compile_one, shape, dtype_name, device.type, M, c, kind) for M, c in jobs]
         compiled = failed = 0
         try:
             for future in concurrent.futures.as_completed(futures, timeout=max(0.0, deadline - time.perf_counter())):
@@ -413,7 +502,9 @@ def speedup(result: CaseResult) -> float | None:
     return result.heuristic.ms / result.best.ms
 
 
-def source_text(model: str, results: list[CaseResult], label: str, command: str, timing: str) -> str:
+def source_text(
+    model: str, results: list[CaseResult], label: str, command: str, timing: str, kind: Weights = Weights()
+) -> str:
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
     parts = []
     for r in results:
@@ -427,12 +518,12 @@ def source_text(model: str, results: list[CaseResult], label: str, command: str,
             + f", {len(r.trials)} tried)"
         )
     return (
-        f"bench/tune_moe.py, {model}, on {label} (torch {torch.__version__}, triton {triton.__version__}), {stamp}; "
-        f"command: {command}; {timing}; " + "; ".join(parts)
+        f"bench/tune_moe.py, {model}, {kind.label} weights, on {label} (torch {torch.__version__}, "
+        f"triton {triton.__version__}), {stamp}; command: {command}; {timing}; " + "; ".join(parts)
     )
 
 
-def trials_csv(results: list[CaseResult], device: str, dtype: torch.dtype) -> str:
+def trials_csv(results: list[CaseResult], device: str, dtype: torch.dtype, kind: Weights = Weights()) -> str:
     """Every trial of every case, one row each, the chosen one marked."""
     stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
     rows = []
@@ -440,7 +531,8 @@ def trials_csv(results: list[CaseResult], device: str, dtype: torch.dtype) -> st
         D, F, E, K = r.shape
         for t in r.trials:
             row = dict(device=device, model=r.model, D=D, F=F, E=E, K=K, M=r.M,
-                       dtype=str(dtype).removeprefix("torch."), heuristic=int(t.heuristic), status=t.status,
+                       dtype=str(dtype).removeprefix("torch."), format=kind.label, heuristic=int(t.heuristic),
+                       status=t.status,
                        ms="" if t.ms is None else f"{t.ms:.5f}", rel_rms="" if t.error is None else f"{t.error:.2e}",
                        chosen=int(t is r.best), note=t.note, timestamp_utc=stamp)  # fmt: skip
             row.update({name: getattr(t.config, name) for name in GRID})
@@ -463,12 +555,12 @@ def print_summary(results: list[CaseResult]) -> None:
         )
 
 
-def dry_run_list(models: dict, tokens, itemsize: int, device: str, limit: int) -> None:
+def dry_run_list(models: dict, tokens, itemsize: int, device: str, limit: int, group_size: int | None = None) -> None:
     first = math.ceil(FIRST_ROUND * limit)
     for name, shape in models.items():
         for M in tokens:
             heuristic = heuristic_config(M, shape[2], device)
-            plan = plan_candidates(M, shape, itemsize, heuristic, first)
+            plan = plan_candidates(M, shape, itemsize, heuristic, first, group_size)
             print(
                 f"{name} (D, F, E, K) = {shape}, M={M}: grid {plan.grid}, kept {len(plan.kept)}; first round "
                 f"{len(plan.first)}, then up to {limit - len(plan.first)} launch variants of the 2 fastest tiles"
@@ -491,6 +583,7 @@ def tune_model(
     model_deadline: float,
     pool: CompilePool | None,
     bar: tqdm,
+    kind: Weights = Weights(),
 ) -> list[CaseResult]:
     """Both rounds of every M of one model: round 1 (tiles) gets FIRST_ROUND of the time and of the
     candidates, round 2 (launch variants of the fastest tiles) the rest. In each round the compile
@@ -499,9 +592,9 @@ def tune_model(
     itemsize = torch.empty((), dtype=dtype).element_size()
     first_limit = math.ceil(FIRST_ROUND * args.max_candidates)
     heuristics = {M: heuristic_config(M, E, config_device) for M in tokens}
-    plans = {M: plan_candidates(M, shape, itemsize, heuristics[M], first_limit) for M in tokens}
+    plans = {M: plan_candidates(M, shape, itemsize, heuristics[M], first_limit, kind.group_size) for M in tokens}
     results = {M: CaseResult(name, shape, M, []) for M in tokens}
-    w13, w2, slots = make_experts(D, F, E, dtype, device)
+    w13, w2, slots = kind.experts(shape, dtype, device)
     for round_index in (0, 1):
         now = time.perf_counter()
         round_deadline = now + (FIRST_ROUND if round_index == 0 else 1.0) * (model_deadline - now)
@@ -514,7 +607,7 @@ def tune_model(
         if pool is not None:
             jobs = [(M, c) for M in tokens for c in candidates[M]]
             bar.set_postfix_str(f"{name} round {round_index + 1}: compiling {len(jobs)} (M, config) pairs ahead")
-            compiled, failed = pool.compile(shape, dtype, device, jobs, now + 0.5 * (round_deadline - now))
+            compiled, failed = pool.compile(shape, dtype, device, jobs, now + 0.5 * (round_deadline - now), kind)
             bar.write(
                 f"{name} round {round_index + 1}: compiled {compiled} and failed {failed} of {len(jobs)} "
                 f"(M, config) pairs ahead in {pool.workers} processes, {time.perf_counter() - now:.1f} s"
@@ -530,7 +623,7 @@ def tune_model(
 
             results[M].trials += tune_case(
                 (x, ids, weights, w13, w2, slots), candidates[M], timer=timer, tolerance=tolerance,
-                deadline=case_deadline, heuristic=heuristics[M], on_trial=progress,
+                deadline=case_deadline, heuristic=heuristics[M], runner=kind.runner, on_trial=progress,
             )  # fmt: skip
             bar.update(1)
     for M, result in results.items():
@@ -548,6 +641,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", help="model names (default: every model of the mode's table)")
     parser.add_argument("--tokens", nargs="+", type=int, help="token counts M (default: 1 16 64 256 1024 4096)")
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), help="default bf16 (smoke: fp32)")
+    parser.add_argument(
+        "--format", choices=QUANT_FORMATS, help="quantized weights: tune fused_quant_moe (default: float)"
+    )
+    parser.add_argument(
+        "--group-size", type=int, help=f"int4 inputs per group (default {GROUP_SIZE}; smoke {SMOKE_GROUP_SIZE})"
+    )
     parser.add_argument("--budget-s", type=float, default=150.0, help="seconds for the whole run, compiles included")
     parser.add_argument("--max-candidates", type=int, default=16, help="candidates per (model, M), heuristic included")
     parser.add_argument(
@@ -575,6 +674,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     tokens = sorted(set(args.tokens or (SMOKE_TOKENS if args.smoke else GPU_TOKENS)))
     dtype = getattr(torch, args.dtype or ("float32" if args.smoke else "bfloat16"))
     itemsize = torch.empty((), dtype=dtype).element_size()
+    if args.group_size is not None and args.format != "int4":
+        raise SystemExit(f"--group-size is for --format int4, found --format {args.format}")
+    group_size = None
+    if args.format == "int4":
+        group_size = args.group_size or (SMOKE_GROUP_SIZE if args.smoke else GROUP_SIZE)
+    kind = Weights(args.format, group_size)
+    unfit = {name: kind.unfit(shape) for name, shape in models.items() if kind.unfit(shape)}
+    if unfit:
+        raise SystemExit(f"models that {kind.label} weights cannot hold: {unfit}; choose others with --models")
 
     if args.smoke:
         if not interpreting():
@@ -590,7 +698,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         device, device_label = None, "a GPU"
     config_device = INTERPRETER_DEVICE if args.smoke else (device_name(device) if device is not None else "GPU")
     if args.dry_run_list:
-        dry_run_list(models, tokens, itemsize, config_device, args.max_candidates)
+        dry_run_list(models, tokens, itemsize, config_device, args.max_candidates, kind.group_size)
         return 0
 
     out_dir = args.out_dir or (Path(tempfile.mkdtemp(prefix="tune_moe-")) if args.smoke else CONFIG_DIR)
@@ -605,7 +713,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         timer = cuda_timer(args.warmup_ms, args.rep_ms)
         timing = f"do_bench median, warmup {args.warmup_ms:g} ms, rep {args.rep_ms:g} ms, L2 flushed"
     print(
-        f"tuning {list(models)} at M={tokens} in {str(dtype).removeprefix('torch.')} on {device_label}, budget "
+        f"tuning {list(models)} at M={tokens} in {str(dtype).removeprefix('torch.')}, {kind.label} weights, on "
+        f"{device_label}, budget "
         f"{args.budget_s:g} s, up to {args.max_candidates} candidates per case, {workers} compile workers"
     )
 
@@ -618,8 +727,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for model_index, (name, shape) in enumerate(models.items()):
             model_deadline = time.perf_counter() + (deadline - time.perf_counter()) / (len(models) - model_index)
             results += tune_model(
-                name, shape, tokens, dtype, device, config_device, args, timer, tolerance, model_deadline, pool, bar
-            )
+                name, shape, tokens, dtype, device, config_device, args, timer, tolerance, model_deadline, pool, bar,
+                kind,
+            )  # fmt: skip
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     finally:
@@ -636,11 +746,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not model_results:
             print(f"warning: {name}: no candidate passed, no file written", file=sys.stderr)
             continue
-        source = source_text(name, model_results, device_label, command, timing)
+        source = source_text(name, model_results, device_label, command, timing, kind)
         configs = {r.M: r.best.config for r in model_results}
-        written.append(write_config_file(out_dir, E, F, D, dtype, config_device, configs, source))
-    csv_path = results_dir / f"tune_moe-{config_device}.csv"
-    write_text_atomic(csv_path, trials_csv(results, config_device, dtype))
+        written.append(write_config_file(out_dir, E, F, D, dtype, config_device, configs, source, format=kind.format))
+    suffix = "" if kind.format is None else f"-{kind.format}"
+    csv_path = results_dir / f"tune_moe-{config_device}{suffix}.csv"
+    write_text_atomic(csv_path, trials_csv(results, config_device, dtype, kind))
     for path in written:
         print(f"wrote {path}")
     print(f"wrote {csv_path}")

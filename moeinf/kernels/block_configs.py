@@ -4,12 +4,16 @@ hot path: a lookup is a dict access after the first call for a shape.
 
 File format. One file per (E, N, K, dtype, device) in moeinf/kernels/configs/, named
 
-    E=<E>,N=<N>,K=<K>,dtype=<dtype>,device=<device>.json
+    E=<E>,N=<N>,K=<K>,dtype=<dtype>,device=<device>.json                  fused_moe (float weights)
+    E=<E>,N=<N>,K=<K>,dtype=<dtype>,format=<format>,device=<device>.json  fused_quant_moe
 
     E       number of experts (the length of the slot table, shared experts included)
     N       the expert ffn size F (w13 is [S, 2F, D], w2 is [S, D, F])
     K       the hidden size D
-    dtype   the compute dtype's torch name without "torch.": bfloat16, float16, float32
+    dtype   the compute dtype's torch name without "torch.": bfloat16, float16, float32 (for the
+            quantized kernels: x's dtype, whatever the weights' format)
+    format  quantized weights only (quant_moe.py's format_key): "int8", "int4", or w13's and w2's
+            formats joined by "_" where they differ, e.g. "int8_int4"; lower-case letters, digits, "_"
     device  torch.cuda.get_device_name() with every character outside [A-Za-z0-9_.-] as "_",
             e.g. NVIDIA_H200
 
@@ -84,9 +88,16 @@ def _cuda_device_name(index: int) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", torch.cuda.get_device_name(index))
 
 
-def config_file_name(num_experts: int, ffn: int, hidden: int, dtype: torch.dtype, device: str) -> str:
+def config_file_name(
+    num_experts: int, ffn: int, hidden: int, dtype: torch.dtype, device: str, format: str | None = None
+) -> str:
+    """The file name of (E, N, K, dtype, device), and of a quantized weight format (None: float weights)."""
     dtype_name = str(dtype).removeprefix("torch.")
-    return f"E={num_experts},N={ffn},K={hidden},dtype={dtype_name},device={device}.json"
+    if format is None:
+        return f"E={num_experts},N={ffn},K={hidden},dtype={dtype_name},device={device}.json"
+    if not isinstance(format, str) or not re.fullmatch(r"[a-z0-9_]+", format):
+        raise ValueError(f"block config format: expected lower-case letters, digits and '_', found {format!r}")
+    return f"E={num_experts},N={ffn},K={hidden},dtype={dtype_name},format={format},device={device}.json"
 
 
 def heuristic_config(num_tokens: int, num_experts: int, device: str) -> BlockConfig:
@@ -134,10 +145,12 @@ def write_config_file(
     configs: dict[int, BlockConfig],
     source: str,
     tuned: bool = True,
+    format: str | None = None,
 ) -> Path:
     """Writes the config file for (E, N, K, dtype, device) into `folder` in the format above, atomically
     (a temp file beside it, then one rename, so a reader never sees half a file); returns its path.
-    Later lookups in this process see the new file."""
+    format: the quantized weights' format key (None: float weights). Later lookups in this process
+    see the new file."""
     if not configs:
         raise ValueError("block config: expected at least one '<M>' entry, found none")
     bad = {m: c for m, c in configs.items() if not isinstance(m, int) or m < 1 or not isinstance(c, BlockConfig)}
@@ -145,7 +158,7 @@ def write_config_file(
         raise ValueError(f"block config: expected {{M >= 1: BlockConfig}} entries, found {bad!r}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / config_file_name(num_experts, ffn, hidden, dtype, device)
+    path = folder / config_file_name(num_experts, ffn, hidden, dtype, device, format)
     data = {"tuned": bool(tuned), "source": source, "configs": {str(m): asdict(configs[m]) for m in sorted(configs)}}
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
     _tuned_table.cache_clear()
@@ -168,10 +181,12 @@ def moe_block_config(
     num_tokens: int,
     device: str,
     folder: Path = CONFIG_DIR,
+    format: str | None = None,
 ) -> BlockConfig:
     """The block config for a fused-MoE call on T = num_tokens tokens: the tuned entry with the
-    nearest M if a tuned file for (E, N, K, dtype, device) exists, else the heuristic."""
-    table = _tuned_table(Path(folder) / config_file_name(num_experts, ffn, hidden, dtype, device))
+    nearest M if a tuned file for (E, N, K, dtype, device) exists, else the heuristic. format: the
+    quantized weights' format key (fused_quant_moe), None for float weights (fused_moe)."""
+    table = _tuned_table(Path(folder) / config_file_name(num_experts, ffn, hidden, dtype, device, format))
     if table is None:
         return heuristic_config(num_tokens, num_experts, device)
     return table[min(table, key=lambda m: (abs(m - num_tokens), m))]

@@ -2,6 +2,7 @@
 writes as block_configs reads them, its candidate lists, and its selection, which never picks a
 candidate whose output is wrong, however fast."""
 
+import functools
 import json
 import math
 
@@ -12,6 +13,8 @@ from bench import tune_moe
 from moeinf.kernels import block_configs
 from moeinf.kernels.block_configs import INTERPRETER_DEVICE, BlockConfig
 from moeinf.kernels.moe import fused_moe
+from moeinf.kernels.quant_moe import fused_quant_moe
+from moeinf.kernels.quantize import QuantizedMatrix
 
 
 def test_smoke_run_writes_a_file_block_configs_reads(tmp_path, capsys):
@@ -38,6 +41,58 @@ def test_smoke_run_writes_a_file_block_configs_reads(tmp_path, capsys):
         assert sum(r["heuristic"] == "1" for r in rows if r["M"] == str(m)) == 1
     out = capsys.readouterr().out
     assert "speedup" in out and "wrote" in out
+
+
+@pytest.mark.parametrize("format", ["int8", "int4"])
+def test_smoke_run_of_quantized_weights_writes_a_file_under_its_format(format, tmp_path):
+    """--format: fused_quant_moe tuned on weights in that format, into a file whose name carries the
+    format; the float lookup of the same shape does not see it, the quantized kernel's does."""
+    argv = ["--smoke", "--models", "tiny", "--tokens", "1", "--max-candidates", "2", "--smoke-repeats", "1",
+            "--format", format, "--out-dir", str(tmp_path)]  # fmt: skip
+    assert tune_moe.main(argv) == 0
+    D, F, E, K = tune_moe.SMOKE_MODELS["tiny"]
+    name = block_configs.config_file_name(E, F, D, torch.float32, INTERPRETER_DEVICE, format=format)
+    assert f",format={format}," in name
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == [name]
+    tuned, table = block_configs.read_config_file(tmp_path / name)
+    assert tuned and sorted(table) == [1]
+    lookup = functools.partial(block_configs.moe_block_config, E, F, D, torch.float32, 1, INTERPRETER_DEVICE)
+    assert lookup(folder=tmp_path, format=format) == table[1]
+    assert lookup(folder=tmp_path) == block_configs.heuristic_config(1, E, INTERPRETER_DEVICE)  # float: no file
+    rows = (tmp_path / f"tune_moe-{INTERPRETER_DEVICE}-{format}.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    rows = [dict(zip(header, r.split(","))) for r in rows[1:]]
+    assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)
+    assert {r["format"] for r in rows} == {"int8" if format == "int8" else f"int4-g{tune_moe.SMOKE_GROUP_SIZE}"}
+    assert "weights" in json.loads((tmp_path / name).read_text())["source"]
+
+
+def test_quantized_candidates_are_checked_against_the_dequantized_reference():
+    """A quantized kernel whose output is off (here: the float kernel on the weights' codes, unscaled)
+    is rejected; fused_quant_moe itself passes."""
+    kind = tune_moe.Weights("int4", 32)
+    shape = tune_moe.SMOKE_MODELS["tiny"]
+    D, F, E, K = shape
+    w13, w2, slots = kind.experts(shape, torch.float32, torch.device("cpu"))
+    x, ids, weights = tune_moe.make_tokens(4, D, E, K, torch.float32, torch.device("cpu"), seed=4)
+    config = block_configs.heuristic_config(4, E, INTERPRETER_DEVICE)
+    unscaled = QuantizedMatrix("int4", w2.q, torch.ones_like(w2.scale), w2.zero, w2.group_size)
+
+    def wrong(x, ids, weights, w13, w2, slots, config):
+        return fused_quant_moe(x, ids, weights, w13, unscaled, slots, config=config)
+
+    for runner, status in ((kind.runner, "ok"), (wrong, "rejected")):
+        (t,) = tune_moe.tune_case(
+            (x, ids, weights, w13, w2, slots), [config], timer=lambda call: 1.0, tolerance=1e-4,
+            deadline=math.inf, heuristic=config, runner=runner,
+        )  # fmt: skip
+        assert t.status == status, t.note
+    assert tune_moe.Weights("int4", 64).unfit(shape) == "int4 groups of 64 need D = 64 and F = 32 multiples of it"
+    mixtral = tune_moe.GPU_MODELS["Mixtral-8x7B"]
+    assert "int4" in tune_moe.prune_reason(BlockConfig(16, 64, 128, 1), 1, mixtral, 2, group_size=32)  # runs as k32
+    assert tune_moe.prune_reason(BlockConfig(16, 64, 128, 1), 1, mixtral, 2, group_size=128) is None
+    with pytest.raises(ValueError, match="expected a group size with int4 only"):
+        tune_moe.Weights("int8", 32)
 
 
 def trial(ms, error, block_m=16, status="ok"):

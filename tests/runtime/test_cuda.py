@@ -1,5 +1,6 @@
 """The Triton kernels and the runtime on a real GPU: the kernels against their torch references at the
-real model shapes, and whole models on CUDA against the CPU path, resident and offloaded.
+real model shapes (fused_moe, and fused_quant_moe on int8 / int4 weights), and whole models on CUDA
+against the CPU path, resident and offloaded.
 
 They run only where CUDA is available and Triton compiles real kernels. conftest.py defaults
 TRITON_INTERPRET to 1 (os.environ.setdefault, so a value already set wins), so run them as
@@ -22,6 +23,8 @@ import torch
 from moeinf import LLM, SamplingParams
 from moeinf.kernels import block_configs, moe, norm, reference, routing
 from moeinf.kernels.expert_activation import SILU, ExpertActivation
+from moeinf.kernels.quant_moe import fused_quant_moe
+from moeinf.kernels.quantize import QuantizedMatrix, quantize, quantized_moe_experts_reference
 from moeinf.kernels.tolerance import MODEL_SHAPE_TOLERANCE, rel_rms
 from moeinf.runtime.executor import Span
 from tests.checkpoints import save_tiny
@@ -128,6 +131,117 @@ def test_fused_moe_is_deterministic_on_the_gpu():
     x, ids, weights = tokens(256, 2048, 128, 8, torch.bfloat16, seed=1)
     first = moe.fused_moe(x, ids, weights, w13, w2, slots, b13=b13, b2=b2, activation=CLAMPED)
     assert torch.equal(first, moe.fused_moe(x, ids, weights, w13, w2, slots, b13=b13, b2=b2, activation=CLAMPED))
+
+
+# ---------------------------------------------------------------------------------------- quantized experts
+
+QUANT_MODELS = ("Mixtral-8x7B", "Qwen3-30B-A3B")
+G128_SYM_FP16 = dict(format="int4", group_size=128)
+QUANT_WEIGHTS = {  # name: (w13's quantize options, w2's)
+    "int8": (dict(format="int8"), dict(format="int8")),
+    "int4-g128-sym-fp16": (G128_SYM_FP16, G128_SYM_FP16),
+    "int4-g32-asym-bf16": (dict(format="int4", group_size=32, symmetric=False, scale_dtype=torch.bfloat16),) * 2,
+    "int8-w13-int4-w2": (dict(format="int8"), dict(format="int4", group_size=128, symmetric=False)),
+}
+RECORD_ALIGN = 64  # bytes
+
+
+def quant_record_views(matrices: list[QuantizedMatrix], records_of: torch.Tensor, S: int) -> list[QuantizedMatrix]:
+    """The matrices' arrays (stacks [E, ...]) laid out as one store record per slot in a uint8 buffer
+    [S, R] filled with 0xFF (every scale outside the arrays is NaN): q, scale, zero of each matrix at
+    RECORD_ALIGN-byte offsets with a gap after each, expert e's in record records_of[e]. Returns the
+    strided views [S, ...] into the buffer."""
+    arrays = [t for m in matrices for t in (m.q, m.scale, m.zero) if t is not None]
+    offsets, end = [], 0
+    for t in arrays:
+        offsets.append(end)
+        end = (end + t[0].numel() * t.element_size() + 2 * RECORD_ALIGN - 1) // RECORD_ALIGN * RECORD_ALIGN
+    records = torch.full((S, end), 0xFF, dtype=torch.uint8, device=DEVICE)
+    views = []
+    for t, offset in zip(arrays, offsets):
+        size = t.element_size()
+        flat = records.view(-1).view(t.dtype)
+        view = flat.as_strided((S, *t.shape[1:]), (end // size, *t[0].contiguous().stride()), offset // size)
+        view[records_of] = t
+        views.append(view)
+    out, it = [], iter(views)
+    for m in matrices:
+        q, scale = next(it), next(it)
+        out.append(QuantizedMatrix(m.format, q, scale, next(it) if m.zero is not None else None, m.group_size))
+    return out
+
+
+@functools.lru_cache(maxsize=1)  # one model's experts at a time
+def quant_experts(model: str, weights: str):
+    """w13 [S, 2F, D] and w2 [S, D, F] quantized as `weights` names, strided views into one record
+    buffer of S = E + 2 slots (free records and the gaps between arrays NaN), experts in a permuted
+    slot table. Returns (w13, w2, slots)."""
+    D, F, E, K = MODELS[model]
+    S = E + 2
+    g = torch.Generator(device=DEVICE).manual_seed(len(model) + len(weights))
+    options13, options2 = QUANT_WEIGHTS[weights]
+    w13 = quantize(torch.randn(E, 2 * F, D, generator=g, device=DEVICE) * (GATE_UP_SCALE / math.sqrt(D)), **options13)
+    w2 = quantize(torch.randn(E, D, F, generator=g, device=DEVICE) / math.sqrt(F), **options2)
+    slots = torch.randperm(S, generator=g, device=DEVICE)[:E]
+    v13, v2 = quant_record_views([w13, w2], slots, S)
+    return v13, v2, slots
+
+
+QUANT_CASES = [
+    (model, weights, dtype, T)
+    for model in QUANT_MODELS  # model, then weights outermost: consecutive cases share quant_experts()
+    for weights in QUANT_WEIGHTS
+    for dtype in (torch.bfloat16, torch.float32)
+    for T in TOKENS
+    if dtype == torch.bfloat16 or (weights == "int4-g128-sym-fp16" and T == 16)
+]
+
+
+@pytest.mark.parametrize(
+    "model, weights, dtype, T", QUANT_CASES, ids=[f"{m}-{w}-{str(d)[6:]}-T{t}" for m, w, d, t in QUANT_CASES]
+)
+def test_fused_quant_moe_matches_reference_at_model_shapes(model, weights, dtype, T):
+    D, F, E, K = MODELS[model]
+    w13, w2, slots = quant_experts(model, weights)
+    x, ids, topk_weights = tokens(T, D, E, K, dtype, seed=T)
+    activation = CLAMPED if weights == "int4-g32-asym-bf16" else SILU
+    out = torch.full((T, D), float("nan"), dtype=dtype, device=DEVICE)
+    got = fused_quant_moe(x, ids, topk_weights, w13, w2, slots, activation=activation, out=out)
+    assert got.dtype == dtype and got.shape == (T, D)
+    assert not got.isnan().any(), UNWRITTEN
+    expected = quantized_moe_experts_reference(x, ids, topk_weights, w13, w2, slots, activation=activation)
+    assert rel_rms(got, expected) < MODEL_SHAPE_TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("model", QUANT_MODELS)
+def test_fused_quant_moe_host_share_at_model_shapes(model):
+    """Experts in HOST_SLOT add nothing with host_share: the reference with their pairs weighted 0."""
+    D, F, E, K = MODELS[model]
+    w13, w2, slots = quant_experts(model, "int4-g128-sym-fp16")
+    x, ids, topk_weights = tokens(16, D, E, K, torch.bfloat16, seed=3)
+    on_host = ids[0].unique()
+    host_slots = torch.where(torch.isin(torch.arange(E, device=DEVICE), on_host), moe.HOST_SLOT, slots)
+    got = fused_quant_moe(x, ids, topk_weights, w13, w2, host_slots, host_share=True)
+    assert not got.isnan().any(), UNWRITTEN
+    assert not got[0].any()  # token 0's experts are all the host's
+    device_share = torch.where(torch.isin(ids, on_host), 0.0, topk_weights)
+    expected = quantized_moe_experts_reference(x, ids, device_share, w13, w2, slots)
+    assert rel_rms(got, expected) < MODEL_SHAPE_TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("model, weights", [("Mixtral-8x7B", "int8"), ("Qwen3-30B-A3B", "int4-g128-sym-fp16")])
+def test_fused_quant_moe_act_order_at_model_shapes(model, weights):
+    """input_perm (GPTQ act order), one order for every slot (a slot stride of 0): w13 multiplies
+    x[:, perm], so the reference on x[:, perm] is the expected output."""
+    D, F, E, K = MODELS[model]
+    w13, w2, slots = quant_experts(model, weights)
+    x, ids, topk_weights = tokens(16, D, E, K, torch.bfloat16, seed=4)
+    perm = torch.randperm(D, generator=torch.Generator(device=DEVICE).manual_seed(4), device=DEVICE)
+    input_perm = perm.to(torch.int32).expand(w13.q.shape[0], D)  # [S, D]
+    got = fused_quant_moe(x, ids, topk_weights, w13, w2, slots, input_perm=input_perm)
+    assert not got.isnan().any(), UNWRITTEN
+    expected = quantized_moe_experts_reference(x[:, perm], ids, topk_weights, w13, w2, slots)
+    assert rel_rms(got, expected) < MODEL_SHAPE_TOLERANCE[torch.bfloat16]
 
 
 # ---------------------------------------------------------------------------------------- routing

@@ -9,6 +9,9 @@ the link (the routed tokens to the host, their [T, D] sum back), never weights.
                   with kernels "torch", moe_experts_reference pair by pair: device_share_torch)
     out = out_dev + out_host, rounded to x's dtype
 
+Quantized records (QuantizedMatrix w13 / w2) split the same way: quant_moe.fused_quant_moe on the
+device, host_quant_experts on the host.
+
 The host share is issued first, on the worker given (SecondBuffers.worker, else inline), and the
 device's kernels are queued while it runs; the two are added in that fixed order, so a run is
 deterministic. Host-computed experts round differently from the same experts in slots (the host
@@ -20,9 +23,10 @@ from __future__ import annotations
 
 import torch
 
-from moeinf.kernels import host_experts
+from moeinf.kernels import host_experts, host_quant_experts
 from moeinf.kernels.expert_activation import SILU, ExpertActivation
 from moeinf.kernels.host_experts import SecondBuffers
+from moeinf.kernels.quantize import QuantizedMatrix, quantized_moe_experts_reference
 from moeinf.kernels.reference import moe_experts_reference
 
 
@@ -47,10 +51,16 @@ def host_share(
     step = host_experts.MAX_TOKENS
     for start in range(0, tokens.numel(), step):
         chunk = slice(start, start + step)
-        products = host_experts.host_moe_experts(
-            rows[chunk], ids[chunk], weights[chunk], host.w13, host.w2, host.slots,
-            b13=host.b13, b2=host.b2, activation=activation,
-        )  # fmt: skip
+        if isinstance(host.w13, QuantizedMatrix):  # quantized records: float32 in, float32 out
+            products = host_quant_experts.host_quant_moe_experts(
+                rows[chunk].float(), ids[chunk], weights[chunk], host.w13, host.w2, host.slots,
+                activation=activation, input_perm=host.input_perm,
+            )  # fmt: skip
+        else:
+            products = host_experts.host_moe_experts(
+                rows[chunk], ids[chunk], weights[chunk], host.w13, host.w2, host.slots,
+                b13=host.b13, b2=host.b2, activation=activation,
+            )  # fmt: skip
         out.index_add_(0, tokens[chunk], products.float())
     return out
 
@@ -68,6 +78,7 @@ def hybrid_moe_experts(
     b2: torch.Tensor | None = None,
     activation: ExpertActivation = SILU,
     triton: bool = True,
+    input_perm: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """moe_experts_reference's contract with the experts split (see the module docstring): x [T, D]
     and the slot buffers on the device, expert_slots [E] with HOST_SLOT for host.slots' experts.
@@ -77,12 +88,16 @@ def hybrid_moe_experts(
     job = (x_host, ids_host, weights_host, host, activation)
     pending = host.worker.submit(host_share, *job) if host.worker is not None else None
     extras = dict(b13=b13, b2=b2, activation=activation)
+    quantized = isinstance(w13, QuantizedMatrix)
+    if quantized:  # int8 / int4 records: no biases, maybe an input order
+        extras = dict(activation=activation, input_perm=input_perm)
     if triton:
-        from moeinf.kernels import moe  # Triton: imported where it runs
+        from moeinf.kernels import moe, quant_moe  # Triton: imported where it runs
 
         # the slot table marks the host's experts; the routing and the tokens cross to the host once
         expert_slots = torch.where(host.slots.to(expert_slots.device) >= 0, moe.HOST_SLOT, expert_slots)
-        device = moe.fused_moe(x, topk_ids, topk_weights.float(), w13, w2, expert_slots, **extras, host_share=True)
+        kernel = quant_moe.fused_quant_moe if quantized else moe.fused_moe
+        device = kernel(x, topk_ids, topk_weights.float(), w13, w2, expert_slots, **extras, host_share=True)
     else:
         device = device_share_torch(x, topk_ids, topk_weights, w13, w2, expert_slots, host, **extras)
     shared = pending.result() if pending is not None else host_share(*job)
@@ -108,7 +123,8 @@ def device_share_torch(
     tokens, ks = in_slots.nonzero(as_tuple=True)  # [P] the device's pairs, token-major
     if tokens.numel() == 0:
         return out
-    products = moe_experts_reference(
+    reference = quantized_moe_experts_reference if isinstance(w13, QuantizedMatrix) else moe_experts_reference
+    products = reference(
         x[tokens], topk_ids[tokens, ks][:, None], topk_weights[tokens, ks][:, None].float(), w13, w2, expert_slots,
         **extras,
     )  # fmt: skip  # [P, D]

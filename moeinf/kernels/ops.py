@@ -13,7 +13,8 @@ worth of small torch ops; larger steps run the experts as two grouped matmuls (g
 equal to the reference up to a vectorised sigmoid's last bit, and faster). Quantized experts (int8 /
 int4 records, kernels/quantize.py) run host_quant_experts.py's kernels on the CPU for decode-sized
 steps, larger CPU steps dequantize the routed experts in chunks for the grouped matmuls
-(dequantized_experts.py), and the torch reference on dequantized experts runs elsewhere.
+(dequantized_experts.py); with Triton they run quant_moe.py's fused kernel (w8a16 / w4a16), and
+kernels="torch" runs the torch reference on dequantized experts.
 The Triton modules are imported on first use: importing triton takes about a second, and nothing
 on a CPU run needs it.
 """
@@ -167,15 +168,27 @@ class Kernels:
         input_perm: torch.Tensor | None,
     ) -> torch.Tensor:
         """Routed experts from int8 / int4 weights: on the CPU the host kernels for decode-sized
-        steps (float32 arithmetic whatever x's dtype: x is widened, the sum rounded to it once),
-        the torch reference on dequantized experts otherwise. The host tier's share (host) needs
-        the host kernels."""
+        steps (float32 arithmetic whatever x's dtype: x is widened, the sum rounded to it once)
+        and dequantized chunks for larger ones; with Triton (CUDA) the quantized fused kernel
+        (quant_moe.py), the host tier's share beside it where the placement put experts there;
+        the torch reference on dequantized experts otherwise."""
         if self.choice == "auto" and host_quant_experts.applies(x.float()):
             y = host_quant_experts.host_quant_moe_experts(
                 x.float(), topk_ids, topk_weights, w13, w2, expert_slots, activation=activation,
                 input_perm=input_perm, second=host,
             )  # fmt: skip
             return y.to(x.dtype)
+        if host is not None and (x.device.type != "cpu" or self.uses_triton(x)):
+            return hybrid_experts.hybrid_moe_experts(
+                x, topk_ids, topk_weights, w13, w2, expert_slots, host, activation=activation, input_perm=input_perm,
+                triton=self.uses_triton(x),
+            )  # fmt: skip
+        if self.uses_triton(x):
+            from moeinf.kernels import quant_moe
+
+            return quant_moe.fused_quant_moe(
+                x, topk_ids, topk_weights.float(), w13, w2, expert_slots, activation=activation, input_perm=input_perm
+            )
         if host is not None:
             raise ValueError(
                 f"quantized experts computed from the host tier need the host kernels: CPU steps of <= "

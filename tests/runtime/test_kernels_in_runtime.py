@@ -60,3 +60,26 @@ def test_kernel_choice_is_checked(tiny_mixtral, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RequestError, match="TRITON_INTERPRET=1"):
         LLM(folder, progress=False, kernels="triton")
+
+
+@pytest.mark.parametrize("expert_dtype", ["int8", "int4"])
+def test_runtime_with_triton_quantized_kernels(expert_dtype, tmp_path):
+    """int8 / int4 records through quant_moe.fused_quant_moe (w8a16 / w4a16, dequantized in the K
+    loop) against the torch reference on the dequantized records: offloaded at a 50% budget, and
+    with a host tier, where the device's share runs in Triton beside the host kernels' share."""
+    folder = tmp_path / "mixtral"
+    save_tiny("mixtral", folder, seed=7, num_local_experts=6, num_hidden_layers=4)
+    settings = dict(expert_dtype=expert_dtype, offload_dir=tmp_path / "store", dtype="float32")
+    results = {}
+    for kernels, extra in (("torch", {}), ("triton", {}), ("triton-hybrid", dict(host_budget=1.0))):
+        budget = dict(expert_budget=6) if extra else dict(expert_budget=0.5, host_compute="never")
+        with LLM(folder, progress=False, kernels=kernels.split("-")[0], **settings, **budget, **extra) as llm:
+            logits = llm.logits(PROMPTS[0])
+            outs = llm.generate(PROMPTS, SamplingParams(max_new_tokens=3, ignore_eos=True))
+            results[kernels] = logits, [o.token_ids for o in outs], llm.stats()
+    expected, expected_tokens, _ = results["torch"]
+    for kernels in ("triton", "triton-hybrid"):
+        got, tokens, stats = results[kernels]
+        assert stats["misses" if kernels == "triton" else "host_computed"] > 0, kernels
+        assert ((got - expected).norm() / expected.norm()).item() < 1e-5, kernels
+        assert tokens == expected_tokens, kernels

@@ -17,8 +17,9 @@ slots'. The link stays free for promotions. On the CPU the host kernels compute 
 same from either buffer, so such runs equal the resident run bit for bit. On CUDA (and with
 kernels="triton") the device computes the slots' experts in Triton while a worker thread computes
 the host's (kernels/hybrid_experts.py), and the placement's costs are measured at start-up
-(_measured_cuda_costs): host-computed experts round differently from the resident run's. The
-device/host split on CUDA is written for float records: quantized ones fetch every miss there.
+(_measured_cuda_costs): host-computed experts round differently from the resident run's.
+Quantized records split the same way (quant_moe.py on the device, host_quant_experts.py on the
+host).
 """
 
 from __future__ import annotations
@@ -94,13 +95,6 @@ class ExpertPool:
         the host tier, so it needs one that holds a layer's experts; "auto" without one fetches."""
         if host_compute == "never":
             return None
-        if self.layout.quantized and self.device.type == "cuda":  # the hybrid kernels are float ones
-            if host_compute == "always":
-                raise OffloadConfigError(
-                    f"host_compute 'always': expected float experts on CUDA (the device/host split runs float "
-                    f"kernels), found {self.layout.format.name} records; use host_compute 'never' or 'auto'"
-                )
-            return None
         if host_records < self.num_experts:
             if host_compute == "always":
                 raise OffloadConfigError(
@@ -139,7 +133,9 @@ class ExpertPool:
             if self._host_views is not None
             else record_views(torch.from_numpy(self.host.buffer), layout)
         )
-        second = host_experts.SecondBuffers(torch.tensor([0] + [-1] * (self.num_experts - 1)), *host_views[:4])
+        w13, w2, b13, b2, input_perm = host_views
+        first_only = torch.tensor([0] + [-1] * (self.num_experts - 1))
+        second = host_experts.SecondBuffers(first_only, w13, w2, b13, b2, input_perm=input_perm)
 
         def on_host(tokens: int):
             x = torch.zeros((tokens, D), dtype=dtype)
@@ -147,13 +143,17 @@ class ExpertPool:
             return lambda: hybrid_experts.host_share(x, ids, weights, second)
 
         def on_device(tokens: int):
-            from moeinf.kernels import moe
+            from moeinf.kernels import moe, quant_moe
 
             x = torch.zeros((tokens, D), dtype=dtype, device=self.device)
             ids = torch.zeros((tokens, 1), dtype=torch.int64, device=self.device)
             weights = torch.ones((tokens, 1), device=self.device)
             slots = torch.tensor([0] + [-1] * (self.num_experts - 1), device=self.device)
             views = self.views
+            if layout.quantized:
+                return lambda: quant_moe.fused_quant_moe(
+                    x, ids, weights, views.w13, views.w2, slots, input_perm=views.input_perm
+                )
             return lambda: moe.fused_moe(x, ids, weights, views.w13, views.w2, slots, b13=views.b13, b2=views.b2)
 
         many = host_experts.MAX_TOKENS

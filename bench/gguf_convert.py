@@ -1,7 +1,7 @@
 """Converts a Mixtral-architecture Hugging Face checkpoint to GGUF, for the llama.cpp baseline.
 
 Run (in the llama.cpp benchmark's own environment, see bench/llamacpp.py, which calls it):
-    python -m bench.gguf_convert CHECKPOINT_DIR OUT.gguf --type f32|bf16|q8_0
+    python -m bench.gguf_convert CHECKPOINT_DIR OUT.gguf --type f32|bf16|q8_0|q8_0-experts|q4_0-experts
 
 Written from the GGUF format's documentation (ggml's docs/gguf.md) and the `gguf` package's
 writer; llama.cpp runs a Mixtral as its "llama" architecture with expert tensors. What it takes:
@@ -20,10 +20,27 @@ writer; llama.cpp runs a Mixtral as its "llama" architecture with expert tensors
   - q and k rows permuted per head: Hugging Face rotates the two halves of a head (rotate_half),
     llama.cpp's "llama" rope rotates adjacent pairs, so row 2i of a head in GGUF is HF row i and row
     2i+1 is HF row i + Dh/2: the same dot products after rope.
-Tensor types: 1-D tensors (norms) and the router are float32 whatever --type says (as llama.cpp's
-own converter keeps them); the rest is f32, bf16 (the checkpoint's bits, no rounding when it is
-bf16) or Q8_0 (the `gguf` package's own quantizer: blocks of 32, one f16 scale each).
+Tensor types (tensor_type): 1-D tensors (norms) and the router are float32 whatever --type says (as
+llama.cpp's own converter keeps them); of the rest,
+    --type         routed experts (ffn_{gate,up,down}_exps)   other matrices (embedding, attention, output)
+    f32            F32                                        F32
+    bf16           BF16                                       BF16
+    q8_0           Q8_0                                       Q8_0
+    q8_0-experts   Q8_0                                       F32
+    q4_0-experts   Q4_0                                       F32
+BF16 keeps the checkpoint's bits (no rounding when it is bf16). The "-experts" types match moeinf's
+LLM(dtype="float32", expert_dtype="int8" / "int4"): dense layers float32, routed experts quantized.
+Q8_0 and Q4_0 come from the `gguf` package's own quantizers (gguf.quants.quantize, written to match
+ggml's reference ones): blocks of 32 consecutive inputs of a row, one f16 scale d each, the codes
+computed with the float32 d before it is rounded to f16:
+    Q8_0  d = max|x| / 127, q = round(x / d) (half away from zero), int8; 34 bytes a block
+    Q4_0  d = m / -8 with m the block's value of largest magnitude (its sign kept), q = clamp(
+          trunc(x / d + 8.5), 0, 15) (round half up, then + 8); 18 bytes a block: d, then 16 bytes
+          holding weights 0..15 in their low nibbles and 16..31 in their high ones; x = (q - 8) d
+so a quantized tensor's rows (its last dimension) must be a multiple of 32 long (ConversionError).
 The file is written next to OUT under a temporary name and renamed into place when complete.
+Without the `gguf` package (moeinf's own dev environment) the module still imports: the tensor plan
+(tensors, tensor_type) works, and convert raises ConversionError.
 """
 
 from __future__ import annotations
@@ -32,20 +49,43 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-import gguf
 import numpy as np
 import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+try:
+    import gguf
+except ModuleNotFoundError:  # moeinf's dev environment: the tensor plan works, convert refuses
+    gguf = None
+
+
+@dataclass(frozen=True)
+class GgufType:
+    """One --type: the GGML type of the matrices it converts (gguf.GGMLQuantizationType's name),
+    the file type it declares (gguf.LlamaFileType's name), and whether only the routed experts take
+    that type (every other matrix float32)."""
+
+    matrices: str
+    file_type: str
+    experts_only: bool = False
+
+
 TYPES = {
-    "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
-    "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
-    "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+    "f32": GgufType("F32", "ALL_F32"),
+    "bf16": GgufType("BF16", "MOSTLY_BF16"),
+    "q8_0": GgufType("Q8_0", "MOSTLY_Q8_0"),
+    "q8_0-experts": GgufType("Q8_0", "MOSTLY_Q8_0", experts_only=True),
+    "q4_0-experts": GgufType("Q4_0", "MOSTLY_Q4_0", experts_only=True),
 }
+BLOCK_TYPES = {"Q8_0": 32, "Q4_0": 32}  # the quantized types and their block length (inputs per scale)
 ARCH = "llama"
+# what tensors() says of each tensor: kept float32 whatever the type (norms, router), a routed
+# experts' stack, or another matrix
+KEEP_F32, EXPERTS, DENSE = "keep-f32", "experts", "dense"
 
 
 class ConversionError(Exception):
@@ -58,14 +98,33 @@ def rope_pairs(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, 2, rows // heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def encoded(tensor: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
-    """A tensor as the bytes (or float32 array) the GGUF writer takes, and its type."""
-    if qtype == gguf.GGMLQuantizationType.F32:
-        return tensor.to(torch.float32).numpy(), qtype
-    if qtype == gguf.GGMLQuantizationType.BF16:
+def tensor_type(type_name: str, name: str, role: str, shape: tuple[int, ...]) -> str:
+    """The GGML type (a gguf.GGMLQuantizationType name) that tensor `name` of `shape` and `role`
+    (tensors()'s) is written in under --type `type_name` (the module docstring's table).
+    ConversionError for an unknown type, or a quantized tensor whose rows do not split into blocks."""
+    if type_name not in TYPES:
+        raise ConversionError(f"expected --type one of {', '.join(TYPES)}, found {type_name!r}")
+    spec = TYPES[type_name]
+    if role == KEEP_F32 or (spec.experts_only and role != EXPERTS):
+        return "F32"
+    block = BLOCK_TYPES.get(spec.matrices)
+    if block is not None and shape[-1] % block:
+        raise ConversionError(
+            f"{name}: {spec.matrices} quantizes rows in blocks of {block}, expected a row length that is "
+            f"a multiple of {block}, found shape {list(shape)}"
+        )
+    return spec.matrices
+
+
+def encoded(tensor: torch.Tensor, ggml_type: str) -> np.ndarray:
+    """A tensor as the bytes (or float32 array) the GGUF writer takes for GGML type `ggml_type`."""
+    if ggml_type == "F32":
+        return tensor.to(torch.float32).numpy()
+    if ggml_type == "BF16":
         bits = tensor.to(torch.bfloat16).contiguous().view(torch.int16).numpy()
-        return bits.view(np.uint8), qtype  # [..., 2 * n] bytes
-    return gguf.quants.quantize(tensor.to(torch.float32).numpy(), qtype), qtype  # [..., n / 32 * 34] bytes
+        return bits.view(np.uint8)  # [..., 2 * n] bytes
+    qtype = gguf.GGMLQuantizationType[ggml_type]
+    return gguf.quants.quantize(tensor.to(torch.float32).numpy(), qtype)  # [..., n / 32 * 34 or 18] bytes
 
 
 class MixtralCheckpoint:
@@ -166,33 +225,40 @@ def add_tokenizer(writer: gguf.GGUFWriter, folder: Path, config: dict) -> None:
     writer.add_add_bos_token(False)  # ids are given as they are
 
 
+def tensor_count(config: dict) -> int:
+    """How many tensors tensors() yields: embedding, final norm and output, 10 a layer."""
+    return 3 + 10 * config["num_hidden_layers"]
+
+
 def tensors(checkpoint: MixtralCheckpoint):
-    """(GGUF name, tensor, kept float32) for every tensor of the model, in file order."""
+    """(GGUF name, tensor, role: KEEP_F32, EXPERTS or DENSE) for every tensor of the model, in file order."""
     config = checkpoint.config
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
-    yield "token_embd.weight", checkpoint.tensor("model.embed_tokens.weight"), False
+    yield "token_embd.weight", checkpoint.tensor("model.embed_tokens.weight"), DENSE
     for layer in range(config["num_hidden_layers"]):
         hf, blk = f"model.layers.{layer}", f"blk.{layer}"
-        yield f"{blk}.attn_norm.weight", checkpoint.tensor(f"{hf}.input_layernorm.weight"), True
-        yield f"{blk}.attn_q.weight", rope_pairs(checkpoint.tensor(f"{hf}.self_attn.q_proj.weight"), heads), False
-        yield f"{blk}.attn_k.weight", rope_pairs(checkpoint.tensor(f"{hf}.self_attn.k_proj.weight"), kv_heads), False
-        yield f"{blk}.attn_v.weight", checkpoint.tensor(f"{hf}.self_attn.v_proj.weight"), False
-        yield f"{blk}.attn_output.weight", checkpoint.tensor(f"{hf}.self_attn.o_proj.weight"), False
-        yield f"{blk}.ffn_norm.weight", checkpoint.tensor(f"{hf}.post_attention_layernorm.weight"), True
-        yield f"{blk}.ffn_gate_inp.weight", checkpoint.tensor(f"{hf}.block_sparse_moe.gate.weight"), True
-        yield f"{blk}.ffn_gate_exps.weight", checkpoint.experts(layer, "w1"), False
-        yield f"{blk}.ffn_up_exps.weight", checkpoint.experts(layer, "w3"), False
-        yield f"{blk}.ffn_down_exps.weight", checkpoint.experts(layer, "w2"), False
-    yield "output_norm.weight", checkpoint.tensor("model.norm.weight"), True
+        yield f"{blk}.attn_norm.weight", checkpoint.tensor(f"{hf}.input_layernorm.weight"), KEEP_F32
+        yield f"{blk}.attn_q.weight", rope_pairs(checkpoint.tensor(f"{hf}.self_attn.q_proj.weight"), heads), DENSE
+        yield f"{blk}.attn_k.weight", rope_pairs(checkpoint.tensor(f"{hf}.self_attn.k_proj.weight"), kv_heads), DENSE
+        yield f"{blk}.attn_v.weight", checkpoint.tensor(f"{hf}.self_attn.v_proj.weight"), DENSE
+        yield f"{blk}.attn_output.weight", checkpoint.tensor(f"{hf}.self_attn.o_proj.weight"), DENSE
+        yield f"{blk}.ffn_norm.weight", checkpoint.tensor(f"{hf}.post_attention_layernorm.weight"), KEEP_F32
+        yield f"{blk}.ffn_gate_inp.weight", checkpoint.tensor(f"{hf}.block_sparse_moe.gate.weight"), KEEP_F32
+        yield f"{blk}.ffn_gate_exps.weight", checkpoint.experts(layer, "w1"), EXPERTS
+        yield f"{blk}.ffn_up_exps.weight", checkpoint.experts(layer, "w3"), EXPERTS
+        yield f"{blk}.ffn_down_exps.weight", checkpoint.experts(layer, "w2"), EXPERTS
+    yield "output_norm.weight", checkpoint.tensor("model.norm.weight"), KEEP_F32
     lm_head = "model.embed_tokens.weight" if config.get("tie_word_embeddings") else "lm_head.weight"
-    yield "output.weight", checkpoint.tensor(lm_head), False
+    yield "output.weight", checkpoint.tensor(lm_head), DENSE
 
 
 def convert(folder: Path, out: Path, type_name: str) -> Path:
     """Writes `out` (GGUF of `type_name`) from the checkpoint in `folder`; returns `out`."""
     if type_name not in TYPES:
         raise ConversionError(f"expected --type one of {', '.join(TYPES)}, found {type_name!r}")
-    qtype, file_type = TYPES[type_name]
+    if gguf is None:
+        raise ConversionError("expected the `gguf` package (pip install gguf), found it not installed")
+    file_type = gguf.LlamaFileType[TYPES[type_name].file_type]
     checkpoint = MixtralCheckpoint(folder)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.{os.getpid()}.tmp")
@@ -200,10 +266,11 @@ def convert(folder: Path, out: Path, type_name: str) -> Path:
         writer = gguf.GGUFWriter(str(partial), ARCH)
         add_metadata(writer, checkpoint.config, file_type)
         add_tokenizer(writer, folder, checkpoint.config)
-        count = 3 + 10 * checkpoint.config["num_hidden_layers"]
-        for name, tensor, keep_f32 in tqdm(tensors(checkpoint), total=count, desc=f"gguf {type_name}", unit="tensor"):
-            data, raw = encoded(tensor, gguf.GGMLQuantizationType.F32 if keep_f32 else qtype)
-            writer.add_tensor(name, data, raw_dtype=None if raw == gguf.GGMLQuantizationType.F32 else raw)
+        count = tensor_count(checkpoint.config)
+        for name, tensor, role in tqdm(tensors(checkpoint), total=count, desc=f"gguf {type_name}", unit="tensor"):
+            ggml_type = tensor_type(type_name, name, role, tuple(tensor.shape))
+            raw = None if ggml_type == "F32" else gguf.GGMLQuantizationType[ggml_type]
+            writer.add_tensor(name, encoded(tensor, ggml_type), raw_dtype=raw)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -218,7 +285,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", type=Path, help="Hugging Face checkpoint folder (Mixtral architecture)")
     parser.add_argument("out", type=Path, help="GGUF file to write")
-    parser.add_argument("--type", default="f32", choices=sorted(TYPES), help="tensor type of the matrices")
+    parser.add_argument(
+        "--type",
+        default="f32",
+        choices=list(TYPES),
+        help="f32, bf16, q8_0: every matrix in that type; q8_0-experts, q4_0-experts: the routed experts only",
+    )
     args = parser.parse_args(argv)
     try:
         convert(args.checkpoint, args.out, args.type)

@@ -1,6 +1,6 @@
 """CPU prefill and decode: moeinf against llama.cpp on the same weights, in alternating rounds.
 
-Run:  python -m bench.llamacpp [--model DIR] [--types f32,bf16] [--prompt-tokens 128]
+Run:  python -m bench.llamacpp [--model DIR] [--types f32,bf16,int8,int4] [--prompt-tokens 128]
                                [--new-tokens 64] [--repeats 5] [--threads N] [--out bench/results]
 
 The checkpoint (default: moeinf's built-in default model) is converted to GGUF by our own
@@ -10,15 +10,29 @@ $MOEINF_CACHE_DIR/gguf/. llama.cpp runs through llama-cpp-python in a worker pro
 which is made on first use: pip builds llama.cpp from source there, about 17 minutes on 2 cores
 (a progress bar counts the build steps). Nothing of this is part of the test suite.
 
-Per type (f32: moeinf float32 against the f32 GGUF; bf16: moeinf bfloat16 against the bf16 GGUF),
-llama.cpp's KV cache in that type too (its default, f16, would round every cached key and value):
-both engines greedy, batch 1, the same seeded prompt of random ids, the same thread count
-(torch's and llama.cpp's n_threads); timing as bench/e2e.py (wall clock around a whole generate:
-prefill tok/s = P / median t(1 token), decode tok/s = (N - 1) / (median t(N) - median t(1)); one
-warm-up each, engine order flipped every round). Agreement: the greedy tokens of both over N
-tokens (the number of leading tokens that agree) and, from the prompt's last position, the largest
-logit difference relative to the largest logit. Results: <out>/llamacpp-cpu.json and .csv;
-ratio = moeinf / llama.cpp (> 1: moeinf faster).
+Per type (TYPES), the same weights in both engines:
+    type  moeinf LLM(dtype, expert_dtype)   GGUF (bench/gguf_convert.py --type)   llama.cpp KV cache
+    f32   float32, float32                  f32: every matrix F32                  f32
+    bf16  bfloat16, bfloat16                bf16: every matrix BF16                bf16
+    int8  float32, int8 (per channel)       q8_0-experts: experts Q8_0, rest F32   f32
+    int4  float32, int4 (groups of 32)      q4_0-experts: experts Q4_0, rest F32   f32
+(the KV cache in the dense layers' type: llama.cpp's default, f16, would round every cached key and
+value). int8 / int4 quantize the same routed experts to nearest by each engine's own rules, so their
+weights differ by the rounding: moeinf's int8 has one scale per output channel, Q8_0 one per 32
+inputs; moeinf's int4 scale is max(-min / 8, max / 7) of a group of 32, Q4_0's the signed extreme
+/ -8 (see moeinf/kernels/quantize.py and bench/gguf_convert.py); llama.cpp's CPU dot products with
+Q8_0 / Q4_0 weights also quantize the activations to Q8_0 blocks, moeinf's keep them float32.
+Both engines greedy, batch 1, the same seeded prompt of random ids, the same thread count (torch's
+and llama.cpp's n_threads); timing as bench/e2e.py (wall clock around a whole generate: prefill
+tok/s = P / median t(1 token), decode tok/s = (N - 1) / (median t(N) - median t(1)); one warm-up
+each, engine order flipped every round). Agreement: the greedy tokens of both over N tokens (the
+number of leading tokens that agree) and, from the prompt's last position, the largest logit
+difference relative to moeinf's largest logit. Greedy agreement between the engines is not expected
+for int8 / int4 (different weights); for every type but f32 each engine is also compared with its
+own f32 run (moeinf float32; llama.cpp on the f32 GGUF), the same two measures, in the JSON's
+"against_f32" (the f32 row's outputs, or, without an f32 row, the f32 engines loaded once for it).
+Results: <out>/llamacpp-cpu.json and .csv, with the machine; ratio = moeinf / llama.cpp (> 1:
+moeinf faster).
 """
 
 from __future__ import annotations
@@ -29,6 +43,7 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,7 +52,7 @@ from tqdm import tqdm
 from bench.common import csv_text, fmt, machine_info, make_prompt, write_results
 from bench.e2e import MoeinfRunner, measure, model_summary, summarise
 from bench.machine import load_average
-from moeinf import ensure_default_model
+from moeinf import LLM, ensure_default_model
 from moeinf.loaders.default_model import cache_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -52,7 +67,26 @@ ENV_PACKAGES = (
 )  # torch pinned: the CPU build
 ENV_IMPORTS = "import llama_cpp, gguf, numpy, safetensors, tqdm, torch"
 BUILD_STEP = re.compile(r"\[(\d+)/(\d+)\]")  # ninja's "[n/total]" lines in pip's verbose output
-MOEINF_DTYPES = {"f32": "float32", "bf16": "bfloat16"}
+
+
+@dataclass(frozen=True)
+class BenchType:
+    """One --types entry: moeinf's dtype and expert_dtype, the GGUF type llama.cpp runs
+    (bench/gguf_convert.py's --type) and llama.cpp's KV cache type (the worker's --kv-type)."""
+
+    dtype: str
+    expert_dtype: str
+    gguf: str
+    kv: str
+
+
+TYPES = {
+    "f32": BenchType("float32", "float32", "f32", "f32"),
+    "bf16": BenchType("bfloat16", "bfloat16", "bf16", "bf16"),
+    "int8": BenchType("float32", "int8", "q8_0-experts", "f32"),
+    "int4": BenchType("float32", "int4", "q4_0-experts", "f32"),
+}
+REFERENCE = "f32"  # each engine's own run every other type is compared with
 
 
 # ----------------------------------------------------------------------------- its own environment
@@ -111,7 +145,24 @@ def gguf_file(model: Path, type_name: str) -> Path:
     return out
 
 
-# ----------------------------------------------------------------------------- llama.cpp's runner
+# ----------------------------------------------------------------------------- the two runners
+
+
+class MoeinfTypeRunner(MoeinfRunner):
+    """bench/e2e.py's MoeinfRunner with the routed experts in `expert_dtype` (dense layers in
+    `dtype`); the same calls as LlamaCppRunner."""
+
+    def __init__(self, path: Path, dtype: str, expert_dtype: str):
+        self.name = "moeinf"
+        start = time.perf_counter()
+        self.llm = LLM(path, device="cpu", dtype=dtype, expert_dtype=expert_dtype, progress=False)
+        self.load_s = time.perf_counter() - start
+
+    def logits(self, prompt: list[int]) -> torch.Tensor:
+        return self.llm.logits(prompt)[-1]  # [V] float32, the prompt's last position
+
+    def close(self) -> None:
+        self.llm.close()
 
 
 class LlamaCppRunner:
@@ -154,32 +205,68 @@ class LlamaCppRunner:
 # ----------------------------------------------------------------------------- one type
 
 
-def agreement(moeinf: MoeinfRunner, peer: LlamaCppRunner, prompt: list[int], new_tokens: int) -> dict:
-    """Greedy tokens of both (EOS ignored) and the prompt's last-position logits, compared."""
-    ours, theirs = moeinf.generate(prompt, new_tokens, exact=True), peer.generate(prompt, new_tokens, exact=True)
-    leading = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
-    our_logits = moeinf.llm.logits(prompt)[-1]  # [V]
-    their_logits = peer.logits(prompt)
-    scale = our_logits.abs().max().item()
+def outputs(runner: MoeinfTypeRunner | LlamaCppRunner, prompt: list[int], new_tokens: int) -> dict:
+    """What the engines are compared on: greedy tokens (EOS ignored) and the prompt's last logits [V]."""
+    return {"tokens": runner.generate(prompt, new_tokens, exact=True), "logits": runner.logits(prompt)}
+
+
+def compared(ours: dict, theirs: dict) -> dict:
+    """Two outputs(): the leading greedy tokens that agree, and the largest logit difference
+    relative to the largest |logit| of `ours`."""
+    a, b = ours["tokens"], theirs["tokens"]
+    leading = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    scale = ours["logits"].abs().max().item()
     return {
         "greedy_tokens_agreeing": leading,
-        "greedy_tokens_compared": new_tokens,
-        "logits_max_diff_rel": (our_logits - their_logits).abs().max().item() / scale,
-        "moeinf_tokens": ours,
-        "llamacpp_tokens": theirs,
+        "greedy_tokens_compared": len(a),
+        "logits_max_diff_rel": (ours["logits"] - theirs["logits"]).abs().max().item() / scale,
     }
 
 
-def run_type(model: Path, type_name: str, prompt: list[int], args: argparse.Namespace) -> dict:
-    threads = torch.get_num_threads()
-    moeinf = MoeinfRunner(model, MOEINF_DTYPES[type_name])
+def agreement(ours: dict, theirs: dict) -> dict:
+    """moeinf's outputs() against llama.cpp's, with both token lists."""
+    return {**compared(ours, theirs), "moeinf_tokens": ours["tokens"], "llamacpp_tokens": theirs["tokens"]}
+
+
+def runners(model: Path, type_name: str, prompt: list[int], args: argparse.Namespace):
+    """The two engines of one type, loaded (moeinf first)."""
+    spec = TYPES[type_name]
+    moeinf = MoeinfTypeRunner(model, spec.dtype, spec.expert_dtype)
     context = len(prompt) + args.new_tokens + 8
-    peer = LlamaCppRunner(gguf_file(model, type_name), threads, context, kv_type=type_name)
     try:
-        agree = agreement(moeinf, peer, prompt, args.new_tokens)
+        peer = LlamaCppRunner(gguf_file(model, spec.gguf), torch.get_num_threads(), context, kv_type=spec.kv)
+    except BaseException:
+        moeinf.close()
+        raise
+    return moeinf, peer
+
+
+def reference_outputs(model: Path, prompt: list[int], args: argparse.Namespace) -> dict:
+    """{engine: outputs()} of the f32 engines, loaded for this and closed again."""
+    moeinf, peer = runners(model, REFERENCE, prompt, args)
+    try:
+        return {r.name: outputs(r, prompt, args.new_tokens) for r in (moeinf, peer)}
+    finally:
+        peer.close()
+        moeinf.close()
+
+
+def run_type(model: Path, type_name: str, prompt: list[int], args: argparse.Namespace, references: dict) -> dict:
+    """One type's row. references: {engine: outputs()} of the f32 run, filled by the f32 row or, for
+    the first other type before it, by reference_outputs."""
+    spec = TYPES[type_name]
+    if type_name != REFERENCE and not references:
+        print(f"{type_name}: loading the f32 engines for the comparison against f32", file=sys.stderr)
+        references.update(reference_outputs(model, prompt, args))
+    moeinf, peer = runners(model, type_name, prompt, args)
+    try:
+        got = {r.name: outputs(r, prompt, args.new_tokens) for r in (moeinf, peer)}
         times = measure([moeinf, peer], prompt, args.new_tokens, args.repeats)
     finally:
         peer.close()
+        moeinf.close()
+    if type_name == REFERENCE:
+        references.update(got)
     engines = {
         r.name: {"load_s": r.load_s, **summarise(times[r.name], len(prompt), args.new_tokens)} for r in (moeinf, peer)
     }
@@ -188,13 +275,19 @@ def run_type(model: Path, type_name: str, prompt: list[int], args: argparse.Name
     def ratio(key: str) -> float | None:
         return ours[key] / theirs[key] if ours[key] and theirs[key] else None
 
-    return {
+    row = {
         "type": type_name,
-        "moeinf_dtype": MOEINF_DTYPES[type_name],
+        "moeinf_dtype": spec.dtype,
+        "moeinf_expert_dtype": spec.expert_dtype,
+        "gguf_type": spec.gguf,
+        "llamacpp_kv_type": spec.kv,
         "engines": engines,
         "ratios": {"prefill": ratio("prefill_tok_s"), "decode": ratio("decode_tok_s")},
-        "agreement": agree,
+        "agreement": agreement(got["moeinf"], got["llama.cpp"]),
     }
+    if type_name != REFERENCE:  # each engine against its own f32 run
+        row["against_f32"] = {name: compared(references[name], got[name]) for name in got}
+    return row
 
 
 # ----------------------------------------------------------------------------- main
@@ -243,6 +336,11 @@ def print_table(results: dict) -> None:
             f"   {agree['greedy_tokens_agreeing']}/{agree['greedy_tokens_compared']} tokens, "
             f"logits within {agree['logits_max_diff_rel']:.1e}"
         )
+        for name, own in row.get("against_f32", {}).items():
+            print(
+                f"{'':<6}{'':<11}{'':>29}   {name} vs its f32: {own['greedy_tokens_agreeing']}/"
+                f"{own['greedy_tokens_compared']} tokens, logits within {own['logits_max_diff_rel']:.1e}"
+            )
     print(
         f"(P={results['prompt_tokens']}, N={results['new_tokens']}, median of {results['repeats']}, {results['threads']} threads)"
     )
@@ -251,7 +349,7 @@ def print_table(results: dict) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: moeinf's default model)")
-    parser.add_argument("--types", default="f32,bf16", help=f"comma-separated, of {', '.join(MOEINF_DTYPES)}")
+    parser.add_argument("--types", default=",".join(TYPES), help=f"comma-separated, of {', '.join(TYPES)}")
     parser.add_argument("--prompt-tokens", type=int, default=128, help="prompt length P")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens generated per full run N (>= 2)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds R; medians are reported")
@@ -260,9 +358,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for llamacpp-cpu.json/.csv")
     args = parser.parse_args(argv)
     args.types = args.types.split(",")
-    unknown = [t for t in args.types if t not in MOEINF_DTYPES]
+    unknown = [t for t in args.types if t not in TYPES]
     if unknown:
-        parser.error(f"expected --types of {', '.join(MOEINF_DTYPES)}, found {', '.join(unknown)}")
+        parser.error(f"expected --types of {', '.join(TYPES)}, found {', '.join(unknown)}")
+    if len(set(args.types)) != len(args.types):
+        parser.error(f"expected each of --types once, found {','.join(args.types)}")
     if args.prompt_tokens < 1 or args.new_tokens < 2 or args.repeats < 1:
         parser.error("expected --prompt-tokens >= 1, --new-tokens >= 2, --repeats >= 1")
     return args
@@ -277,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = model_summary(model)
     prompt = make_prompt(summary["vocab_size"], args.prompt_tokens, args.seed)
     machine = machine_info(llama_cpp_python=LLAMA_CPP_PYTHON.split("==")[1])
-    rows = [run_type(model, type_name, prompt, args) for type_name in args.types]
+    references: dict = {}  # each engine's f32 outputs, for the other types' against_f32
+    rows = [run_type(model, type_name, prompt, args, references) for type_name in args.types]
     machine["load_average_end"] = load_average()
     results = {
         "benchmark": "llamacpp-cpu",

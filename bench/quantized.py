@@ -143,7 +143,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.configs = args.configs.split(",")
     unknown = [c for c in args.configs if c not in CONFIGS]
     if unknown or "float32" not in args.configs:
-        parser.error(f"expected --configs among {', '.join(CONFIGS)} including float32, found {unknown or args.configs}")
+        parser.error(
+            f"expected --configs among {', '.join(CONFIGS)} including float32, found {unknown or args.configs}"
+        )
     if args.prompt_tokens < 1 or args.new_tokens < 2 or args.repeats < 1:
         parser.error("expected --prompt-tokens >= 1, --new-tokens >= 2, --repeats >= 1")
     return args
@@ -157,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     model = model_summary(path)
     prompt = make_prompt(model["vocab_size"], args.prompt_tokens, args.seed)
     machine = machine_info()
-    print(f"model {path}  P={args.prompt_tokens} N={args.new_tokens} R={args.repeats} threads={torch.get_num_threads()}")
+    print(
+        f"model {path}  P={args.prompt_tokens} N={args.new_tokens} R={args.repeats} threads={torch.get_num_threads()}"
+    )
     runners = [QuantRunner(path, name) for name in tqdm(args.configs, desc="loading", unit="config")]
     errors = accuracy(runners, prompt, args.new_tokens)
     times = measure(runners, prompt, args.new_tokens, args.repeats)
@@ -188,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         "store_traffic": traffic,
     }
     table = rows(results)
-    print(f"\n{'config':<11}{'decode tok/s':>13}{'vs bf16':>9}{'vs f32':>8}{'logit err':>11}{'agree':>7}{'disk/token':>12}")
+    print(
+        f"\n{'config':<11}{'decode tok/s':>13}{'vs bf16':>9}{'vs f32':>8}{'logit err':>11}{'agree':>7}{'disk/token':>12}"
+    )
     for row in table:
         disk = row["disk_bytes_per_decode_token"]
         print(

@@ -50,6 +50,12 @@ class ExpertFormat:
             raise ConfigError(f"expert format: expected a kind among {', '.join(KINDS)}, found {self.kind!r}")
         if self.kind == "float" and self.dtype not in FLOAT_DTYPES.values():
             raise ConfigError(f"float expert format: expected a float dtype, found {self.dtype}")
+        if self.kind == "int8" and (self.group_size is not None or not self.symmetric or self.scale_dtype is not None):
+            raise ConfigError(
+                f"int8 expert format: expected symmetric weights with one float32 scale per output channel (no group "
+                f"size, zero or scale dtype), found group {self.group_size}, symmetric {self.symmetric}, scales "
+                f"{self.scale_dtype}"
+            )
         if self.kind == "int4" and self.scale_dtype not in SCALE_DTYPES:
             raise ConfigError(f"int4 expert format: expected float16 or bfloat16 scales, found {self.scale_dtype}")
 

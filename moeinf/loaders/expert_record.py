@@ -159,7 +159,9 @@ def _field_view(records: torch.Tensor, field: RecordField) -> torch.Tensor:
     N, R = records.shape
     size = field.dtype.itemsize
     if R % size or field.offset % size:
-        raise StoreError(f"record field {field.name}: offset {field.offset} and record size {R} must be multiples of {size}")
+        raise StoreError(
+            f"record field {field.name}: offset {field.offset} and record size {R} must be multiples of {size}"
+        )
     flat = records.view(-1).view(field.dtype)
     inner = tuple(int(np.prod(field.shape[i + 1 :], dtype=np.int64)) for i in range(len(field.shape)))
     return flat.as_strided((N, *field.shape), (R // size, *inner), field.offset // size)
@@ -222,7 +224,9 @@ def write_fields(layout: RecordLayout, arrays: dict[str, torch.Tensor], out: np.
     for field in layout.fields:
         array = arrays[field.name]
         if tuple(array.shape) != field.shape:
-            raise StoreError(f"record field {field.name}: expected shape {list(field.shape)}, found {list(array.shape)}")
+            raise StoreError(
+                f"record field {field.name}: expected shape {list(field.shape)}, found {list(array.shape)}"
+            )
         data = array.to(field.dtype).contiguous().reshape(-1).view(torch.uint8).numpy()
         out[field.offset : field.offset + data.nbytes] = data
 

@@ -19,15 +19,21 @@ PARAMS = SamplingParams(max_new_tokens=8, ignore_eos=True)
 CHECKPOINTS = {
     "gptq-int4-sym": (save_tiny_gptq, dict(bits=4, group_size=32, sym=True), "int4-g32"),
     "gptq-int4-asym-v1": (
-        save_tiny_gptq, dict(bits=4, group_size=32, sym=False, writer="autogptq"), "int4-g32-asym",
+        save_tiny_gptq,
+        dict(bits=4, group_size=32, sym=False, writer="autogptq"),
+        "int4-g32-asym",
     ),  # fmt: skip
     "gptq-int4-desc-act": (
-        save_tiny_gptq, dict(bits=4, group_size=32, sym=True, desc_act=True, writer="autogptq"), "int4-g32-perm",
+        save_tiny_gptq,
+        dict(bits=4, group_size=32, sym=True, desc_act=True, writer="autogptq"),
+        "int4-g32-perm",
     ),  # fmt: skip
     "gptq-int8-channel": (save_tiny_gptq, dict(bits=8, group_size=-1, sym=True), "int8"),
     "ct-w4a16-sym": (save_tiny_compressed_tensors, dict(bits=4, group_size=32, symmetric=True), "int4-g32-bf16"),
     "ct-w4a16-asym": (
-        save_tiny_compressed_tensors, dict(bits=4, group_size=32, symmetric=False), "int4-g32-asym-bf16",
+        save_tiny_compressed_tensors,
+        dict(bits=4, group_size=32, symmetric=False),
+        "int4-g32-asym-bf16",
     ),  # fmt: skip
     "ct-w8a16-channel": (save_tiny_compressed_tensors, dict(bits=8, group_size=None, symmetric=True), "int8"),
 }

@@ -14,7 +14,7 @@ from moeinf import LLM, SamplingParams
 from moeinf.errors import ConfigError
 from moeinf.kernels.quantize import dequantize
 from moeinf.loaders.checkpoint import Checkpoint
-from moeinf.loaders.expert_format import resolve_expert_format
+from moeinf.loaders.expert_format import ExpertFormat, resolve_expert_format
 from moeinf.loaders.expert_record import quantize_expert
 from moeinf.loaders.expert_store import PREFIX
 from tests.checkpoints import save_tiny
@@ -114,7 +114,9 @@ def test_bfloat16_compute_with_quantized_experts(folder, tmp_path):
     resident = LLM(folder, progress=False, dtype="bfloat16", expert_dtype="int4")
     tokens = [o.token_ids for o in resident.generate(PROMPTS, PARAMS)]
     E = resident.spec.num_experts
-    with LLM(folder, progress=False, dtype="bfloat16", expert_dtype="int4", expert_budget=E, offload_dir=tmp_path) as llm:
+    with LLM(
+        folder, progress=False, dtype="bfloat16", expert_dtype="int4", expert_budget=E, offload_dir=tmp_path
+    ) as llm:
         assert [o.token_ids for o in llm.generate(PROMPTS, PARAMS)] == tokens
 
 
@@ -123,6 +125,19 @@ def test_expert_dtype_errors(folder):
         LLM(folder, progress=False, expert_dtype="int3")
     with pytest.raises(ConfigError, match="expected float32 .*found 'bfloat16'"):
         LLM(folder, progress=False, expert_dtype="bfloat16")  # float experts are in the compute dtype
+
+
+def test_formats_the_records_have_no_layout_for_are_refused():
+    with pytest.raises(ConfigError, match="int8 expert format: expected symmetric weights with one float32 scale"):
+        ExpertFormat("int8", group_size=128)
+    with pytest.raises(ConfigError, match="int4 expert format: expected float16 or bfloat16 scales, found None"):
+        ExpertFormat("int4", group_size=32)
+    with pytest.raises(ConfigError, match="expected a kind among float, int8, int4, found 'int2'"):
+        ExpertFormat("int2")
+    assert (
+        ExpertFormat("int4", group_size=None, symmetric=False, scale_dtype=torch.bfloat16).name
+        == "int4-channel-asym-bf16"
+    )
 
 
 def test_group_that_does_not_divide_the_inputs(tmp_path):

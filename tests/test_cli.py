@@ -9,6 +9,8 @@ import pytest
 from moeinf.cli import DEFAULT_PROMPT, main
 from moeinf.loaders.checkpoint import Checkpoint
 from moeinf.loaders.default_model import DEFAULT_CONFIG, DEFAULT_MODEL_NAME, cache_dir, ensure_default_model
+from moeinf.loaders.expert_format import ExpertFormat
+from moeinf.loaders.expert_record import RecordLayout
 
 
 def test_run_builds_the_default_model_once_and_prints_text_and_speed(capsys):
@@ -121,8 +123,13 @@ def test_trace_records_every_token_of_every_prompt(tmp_path, capsys):
         "layer_dense_bytes": (attention + 2 * D + 4 * D) * 4,  # + two norms + the router of 4 experts
         "step_bytes": (D + V * D) * 4,  # final norm and lm head
         "bytes_per_param": 4,
+        "hidden_size": D,
+        "expert_ffn": F,
     }
     assert profile_for(trace).model.name == "model" and profile_for(trace).load_s == 3 * D * F * 4 / 25e9
+    # its shape makes another format's bytes exact: those of the int8 record
+    int8 = profile_for(trace, expert_format="int8").model
+    assert int8.expert_bytes == RecordLayout.for_format(D, F, ExpertFormat("int8")).payload_nbytes
     assert replay(trace, "activation-aware", 4, "pcie4").tpot_s > 0
 
 

@@ -397,7 +397,9 @@ def profile_for(
 
 def traced_model_cost(spec: ModelSpec, dense: DenseWeights, bytes_per_param: int) -> dict:
     """meta["cost"] of a trace `moeinf trace` records (ModelCost's byte fields, model_for reads
-    them): the bytes one decode token of this model reads, with weights of `bytes_per_param`."""
+    them): the bytes one decode token of this model reads, with weights of `bytes_per_param`, and
+    the expert's shape (hidden_size, expert_ffn), from which a replay in another expert format
+    takes the exact record bytes."""
     moe_layer_params = [dense.layer_params(layer) for layer in spec.moe_layers]
     dense_layer_params = [dense.layer_params(layer) for layer in range(spec.num_layers) if layer not in spec.moe_layers]
     return {
@@ -405,4 +407,6 @@ def traced_model_cost(spec: ModelSpec, dense: DenseWeights, bytes_per_param: int
         "layer_dense_bytes": round(sum(moe_layer_params) / len(moe_layer_params)) * bytes_per_param,
         "step_bytes": (dense.head_params() + sum(dense_layer_params)) * bytes_per_param,
         "bytes_per_param": bytes_per_param,
+        "hidden_size": spec.hidden_size,
+        "expert_ffn": spec.expert_ffn,
     }

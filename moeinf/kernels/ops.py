@@ -172,7 +172,9 @@ class Kernels:
         and dequantized chunks for larger ones; with Triton (CUDA) the quantized fused kernel
         (quant_moe.py), the host tier's share beside it where the placement put experts there;
         the torch reference on dequantized experts otherwise."""
-        if self.choice == "auto" and host_quant_experts.applies(x.float()):
+        decode_on_cpu = x.device.type == "cpu" and x.shape[0] <= host_quant_experts.MAX_TOKENS
+        # the host tier's records need the host kernels, as for float experts, whatever the choice
+        if decode_on_cpu and (self.choice == "auto" or host is not None and not self.uses_triton(x)):
             y = host_quant_experts.host_quant_moe_experts(
                 x.float(), topk_ids, topk_weights, w13, w2, expert_slots, activation=activation,
                 input_perm=input_perm, second=host,

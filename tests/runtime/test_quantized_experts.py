@@ -109,6 +109,18 @@ def test_quantized_run_matches_transformers_on_the_dequantized_weights(folder, t
     assert relative_error(llm.logits(PROMPT), float_logits) > 1e-3
 
 
+def test_torch_kernels_with_a_host_tier_of_quantized_records(folder, tmp_path):
+    # kernels="torch" runs the references, but the host tier's records need the host kernels
+    resident = LLM(folder, progress=False, expert_dtype="int8", kernels="torch")
+    tokens = [o.token_ids for o in resident.generate(PROMPTS, PARAMS)]
+    E = resident.spec.num_experts
+    settings = dict(expert_dtype="int8", kernels="torch", expert_budget=E, host_budget=1.0, offload_dir=tmp_path)
+    with LLM(folder, progress=False, **settings) as llm:
+        got = [o.token_ids for o in llm.generate(PROMPTS, PARAMS)]
+        assert llm.stats()["host_computed"] > 0
+    assert got == tokens
+
+
 def test_bfloat16_compute_with_quantized_experts(folder, tmp_path):
     # bfloat16 dense layers, int4 experts computed in float32 and rounded once: offloaded equals resident
     resident = LLM(folder, progress=False, dtype="bfloat16", expert_dtype="int4")

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import ctypes
 
+import numba
 import numpy as np
 import torch
 from llvmlite import binding as llvm
@@ -131,9 +132,10 @@ def _targets_avx512() -> bool:
 
 # AVX-512's vpermps looks 16 lanes up in a 16-float table in one instruction: the int4 codes index
 # their group's 16 dequantized values, no conversion or multiply (twice the speed of widening them and
-# multiplying). Compiled in only for such a target; LOOKUP (read per call) picks it where it is.
-_PERMUTE_COMPILED = _targets_avx512() and LANES == 16
-LOOKUP = _PERMUTE_COMPILED
+# multiplying). Decided when the kernels compile, not per call: a run-time branch between the two
+# in the inner loop made a tile up to 1.7x slower in isolation. Numba's cache keys each compiled kernel by the target CPU, so
+# NUMBA_CPU_NAME=haswell compiles (and caches) the widening path beside this one.
+LOOKUP = _targets_avx512() and LANES == 16
 
 
 @intrinsic
@@ -152,13 +154,13 @@ def _vtable(typingctx, scale, offset):
 
 
 @intrinsic
-def _vdequantize(typingctx, array, index, table, scale, offset, lookup):
+def _vdequantize(typingctx, array, index, table, scale, offset):
     """16 bytes array[index : index + 16] of int4 codes -> (even inputs, odd inputs) dequantized to
-    float32: the low nibbles' and the high nibbles' values, looked up in the group's table (where
-    lookup, on an AVX-512 target) or widened and multiplied with its scale and offset."""
+    float32: the low nibbles' and the high nibbles' values, looked up in the group's table (on an
+    AVX-512 target) or widened and multiplied with its scale and offset (elsewhere)."""
     if not _is_array_of(array, types.uint8) or not isinstance(index, types.Integer):
         return None
-    if not (table == scale == offset == vector) or lookup != types.boolean:
+    if not (table == scale == offset == vector):
         return None
     pair = types.UniTuple(vector, 2)
 
@@ -176,27 +178,17 @@ def _vdequantize(typingctx, array, index, table, scale, offset, lookup):
             low = builder.and_(wide, ir.Constant(ints, [15] * LANES))
             return [builder.call(fma, [builder.sitofp(v, _VEC), args[3], args[4]]) for v in (low, high)]
 
-        if not _PERMUTE_COMPILED:
+        if not LOOKUP:
             return context.make_tuple(builder, pair, widened())
-        with builder.if_else(args[5], likely=True) as (then, otherwise):
-            with then:  # vpermps reads the low 4 bits of each index: the low nibble needs no mask
-                permute = cgutils.get_or_insert_function(
-                    builder.module, ir.FunctionType(_VEC, [_VEC, ints]), "llvm.x86.avx512.permvar.sf.512"
-                )
-                looked = [builder.call(permute, [args[2], wide]), builder.call(permute, [args[2], high])]
-                from_lookup = builder.basic_block
-            with otherwise:
-                computed = widened()
-                from_widening = builder.basic_block
-        values = []
-        for a, b in zip(looked, computed):
-            phi = builder.phi(_VEC)
-            phi.add_incoming(a, from_lookup)
-            phi.add_incoming(b, from_widening)
-            values.append(phi)
-        return context.make_tuple(builder, pair, values)
+        # vpermps reads the low 4 bits of each index: the low nibble needs no mask
+        permute = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_VEC, [_VEC, ints]), "llvm.x86.avx512.permvar.sf.512"
+        )
+        return context.make_tuple(
+            builder, pair, [builder.call(permute, [args[2], wide]), builder.call(permute, [args[2], high])]
+        )
 
-    return pair(array, index, table, scale, offset, lookup), codegen
+    return pair(array, index, table, scale, offset), codegen
 
 
 @intrinsic
@@ -556,7 +548,7 @@ def _rows_int8(m, slot, first, last, p0, count, xs, out, K):
 
 
 @njit(cache=True)
-def _int4_one(q, qb, H, sf, zf, sb, G, lookup, xs, xb, out, o, col):
+def _int4_one(q, qb, H, sf, zf, sb, G, xs, xb, out, o, col):
     """out[o, col + i] = W row i . xs token, for the 4 rows at flat q[qb + i * H] (H = K / 2 bytes a
     row) and one token at flat xs[xb] (its inputs _permuted). sf, zf: each row's group scales and
     -zero * scale, float32, row i's at flat sb + i * (K / G)."""
@@ -582,13 +574,13 @@ def _int4_one(q, qb, H, sf, zf, sb, G, lookup, xs, xb, out, o, col):
             _prefetch(q, qb + 4 * AHEAD * H + 4 * LANES * c)  # 4 rows AHEAD blocks on, a cache line a chunk
             even = _vload(xs, xb + CHUNK * c)
             odd = _vload(xs, xb + CHUNK * c + LANES)
-            low, high = _vdequantize(q, qb + LANES * c, t0, s0, z0, lookup)
+            low, high = _vdequantize(q, qb + LANES * c, t0, s0, z0)
             a0, b0 = _vfma(low, even, a0), _vfma(high, odd, b0)
-            low, high = _vdequantize(q, r1 + LANES * c, t1, s1, z1, lookup)
+            low, high = _vdequantize(q, r1 + LANES * c, t1, s1, z1)
             a1, b1 = _vfma(low, even, a1), _vfma(high, odd, b1)
-            low, high = _vdequantize(q, r2 + LANES * c, t2, s2, z2, lookup)
+            low, high = _vdequantize(q, r2 + LANES * c, t2, s2, z2)
             a2, b2 = _vfma(low, even, a2), _vfma(high, odd, b2)
-            low, high = _vdequantize(q, r3 + LANES * c, t3, s3, z3, lookup)
+            low, high = _vdequantize(q, r3 + LANES * c, t3, s3, z3)
             a3, b3 = _vfma(low, even, a3), _vfma(high, odd, b3)
     out[o, col] = _vsum(_vadd(a0, b0))
     out[o, col + 1] = _vsum(_vadd(a1, b1))
@@ -597,7 +589,7 @@ def _int4_one(q, qb, H, sf, zf, sb, G, lookup, xs, xb, out, o, col):
 
 
 @njit(cache=True)
-def _int4_four(q, qb, H, sf, zf, sb, G, lookup, xs, xa, xb, xc, xd, out, oa, ob, oc, od, col):
+def _int4_four(q, qb, H, sf, zf, sb, G, xs, xa, xb, xc, xd, out, oa, ob, oc, od, col):
     """_int4_one for 4 tokens (flat xs offsets xa..xd, output rows oa..od; a token may repeat):
     each weight dequantized once for the 4 tokens."""
     a0 = _vzero()
@@ -628,10 +620,10 @@ def _int4_four(q, qb, H, sf, zf, sb, G, lookup, xs, xa, xb, xc, xd, out, oa, ob,
         t0, t1, t2, t3 = _vtable(s0, z0), _vtable(s1, z1), _vtable(s2, z2), _vtable(s3, z3)
         for c in range(g * per_group, (g + 1) * per_group):
             _prefetch(q, qb + 4 * AHEAD * H + 4 * LANES * c)  # 4 rows AHEAD blocks on, a cache line a chunk
-            e0, o0 = _vdequantize(q, qb + LANES * c, t0, s0, z0, lookup)
-            e1, o1 = _vdequantize(q, r1 + LANES * c, t1, s1, z1, lookup)
-            e2, o2 = _vdequantize(q, r2 + LANES * c, t2, s2, z2, lookup)
-            e3, o3 = _vdequantize(q, r3 + LANES * c, t3, s3, z3, lookup)
+            e0, o0 = _vdequantize(q, qb + LANES * c, t0, s0, z0)
+            e1, o1 = _vdequantize(q, r1 + LANES * c, t1, s1, z1)
+            e2, o2 = _vdequantize(q, r2 + LANES * c, t2, s2, z2)
+            e3, o3 = _vdequantize(q, r3 + LANES * c, t3, s3, z3)
             even, odd = _vload(xs, xa + CHUNK * c), _vload(xs, xa + CHUNK * c + LANES)
             a0, a1 = _vfma(e0, even, _vfma(o0, odd, a0)), _vfma(e1, even, _vfma(o1, odd, a1))
             a2, a3 = _vfma(e2, even, _vfma(o2, odd, a2)), _vfma(e3, even, _vfma(o3, odd, a3))
@@ -670,13 +662,12 @@ def _group_table(scale, scale_start, zero, zero_start, count, bf16, has_zero, sf
 
 
 @njit(cache=True)
-def _rows_int4(m, slot, first, last, p0, count, xs, out, K):
-    """_rows_int8 for an int4 matrix m (xs's rows _permuted; first and last multiples of 4)."""
-    q, scale, zero, G, bf16, has_zero, lookup = m[0], m[4], m[7], m[10], m[11], m[12], m[14]
+def _rows_int4(m, slot, first, last, p0, count, xs, out, K, sf, zf):
+    """_rows_int8 for an int4 matrix m (xs's rows _permuted; first and last multiples of 4); sf, zf:
+    float32 scratch of at least (last - first) * K / G elements for the rows' group table."""
+    q, scale, zero, G, bf16, has_zero = m[0], m[4], m[7], m[10], m[11], m[12]
     H, groups = K // 2, K // G
     qe = m[1] + slot * m[2]
-    sf = np.empty((last - first) * groups, np.float32)  # [rows, K / G] the rows' scales
-    zf = np.empty((last - first) * groups, np.float32)  # and -zero * scale
     scales = m[5] + slot * m[6] + first * groups
     zeros = m[8] + slot * m[9] + first * groups if has_zero else 0
     _group_table(scale, scales, zero, zeros, (last - first) * groups, bf16, has_zero, sf, zf)
@@ -686,28 +677,33 @@ def _rows_int4(m, slot, first, last, p0, count, xs, out, K):
         while i < count:
             pa = p0 + i
             if count - i == 1:
-                _int4_one(q, qr, H, sf, zf, sr, G, lookup, xs, pa * K, out, pa, r)
+                _int4_one(q, qr, H, sf, zf, sr, G, xs, pa * K, out, pa, r)
                 i += 1
             else:
                 pa, pb, pc, pd = _tile_tokens(p0, count, i)
-                _int4_four(q, qr, H, sf, zf, sr, G, lookup, xs, pa * K, pb * K, pc * K, pd * K, out, pa, pb, pc, pd, r)
+                _int4_four(q, qr, H, sf, zf, sr, G, xs, pa * K, pb * K, pc * K, pd * K, out, pa, pb, pc, pd, r)
                 i += 4
 
 
 @njit(parallel=True, cache=True)
-def _project(m, slots, experts, starts, counts, xs, out, N, K):
+def _project(m, slots, experts, starts, counts, xs, out, N, K, workers):
     """out[pairs of e, :N] = xs[pairs of e] @ W_e^T for every expert e of `experts`, in parallel over
-    (expert, block of ROWS_PER_ITEM rows); W_e: slot slots[e] of the quantized matrix m (a _matrix
-    tuple: int8, or int4 with xs's rows _permuted)."""
+    (expert, block of ROWS_PER_ITEM rows), item i on worker i % workers; W_e: slot slots[e] of the
+    quantized matrix m (a _matrix tuple: int8, or int4 with xs's rows _permuted)."""
     blocks = (N + ROWS_PER_ITEM - 1) // ROWS_PER_ITEM
-    for item in prange(experts.shape[0] * blocks):
-        e = experts[item // blocks]
-        first = (item % blocks) * ROWS_PER_ITEM
-        last = min(first + ROWS_PER_ITEM, N)
-        if m[13]:
-            _rows_int4(m, slots[e], first, last, starts[e], counts[e], xs, out, K)
-        else:
-            _rows_int8(m, slots[e], first, last, starts[e], counts[e], xs, out, K)
+    items = experts.shape[0] * blocks
+    table = ROWS_PER_ITEM * (K // m[10]) if m[13] else 1  # a worker's int4 group table, reused item to item
+    for worker in prange(min(workers, items)):
+        sf = np.empty(table, np.float32)  # [ROWS_PER_ITEM * K / G] the rows' scales
+        zf = np.empty(table, np.float32)  # and -zero * scale
+        for item in range(worker, items, workers):
+            e = experts[item // blocks]
+            first = (item % blocks) * ROWS_PER_ITEM
+            last = min(first + ROWS_PER_ITEM, N)
+            if m[13]:
+                _rows_int4(m, slots[e], first, last, starts[e], counts[e], xs, out, K, sf, zf)
+            else:
+                _rows_int8(m, slots[e], first, last, starts[e], counts[e], xs, out, K)
 
 
 @njit(parallel=True, cache=True)
@@ -789,7 +785,7 @@ def _source_experts(counts, second_slots, second):
 
 @njit(fastmath=FAST, cache=True)
 def _moe_layer(x, ids, weights, slots, second_slots, m13, m2, m13b, m2b, perm, permb, has_perm, permute13, permute2,
-               F, activation, alpha, limit, S, H, out):  # fmt: skip
+               F, activation, alpha, limit, S, H, workers, out):  # fmt: skip
     """x: [T, D] float32; ids, weights: [T, K] int64, float32; slots: [E] int64, each expert's slot;
     second_slots: [E] int64, each expert's record in the second buffers (>= 0: read from there
     instead); m13, m2 (the slots) and m13b, m2b (the second buffers): the quantized w13 [S, 2F, D]
@@ -836,9 +832,9 @@ def _moe_layer(x, ids, weights, slots, second_slots, m13, m2, m13b, m2b, perm, p
     in_slots = _source_experts(counts, second_slots, False)  # [A] active experts, by where they are read
     in_second = _source_experts(counts, second_slots, True)
     gate_up = np.empty((P, 2 * F), np.float32)  # [P, 2F]
-    _project(m13, slots, in_slots, starts, counts, xs, gate_up, 2 * F, D)
+    _project(m13, slots, in_slots, starts, counts, xs, gate_up, 2 * F, D, workers)
     if in_second.shape[0]:
-        _project(m13b, second_slots, in_second, starts, counts, xs, gate_up, 2 * F, D)
+        _project(m13b, second_slots, in_second, starts, counts, xs, gate_up, 2 * F, D, workers)
     act = _aligned_rows(P, F)  # [P, F] (_permuted for an int4 w2)
     for q in range(P):
         for f in range(F):
@@ -851,9 +847,9 @@ def _moe_layer(x, ids, weights, slots, second_slots, m13, m2, m13b, m2b, perm, p
                 value = (up + np.float32(1.0)) * (gate / (np.float32(1.0) + np.exp(-(gate * alpha))))
             act[q, _permuted(f, permute2)] = value
     y = np.empty((P, D), np.float32)  # [P, D]
-    _project(m2, slots, in_slots, starts, counts, act, y, D, F)
+    _project(m2, slots, in_slots, starts, counts, act, y, D, F, workers)
     if in_second.shape[0]:
-        _project(m2b, second_slots, in_second, starts, counts, act, y, D, F)
+        _project(m2b, second_slots, in_second, starts, counts, act, y, D, F, workers)
     for t in range(T):
         for d in range(D):
             out[t, d] = 0.0
@@ -901,7 +897,7 @@ _UNUSED = {dtype: np.zeros(1, dtype) for dtype in (np.uint8, np.uint16, np.float
 def _matrix(name: str, m: QuantizedMatrix, N: int, K: int) -> tuple:
     """m [S, N, K] -> the tuple the kernels read, one type for both formats: (q bytes, offset,
     stride, float32 scales, 16-bit scale bits, offset, stride, zero, offset, stride, group size,
-    bf16 scales, has zero, int4, table lookup), each array as its storage's elements, with its slot
+    bf16 scales, has zero, int4), each array as its storage's elements, with its slot
     0's offset and its slot stride; a format's missing arrays stand-ins never read."""
     if m.q.dim() != 3 or tuple(m.shape[1:]) != (N, K):
         raise ValueError(f"host quantized experts {name}: expected [S, {N}, {K}], found {list(m.shape)}")
@@ -909,7 +905,7 @@ def _matrix(name: str, m: QuantizedMatrix, N: int, K: int) -> tuple:
         q, q_offset, q_stride = _slot_blocks(f"{name} q", m.q, (N, K))
         scale = _slot_blocks(f"{name} scale", m.scale, (N,))
         return (q, q_offset, q_stride, scale[0], _UNUSED[np.uint16], *scale[1:], _UNUSED[np.uint8], 0, 0,
-                0, False, False, False, False)  # fmt: skip
+                0, False, False, False)  # fmt: skip
     if N % 4 or K % CHUNK:  # G | K (checked by QuantizedMatrix) makes both so for every shape a model has
         raise ValueError(
             f"host quantized experts {name}: expected int4 [S, N, K] with 4 | N and 32 | K, found {N}, {K}"
@@ -919,7 +915,7 @@ def _matrix(name: str, m: QuantizedMatrix, N: int, K: int) -> tuple:
     scale = _slot_blocks(f"{name} scale", m.scale, (N, groups))
     zero = (_UNUSED[np.uint8], 0, 0) if m.zero is None else _slot_blocks(f"{name} zero", m.zero, (N, groups))
     return (*q, _UNUSED[np.float32], *scale, *zero, m.group_size, m.scale.dtype == torch.bfloat16, m.zero is not None,
-            True, LOOKUP and _PERMUTE_COMPILED)  # fmt: skip
+            True)  # fmt: skip
 
 
 def applies(x: torch.Tensor) -> bool:
@@ -1002,7 +998,7 @@ def host_quant_moe_experts(
         topk_weights.to(torch.float32).contiguous().numpy(), expert_slots.to(torch.int64).contiguous().numpy(),
         second_slots, m13, m2, m13b, m2b, perm, permb, input_perm is not None, w13.format == "int4",
         w2.format == "int4", F, ACTIVATIONS[activation.kind], np.float32(activation.alpha),
-        np.float32(activation.limit), S, H, out,
+        np.float32(activation.limit), S, H, numba.get_num_threads(), out,
     )  # fmt: skip
     if not routed:  # the kernels index raw memory: nothing ran; say what was out of range
         slots = expert_slots[topk_ids.clamp(0, E - 1)]

@@ -1,32 +1,46 @@
 """Quantized expert weights: the packed int8 and int4 layouts, round-to-nearest quantizers, and the
-torch references: dequantize_int8 / dequantize_int4, and quantized_moe_experts_reference, the
-experts computed on dequantized weights (the host kernels, host_quant_experts.py, read the same
-arrays and dequantize in registers). The layout is the one loaders/quant_formats.py unpacks GPTQ
-and compressed-tensors checkpoints into (its "int8 grouped" extension is not covered here).
+torch references: dequantize_int8 / dequantize_int8_grouped / dequantize_int4, and
+quantized_moe_experts_reference, the experts computed on dequantized weights (the host kernels,
+host_quant_experts.py, read the same arrays and dequantize in registers). The layouts are the ones
+loaders/quant_formats.py unpacks GPTQ and compressed-tensors checkpoints into.
 
 Shapes: a matrix is W [N, K], rows the outputs and K the input it is multiplied with (an expert's
-w13 is [2F, D], gate rows then up rows; its w2 is [D, F]); G the group size of int4, a multiple of
-GROUP_QUANTUM (32) dividing K: 32, 64 or 128 as checkpoints mostly have them, or K itself (one
-scale per output channel, GPTQ's group_size -1); K // G the groups of a row. Every array may carry
-leading dimensions (a stack of S slots: [S, N, K]), the same for all arrays of one matrix.
+w13 is [2F, D], gate rows then up rows; its w2 is [D, F]); G the group size of int4 and grouped
+int8, a multiple of GROUP_QUANTUM (32) dividing K: 32, 64 or 128 as checkpoints mostly have them,
+or K itself (one scale per output channel, GPTQ's group_size -1); K // G the groups of a row. Every
+array may carry leading dimensions (a stack of S slots: [S, N, K]), the same for all arrays of one
+matrix.
 
-    format  array   dtype                  shape            meaning
-    int8    q       int8                   [N, K]           W[n, k] = q[n, k] * scale[n]
-            scale   float32                [N]              per output channel, symmetric
-    int4    q       uint8                  [N, K // 2]      byte j of row n: input 2j in its low
-                                                            nibble, input 2j + 1 in its high one
-            scale   float16 or bfloat16    [N, K // G]      per group of G consecutive inputs
-            zero    uint8 (0..15) or None  [N, K // G]      None: symmetric, zero 8
+    format        array   dtype                  shape            meaning
+    int8          q       int8                   [N, K]           W[n, k] = q[n, k] * scale[n]
+    (group None)  scale   float32                [N]              per output channel, symmetric
+    int8 grouped  q       int8                   [N, K]           unsigned code u minus 128
+    (group G)     scale   float16 or bfloat16    [N, K // G]      per group of G consecutive inputs
+                  zero    uint8 or None          [N, K // G]      the unsigned zero code (0..255),
+                                                                  offset by 128 as q is; None: 128
+                    W[n, k] = (q[n, k] + 128 - zero[n, k // G]) * scale[n, k // G]
+    int4          q       uint8                  [N, K // 2]      byte j of row n: input 2j in its low
+                                                                  nibble, input 2j + 1 in its high one
+                  scale   float16 or bfloat16    [N, K // G]      per group of G consecutive inputs
+                  zero    uint8 (0..15) or None  [N, K // G]      None: symmetric, zero 8
                     W[n, k] = (nibble(q, n, k) - zero[n, k // G]) * scale[n, k // G]
 
-Rows are row-major and contiguous; the int4 scale's dtype is the record's (checkpoints ship
-either, and both are read as they are: the kernels take the 16 bits and widen them in registers).
-Every dequantized weight is exact in float32: (q - zero) has at most 5 bits, a 16-bit scale at
-most 11, so their product needs no rounding (int8's q * scale rounds once, as any float32 product).
+The rule for int8: group_size None is the per-channel layout (float32 scales, symmetric, no zero);
+a group_size (K itself for one group a row) is the grouped layout, with 16-bit scales and an
+optional zero (GPTQ 8-bit with groups or zero points, compressed-tensors W8A16 with groups, which
+are served as they are). Rows are row-major and contiguous; a 16-bit scale's dtype is the
+record's (checkpoints ship either, and both are read as they are: the kernels take the 16 bits and
+widen them in registers). Every grouped dequantized weight is exact in float32: (q - zero) has at
+most 5 bits (int4) or 9 (int8: q + 128 - zero in -255..255), a 16-bit scale at most 11, so their
+product needs no rounding (per-channel int8's q * scale rounds once, as any float32 product).
 
 Round to nearest (RTN), each element rounded half to even after dividing by its scale:
   int8: scale = max|W[n]| / 127, q = clamp(round(W / scale), -127, 127): the levels -127..127,
       symmetric (-128 unused), as torchao's int8 weight-only and vLLM's per-channel int8 do.
+  int8 grouped (quantize_int8_grouped; checkpoints bring their own, this is for tests and for
+      records of a grouped int8 format requested of other weights): symmetric, scale =
+      max|W_g| / 127, q = clamp(round(W / scale), -127, 127), no zero; asymmetric, int4's min/max
+      below with 255 steps, zero in 0..255 and q = clamp(round(W / scale) + zero, 0, 255) - 128.
   int4 symmetric: scale = max(-min(W_g) / 8, max(W_g) / 7), zero 8, q = clamp(round(W / scale) + 8,
       0, 15): torchao's SYMMETRIC_NO_CLIPPING_ERR. It uses all sixteen levels -8..7 (max|W| / 7
       leaves -8 unused) and never clips: GPTQ's sym scale 2 max|W| / 15 puts the largest magnitude
@@ -38,7 +52,7 @@ Round to nearest (RTN), each element rounded half to even after dividing by its 
       so 0 is exact), q = clamp(round(W / scale) + zero, 0, 15); within scale / 2 as well.
   A 16-bit scale is rounded up, to the nearest float16 / bfloat16 not below the float32 one, so
   that the grid it spans still covers the group and the scale / 2 bound holds for the scale stored.
-  A zero row (int8) or group (int4) gets scale 1 and the code of 0 (q 0, or q = zero).
+  A zero row (int8) or group (int4, grouped int8) gets scale 1 and the code of 0 (q 0, or q = zero).
 """
 
 from __future__ import annotations
@@ -53,18 +67,22 @@ from moeinf.kernels.reference import moe_experts_reference
 FORMATS = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)  # the usual int4 groups of consecutive inputs
 GROUP_QUANTUM = 32  # any G a multiple of it that divides K is accepted (the kernels read 32 inputs at a time)
-SCALE_DTYPES = (torch.float16, torch.bfloat16)  # int4 scales
+SCALE_DTYPES = (torch.float16, torch.bfloat16)  # int4 and grouped int8 scales
 INT8_MAX = 127
 INT4_MAX = 15
 INT4_SYMMETRIC_ZERO = 8
+INT8_CODE_OFFSET = 128  # grouped int8: q = u - 128 for the unsigned code u; the zero of a symmetric matrix
+UINT8_MAX = 255
 
 
 @dataclass(frozen=True)
 class QuantizedMatrix:
-    """One quantized matrix W [..., N, K] in the layout above: format "int8" (q int8 [..., N, K],
-    scale float32 [..., N], zero None, group_size None) or "int4" (q uint8 [..., N, K // 2], scale
-    float16 / bfloat16 [..., N, K // G], zero uint8 [..., N, K // G] or None for symmetric,
-    group_size G). Leading dimensions (slots) are shared by all arrays."""
+    """One quantized matrix W [..., N, K] in the layout above: format "int8" per channel (q int8
+    [..., N, K], scale float32 [..., N], zero None, group_size None), "int8" grouped (q int8
+    [..., N, K], scale float16 / bfloat16 [..., N, K // G], zero uint8 [..., N, K // G] offset by 128
+    or None for symmetric, group_size G) or "int4" (q uint8 [..., N, K // 2], scale float16 /
+    bfloat16 [..., N, K // G], zero uint8 [..., N, K // G] or None for symmetric, group_size G).
+    Leading dimensions (slots) are shared by all arrays."""
 
     format: str
     q: torch.Tensor
@@ -88,6 +106,11 @@ class QuantizedMatrix:
     @property
     def symmetric(self) -> bool:
         return self.zero is None
+
+    @property
+    def grouped_int8(self) -> bool:
+        """The grouped int8 layout (16-bit scales per group, an optional zero)."""
+        return self.format == "int8" and self.group_size is not None
 
     @property
     def nbytes(self) -> int:
@@ -115,25 +138,27 @@ def check_layout(m: QuantizedMatrix) -> None:
     if m.q.dim() < 2:
         raise ValueError(f"quantized matrix: expected q [..., N, K], found {found()}")
     lead, N = tuple(m.q.shape[:-2]), m.q.shape[-2]
-    if m.format == "int8":
-        if m.q.dtype != torch.int8 or m.scale.dtype != torch.float32 or m.zero is not None or m.group_size is not None:
+    if m.format == "int8" and m.group_size is None:
+        if m.q.dtype != torch.int8 or m.scale.dtype != torch.float32 or m.zero is not None:
             raise ValueError(f"int8 matrix: expected q int8, scale float32, no zero, no group size, found {found()}")
         if tuple(m.scale.shape) != (*lead, N):
             raise ValueError(f"int8 matrix: expected scale [..., N] matching q [..., N, K], found {found()}")
         return
-    K = 2 * m.q.shape[-1]
+    kind, packed = ("int8 grouped", "[..., N, K]") if m.format == "int8" else ("int4", "[..., N, K // 2]")
+    K = m.q.shape[-1] if m.format == "int8" else 2 * m.q.shape[-1]
     if not _group_fits(m.group_size, K):
         raise ValueError(
-            f"int4 matrix: expected a group size, a multiple of {GROUP_QUANTUM}, dividing K = {K}, found {found()}"
+            f"{kind} matrix: expected a group size, a multiple of {GROUP_QUANTUM}, dividing K = {K}, found {found()}"
         )
     groups = (*lead, N, K // m.group_size)
-    if m.q.dtype != torch.uint8 or m.scale.dtype not in SCALE_DTYPES or tuple(m.scale.shape) != groups:
+    q_dtype = torch.int8 if m.format == "int8" else torch.uint8
+    if m.q.dtype != q_dtype or m.scale.dtype not in SCALE_DTYPES or tuple(m.scale.shape) != groups:
         raise ValueError(
-            f"int4 matrix: expected q uint8 [..., N, K // 2] and scale float16 or bfloat16 [..., N, K // G], "
-            f"found {found()}"
+            f"{kind} matrix: expected q {str(q_dtype).removeprefix('torch.')} {packed} and scale float16 or "
+            f"bfloat16 [..., N, K // G], found {found()}"
         )
     if m.zero is not None and (m.zero.dtype != torch.uint8 or tuple(m.zero.shape) != groups):
-        raise ValueError(f"int4 matrix: expected zero uint8 [..., N, K // G] or None, found {found()}")
+        raise ValueError(f"{kind} matrix: expected zero uint8 [..., N, K // G] or None, found {found()}")
 
 
 def _group_fits(group_size, K: int) -> bool:
@@ -179,8 +204,22 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | N
     return ((groups - zeros[..., None]) * scale.to(torch.float32)[..., None]).view(*lead, N, K)
 
 
+def dequantize_int8_grouped(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int
+) -> torch.Tensor:
+    """q int8 [..., N, K], scale float16 / bfloat16 [..., N, K // G], zero uint8 [..., N, K // G]
+    (offset by 128 as q is) or None (128) -> W float32 [..., N, K] = (q + 128 - zero) * scale,
+    group by group (exact: at most 9 x 11 significant bits)."""
+    *lead, N, K = q.shape
+    groups = q.to(torch.float32).view(*lead, N, K // group_size, group_size)
+    offsets = torch.zeros_like(scale, dtype=torch.float32) if zero is None else zero.float() - INT8_CODE_OFFSET
+    return ((groups - offsets[..., None]) * scale.to(torch.float32)[..., None]).view(*lead, N, K)
+
+
 def dequantize(m: QuantizedMatrix) -> torch.Tensor:
     """m -> its float32 matrix [..., N, K]."""
+    if m.grouped_int8:
+        return dequantize_int8_grouped(m.q, m.scale, m.zero, m.group_size)
     if m.format == "int8":
         return dequantize_int8(m.q, m.scale)
     return dequantize_int4(m.q, m.scale, m.zero, m.group_size)
@@ -202,10 +241,10 @@ def _round_up_to(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if dtype == torch.float32:
         return scale
     if dtype not in SCALE_DTYPES:
-        raise ValueError(f"int4 scale: expected float16 or bfloat16, found {dtype}")
+        raise ValueError(f"16-bit scale: expected float16 or bfloat16, found {dtype}")
     rounded = scale.to(dtype)
     if dtype == torch.float16 and (rounded.isinf().any() or (scale > torch.finfo(dtype).max).any()):
-        raise ValueError(f"int4 scale: a group's scale {float(scale.max()):.3g} overflows float16")
+        raise ValueError(f"16-bit scale: a group's scale {float(scale.max()):.3g} overflows float16")
     below = rounded.to(torch.float32) < scale
     # the next representable value up: positive finite 16-bit floats order as their bits
     return torch.where(below, (rounded.view(torch.int16) + 1).view(dtype), rounded)
@@ -218,6 +257,42 @@ def quantize_int8(w: torch.Tensor) -> QuantizedMatrix:
     scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
     q = torch.round(w / scale[..., None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
     return QuantizedMatrix("int8", q, scale)
+
+
+def quantize_int8_grouped(
+    w: torch.Tensor,
+    group_size: int | None = 128,
+    *,
+    symmetric: bool = True,
+    scale_dtype: torch.dtype = torch.float16,
+) -> QuantizedMatrix:
+    """W [..., N, K] float32 / bfloat16 -> grouped int8 in groups of group_size inputs (None: K, one
+    group a row), round to nearest: symmetric (levels -127..127, no zero) or asymmetric (min/max
+    with a zero point in 0..255), scales stored as scale_dtype (rounded up); see the module
+    docstring. (quantize_int8 is the per-channel float32-scale layout.)"""
+    w = _float_input(w, "quantize_int8_grouped")
+    *lead, N, K = w.shape
+    group_size = K if group_size is None else group_size
+    if not _group_fits(group_size, K):
+        raise ValueError(
+            f"quantize_int8_grouped: expected a group size, a multiple of {GROUP_QUANTUM}, dividing K = {K}, found "
+            f"{group_size}"
+        )
+    groups = w.reshape(*lead, N, K // group_size, group_size)
+    lo = groups.amin(dim=-1).clamp(max=0.0)  # [..., N, K // G] the range stretched to hold 0
+    hi = groups.amax(dim=-1).clamp(min=0.0)
+    scale = torch.maximum(-lo, hi) / INT8_MAX if symmetric else (hi - lo) / UINT8_MAX
+    scale = _round_up_to(torch.where(scale > 0, scale, torch.ones_like(scale)), scale_dtype)
+    scale32 = scale.to(torch.float32)[..., None]
+    if symmetric:
+        codes = torch.round(groups / scale32).clamp_(-INT8_MAX, INT8_MAX)
+        zero = None
+    else:
+        zero32 = torch.round(-lo / scale32[..., 0]).clamp_(0, UINT8_MAX)
+        codes = (torch.round(groups / scale32) + zero32[..., None]).clamp_(0, UINT8_MAX) - INT8_CODE_OFFSET
+        zero = zero32.to(torch.uint8)
+    q = codes.reshape(*lead, N, K).to(torch.int8)
+    return QuantizedMatrix("int8", q, scale, zero, group_size)
 
 
 def quantize_int4(
@@ -258,9 +333,10 @@ def quantize_int4(
 
 
 def quantize(w: torch.Tensor, format: str, **options) -> QuantizedMatrix:
-    """quantize_int8 or quantize_int4 (with its options) by format name."""
+    """quantize_int8 or quantize_int4 (with its options) by format name; "int8" with options
+    (group_size, symmetric, scale_dtype) is quantize_int8_grouped."""
     if format == "int8":
-        return quantize_int8(w, **options)
+        return quantize_int8_grouped(w, **options) if options else quantize_int8(w)
     if format == "int4":
         return quantize_int4(w, **options)
     raise ValueError(f"quantize: expected a format among {', '.join(FORMATS)}, found {format!r}")

@@ -3,7 +3,12 @@ a device slot's): in a float compute dtype, or quantized in one of kernels/quant
 
     kind   what a record holds (w13 [2F, D] gate then up rows, w2 [D, F])
     float  both matrices in `dtype` (float32, bfloat16, float16), biases after them (GPT-OSS)
-    int8   q int8 and a float32 scale per output channel, for each matrix
+    int8   without a scale_dtype: q int8 and a float32 scale per output channel, symmetric, for
+           each matrix (RTN's int8, and GPTQ / compressed-tensors symmetric 8-bit per channel)
+    int8   with a scale_dtype (float16 / bfloat16), "int8 grouped": q int8 (the unsigned code minus
+           128), scales per group of `group_size` inputs (None: one group a row) in `scale_dtype`,
+           and, unless `symmetric`, a uint8 zero per group (offset by 128 as q is): GPTQ 8-bit with
+           groups or zero points, compressed-tensors W8A16 with groups, as they are
     int4   q uint8 (two inputs a byte), scales per group of `group_size` inputs (None: one group a
            row, GPTQ's group_size -1) in `scale_dtype`, and, unless `symmetric`, a uint8 zero per
            group
@@ -11,7 +16,8 @@ a device slot's): in a float compute dtype, or quantized in one of kernels/quant
            (GPTQ desc_act): w13 packs W13[:, perm], and is multiplied with x[perm]
 
 A format's `name` names the store file (experts-<name>.moeinf), so the stores of two formats of
-one checkpoint sit side by side. `expert_dtype` (LLM, --expert-dtype) chooses one:
+one checkpoint sit side by side: float32, int8, int4-g32, int4-channel-asym, int8-g128,
+int8-g32-asym-bf16, int8-channel-asym, any of the quantized ones with -perm. `expert_dtype` (LLM, --expert-dtype) chooses one:
     "auto"                 the checkpoint's own quantized format when it has one, else the compute dtype
     "float32", "bfloat16", "float16"   float records in that dtype (must be the compute dtype)
     "int8"                 round to nearest per output channel (kernels/quantize.py's RTN)
@@ -40,9 +46,9 @@ _INT4 = re.compile(r"int4(?:-g(\d+))?")
 class ExpertFormat:
     kind: str  # one of KINDS
     dtype: torch.dtype | None = None  # float: the dtype of the weights in the record
-    group_size: int | None = None  # int4: inputs per scale; None: a whole row (per output channel)
-    symmetric: bool = True  # int4: zero 8 (no zero array)
-    scale_dtype: torch.dtype | None = None  # int4: float16 or bfloat16
+    group_size: int | None = None  # int4, grouped int8: inputs per scale; None: a whole row (per output channel)
+    symmetric: bool = True  # int4: zero 8, grouped int8: zero 128 (no zero array)
+    scale_dtype: torch.dtype | None = None  # int4, grouped int8: float16 or bfloat16; None: per-channel int8
     input_perm: bool = False  # int4 / int8: records carry an int32 [D] input order (act order)
 
     def __post_init__(self) -> None:
@@ -50,18 +56,29 @@ class ExpertFormat:
             raise ConfigError(f"expert format: expected a kind among {', '.join(KINDS)}, found {self.kind!r}")
         if self.kind == "float" and self.dtype not in FLOAT_DTYPES.values():
             raise ConfigError(f"float expert format: expected a float dtype, found {self.dtype}")
-        if self.kind == "int8" and (self.group_size is not None or not self.symmetric or self.scale_dtype is not None):
+        if self.kind == "int8" and self.scale_dtype is None and (self.group_size is not None or not self.symmetric):
             raise ConfigError(
-                f"int8 expert format: expected symmetric weights with one float32 scale per output channel (no group "
-                f"size, zero or scale dtype), found group {self.group_size}, symmetric {self.symmetric}, scales "
-                f"{self.scale_dtype}"
+                f"int8 expert format: expected either symmetric weights with one float32 scale per output channel "
+                f"(no scale dtype, group size or zero) or grouped int8 with float16 / bfloat16 scales, found group "
+                f"{self.group_size}, symmetric {self.symmetric} and no scale dtype"
+            )
+        if self.kind == "int8" and self.scale_dtype is not None and self.scale_dtype not in SCALE_DTYPES:
+            raise ConfigError(
+                f"grouped int8 expert format: expected float16 or bfloat16 scales, found {self.scale_dtype}"
             )
         if self.kind == "int4" and self.scale_dtype not in SCALE_DTYPES:
             raise ConfigError(f"int4 expert format: expected float16 or bfloat16 scales, found {self.scale_dtype}")
 
     def group_size_for(self, inputs: int) -> int:
-        """int4: the group size of a matrix with `inputs` inputs (K itself for a per-channel format)."""
+        """int4, grouped int8: the group size of a matrix with `inputs` inputs (K itself for a
+        per-channel format)."""
         return inputs if self.group_size is None else self.group_size
+
+    @property
+    def grouped(self) -> bool:
+        """Whether the records hold 16-bit scales per group (int4, grouped int8), not float32 ones
+        per output channel (int8)."""
+        return self.kind == "int4" or (self.kind == "int8" and self.scale_dtype is not None)
 
     @classmethod
     def float(cls, dtype: torch.dtype) -> ExpertFormat:
@@ -73,11 +90,12 @@ class ExpertFormat:
 
     @property
     def name(self) -> str:
-        """float32, int8, int4-g32, int4-channel, int4-g128-asym-bf16-perm: the store file's name part."""
+        """float32, int8, int4-g32, int4-channel, int4-g128-asym-bf16-perm, int8-g128,
+        int8-channel-asym: the store file's name part."""
         if self.kind == "float":
             return str(self.dtype).removeprefix("torch.")
         parts = [self.kind]
-        if self.kind == "int4":
+        if self.grouped:
             parts.append("channel" if self.group_size is None else f"g{self.group_size}")
             if not self.symmetric:
                 parts.append("asym")

@@ -14,6 +14,12 @@ expert's FFN width):
             w13.scale    float32   [2F]
             w2.q         int8      [D, F]
             w2.scale     float32   [D]
+    int8    w13.q        int8      [2F, D]       grouped (a scale_dtype): W = (q + 128 - zero) * scale
+            w13.scale    16-bit    [2F, D / G]   float16 or bfloat16 (the format's scale_dtype)
+            w13.zero     uint8     [2F, D / G]   only when not symmetric (offset by 128 as q is)
+            w2.q         int8      [D, F]
+            w2.scale     16-bit    [D, F / G]
+            w2.zero      uint8     [D, F / G]
     int4    w13.q        uint8     [2F, D / 2]   two inputs a byte: even input low nibble
             w13.scale    16-bit    [2F, D / G]   float16 or bfloat16 (the format's scale_dtype)
             w13.zero     uint8     [2F, D / G]   only when not symmetric
@@ -37,7 +43,7 @@ import numpy as np
 import torch
 
 from moeinf.errors import ConfigError, StoreError
-from moeinf.kernels.quantize import QuantizedMatrix, quantize_int4, quantize_int8
+from moeinf.kernels.quantize import QuantizedMatrix, quantize_int4, quantize_int8, quantize_int8_grouped
 from moeinf.loaders.checkpoint import Checkpoint
 from moeinf.loaders.expert_format import ExpertFormat
 
@@ -125,16 +131,21 @@ class RecordLayout:
 
 def _matrix_fields(name: str, fmt: ExpertFormat, rows: int, inputs: int) -> list[tuple]:
     """The fields of one quantized matrix [rows, inputs] (the module docstring's table)."""
-    if fmt.kind == "int8":
+    if not fmt.grouped:  # int8 per output channel
         return [(f"{name}.q", torch.int8, (rows, inputs)), (f"{name}.scale", torch.float32, (rows,))]
     group = fmt.group_size_for(inputs)
     if inputs % group or inputs % 2:
         raise ConfigError(
             f"expert format {fmt.name}: expected the group size {group} to divide the {inputs} inputs of {name} "
-            f"[{rows}, {inputs}] (choose another int4 group size)"
+            f"[{rows}, {inputs}] (choose another {fmt.kind} group size)"
         )
     groups = (rows, inputs // group)
-    fields = [(f"{name}.q", torch.uint8, (rows, inputs // 2)), (f"{name}.scale", fmt.scale_dtype, groups)]
+    q = (
+        (f"{name}.q", torch.int8, (rows, inputs))
+        if fmt.kind == "int8"
+        else (f"{name}.q", torch.uint8, (rows, inputs // 2))
+    )
+    fields = [q, (f"{name}.scale", fmt.scale_dtype, groups)]
     if not fmt.symmetric:
         fields.append((f"{name}.zero", torch.uint8, groups))
     return fields
@@ -181,7 +192,7 @@ def record_views(records: torch.Tensor, layout: RecordLayout) -> ExpertViews:
     fmt = layout.format
 
     def matrix(name: str, inputs: int) -> QuantizedMatrix:
-        group = None if fmt.kind == "int8" else fmt.group_size_for(inputs)
+        group = fmt.group_size_for(inputs) if fmt.grouped else None
         return QuantizedMatrix(fmt.kind, view[f"{name}.q"], view[f"{name}.scale"], view.get(f"{name}.zero"), group)
 
     D, F = layout.w2_shape
@@ -201,12 +212,13 @@ class QuantizedExpert(NamedTuple):
 
 def quantize_expert(w13: torch.Tensor, w2: torch.Tensor, fmt: ExpertFormat) -> QuantizedExpert:
     """Round-to-nearest (kernels/quantize.py) of a float expert w13 [2F, D], w2 [D, F] into fmt."""
-    if fmt.kind == "int8":
+    if not fmt.grouped:
         return QuantizedExpert(quantize_int8(w13), quantize_int8(w2))
+    quantize = quantize_int8_grouped if fmt.kind == "int8" else quantize_int4
     options = dict(symmetric=fmt.symmetric, scale_dtype=fmt.scale_dtype)
     return QuantizedExpert(
-        quantize_int4(w13, fmt.group_size_for(w13.shape[-1]), **options),
-        quantize_int4(w2, fmt.group_size_for(w2.shape[-1]), **options),
+        quantize(w13, fmt.group_size_for(w13.shape[-1]), **options),
+        quantize(w2, fmt.group_size_for(w2.shape[-1]), **options),
     )
 
 
@@ -250,7 +262,7 @@ def keeps_native_format(checkpoint: Checkpoint, fmt: ExpertFormat) -> bool:
         return False
     try:
         return checkpoint.native_expert_format() == fmt
-    except ConfigError:  # a packing with no records of its own (int8 grouped, mixed): requantized or dequantized
+    except ConfigError:  # a packing with no records of its own (mixed, odd groups): requantized or dequantized
         return False
 
 

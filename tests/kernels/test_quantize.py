@@ -1,6 +1,6 @@
-"""The int8 / int4 layouts of quantize.py: nibble packing against hand-worked bytes, dequantization
-by hand, RTN round trips within half a step of the stored scale, matrices on the grid coming back
-exactly, zero rows and groups, scales rounded up, and the layout checks."""
+"""The int8 / grouped int8 / int4 layouts of quantize.py: nibble packing against hand-worked bytes,
+dequantization by hand, RTN round trips within half a step of the stored scale, matrices on the
+grid coming back exactly, zero rows and groups, scales rounded up, and the layout checks."""
 
 import pytest
 import torch
@@ -9,9 +9,11 @@ from moeinf.kernels.quantize import (
     QuantizedMatrix,
     dequantize,
     dequantize_int4,
+    dequantize_int8_grouped,
     pack_int4,
     quantize_int4,
     quantize_int8,
+    quantize_int8_grouped,
     unpack_int4,
 )
 
@@ -52,6 +54,23 @@ def test_int4_dequantizes_as_worked_by_hand():
     assert torch.equal(symmetric, torch.cat([(codes[:32] - 8) * 0.5, (codes[32:] - 8) * 2.0]).float()[None])
 
 
+def test_grouped_int8_dequantizes_as_worked_by_hand():
+    """One row of two groups of 32: unsigned codes u = q + 128; the first group zero 130, scale 0.5,
+    the second without zeros (128) scale 2; the extremes -128 and 127 reach 9 significant bits."""
+    q = (torch.arange(64) * 4 - 128).to(torch.int8)[None]  # [1, 64] -128, -124, ..., 124
+    q[0, -1] = 127
+    scale = torch.tensor([[0.5, 2.0]], dtype=torch.bfloat16)
+    zero = torch.tensor([[130, 128]], dtype=torch.uint8)
+    u = q.long() + 128
+    expected = torch.cat([(u[0, :32] - 130) * 0.5, (u[0, 32:] - 128) * 2.0]).float()[None]
+    assert torch.equal(dequantize_int8_grouped(q, scale, zero, 32), expected)
+    assert float(expected[0, 0]) == -65.0 and float(expected[0, -1]) == 254.0
+    m = QuantizedMatrix("int8", q, scale, zero, 32)
+    assert m.grouped_int8 and torch.equal(dequantize(m), expected)
+    symmetric = dequantize(QuantizedMatrix("int8", q, scale, None, 32))  # zero 128: W = q * scale
+    assert torch.equal(symmetric, (q.float() * scale.float().repeat_interleave(32, dim=1)))
+
+
 def random_weights(shape, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(shape, generator=g) * torch.rand(shape[:-1], generator=g)[..., None]  # rows of varied scale
@@ -85,6 +104,21 @@ def test_int4_round_trip_is_within_half_a_step(group, symmetric, scale_dtype, dt
     # a zero row's groups: scale 1 and the code of 0 (8 symmetric; zero 0 and code 0 asymmetric)
     assert (m.scale[:, 0] == 1).all() and (unpack_int4(m.q[:, 0]) == (8 if symmetric else 0)).all()
     assert symmetric or not m.zero[:, 0].any()
+
+
+@pytest.mark.parametrize("group,symmetric,scale_dtype", INT4_CASES + [(None, False, torch.float16)])
+def test_grouped_int8_round_trip_is_within_half_a_step(group, symmetric, scale_dtype):
+    w = random_weights((2, 24, 384), torch.float32, seed=3)
+    m = quantize_int8_grouped(w, group, symmetric=symmetric, scale_dtype=scale_dtype)
+    G = group or 384
+    assert m.format == "int8" and m.group_size == G and m.q.dtype == torch.int8 and m.q.shape == (2, 24, 384)
+    assert m.scale.shape == (2, 24, 384 // G) and m.scale.dtype == scale_dtype and (m.zero is None) == symmetric
+    assert symmetric or int(m.q.min()) == -128  # asymmetric codes use all 256 levels
+    scale = m.scale.float().repeat_interleave(G, dim=-1)
+    error = (dequantize(m) - w).abs()
+    assert (error <= scale * (0.5 + 1e-6)).all() and error.max() > 0.1 * scale.min()
+    # a zero row's groups: scale 1 and the code of 0
+    assert (m.scale[:, 0] == 1).all() and not dequantize(m)[:, 0].any()
 
 
 def grid_scales(shape, dtype, seed):
@@ -145,6 +179,15 @@ def test_layouts_are_checked_with_what_was_found():
         QuantizedMatrix("int4", m.q, m.scale, torch.zeros(4, 3, dtype=torch.uint8), 32)
     with pytest.raises(ValueError, match="int8 matrix: expected q int8, scale float32"):
         QuantizedMatrix("int8", m.q, m.scale)
+    g = quantize_int8_grouped(torch.randn(4, 64), 32, symmetric=False)
+    with pytest.raises(ValueError, match=r"int8 grouped matrix: expected q int8 \[..., N, K\] and scale float16"):
+        QuantizedMatrix("int8", g.q, g.scale.float(), g.zero, 32)
+    with pytest.raises(ValueError, match=r"int8 grouped matrix: expected a group size, .* dividing K = 64, found"):
+        QuantizedMatrix("int8", g.q, g.scale, g.zero, 48)
+    with pytest.raises(ValueError, match=r"int8 grouped matrix: expected zero uint8 \[..., N, K // G\] or None"):
+        QuantizedMatrix("int8", g.q, g.scale, g.zero.to(torch.int8), 32)
+    with pytest.raises(ValueError, match="int8 matrix: expected q int8, scale float32, no zero"):
+        QuantizedMatrix("int8", g.q, g.scale, g.zero)  # 16-bit scales without a group size
     with pytest.raises(ValueError, match="expected a format among int8, int4, found 'int2'"):
         QuantizedMatrix("int2", m.q, m.scale)
     with pytest.raises(ValueError, match="expected a group size, a multiple of 32, dividing K = 96, found 64"):

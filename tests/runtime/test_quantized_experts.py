@@ -140,8 +140,10 @@ def test_expert_dtype_errors(folder):
 
 
 def test_formats_the_records_have_no_layout_for_are_refused():
-    with pytest.raises(ConfigError, match="int8 expert format: expected symmetric weights with one float32 scale"):
-        ExpertFormat("int8", group_size=128)
+    with pytest.raises(ConfigError, match="int8 expert format: expected either symmetric weights with one float32"):
+        ExpertFormat("int8", group_size=128)  # groups need 16-bit scales (grouped int8)
+    with pytest.raises(ConfigError, match="grouped int8 expert format: expected float16 or bfloat16 scales"):
+        ExpertFormat("int8", group_size=128, scale_dtype=torch.float32)
     with pytest.raises(ConfigError, match="int4 expert format: expected float16 or bfloat16 scales, found None"):
         ExpertFormat("int4", group_size=32)
     with pytest.raises(ConfigError, match="expected a kind among float, int8, int4, found 'int2'"):
@@ -149,6 +151,10 @@ def test_formats_the_records_have_no_layout_for_are_refused():
     assert (
         ExpertFormat("int4", group_size=None, symmetric=False, scale_dtype=torch.bfloat16).name
         == "int4-channel-asym-bf16"
+    )
+    assert ExpertFormat("int8", group_size=128, scale_dtype=torch.float16).name == "int8-g128"
+    assert ExpertFormat("int8", symmetric=False, scale_dtype=torch.bfloat16, input_perm=True).name == (
+        "int8-channel-asym-bf16-perm"
     )
 
 

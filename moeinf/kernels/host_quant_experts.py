@@ -1,5 +1,5 @@
-"""Routed experts computed on the host (CPU) straight from int8 / int4 quantized weights (the layouts
-of quantize.py), at memory bandwidth where the arithmetic allows: each weight is read once per call
+"""Routed experts computed on the host (CPU) straight from int8 / grouped int8 / int4 quantized
+weights (the layouts of quantize.py), at memory bandwidth where the arithmetic allows: each weight is read once per call
 as its packed bytes and dequantized in registers, never into a float copy of the matrix.
 
 The job is host_experts.py's layer kernel with quantized w13 [S, 2F, D] and w2 [S, D, F] and float32
@@ -16,14 +16,19 @@ few intrinsics: load, fused multiply-add, a horizontal sum in a fixed tree, int8
 tile is 4 weight rows x 4 tokens (x 1 for a lone token; tokens past the last repeat it):
    int8: q widened to float32 (exact), multiplied with the tokens' inputs; the row's scale is
       applied once to each sum.
+   grouped int8: q widened to float32 and multiply-added with its group's scale and offset
+      (-(zero - 128) * scale): (q + 128 - zero) * scale, the reference's weight exactly (9 x 11
+      significant bits need no rounding), then multiplied with the inputs as int8's are. Groups
+      are multiples of 32 inputs, so a group is whole 16-lane vectors.
    int4: 16 bytes of a row hold 32 inputs, the low nibbles the even ones and the high nibbles the
       odd ones; the tokens' inputs are deinterleaved to match once per call (_permuted: within each
       chunk of 32, the 16 even inputs then the 16 odd ones), so both halves meet plain loads. Each
       group's 16 possible values, (code - zero) * scale, form one vector (its table); on AVX-512
       vpermps looks 16 codes up in it in one instruction (LOOKUP), elsewhere the codes are widened
       and multiply-added with the scale. Either way each weight equals the reference's exactly
-      (a 4-bit code times an 11-bit scale needs no rounding). The scales (float16 or bfloat16
-      bits, as stored) and zeros are widened once per block of rows into a float32 table.
+      (a 4-bit code times an 11-bit scale needs no rounding).
+   int4 and grouped int8: the scales (float16 or bfloat16 bits, as stored) and zeros are widened
+      once per block of rows into a float32 table (_group_table).
 Only the order of float32 additions differs from the reference (16 lanes and a tree here, torch's
 matmul there; int8 also scales after the sum instead of rounding q * scale first): outputs agree
 with quantized_moe_experts_reference to ~1e-7 relative, within TOLERANCE[float32]. The order is fixed
@@ -49,7 +54,7 @@ from numba.extending import intrinsic, models, register_model
 
 from moeinf.kernels.expert_activation import SILU, ExpertActivation
 from moeinf.kernels.host_experts import SecondBuffers
-from moeinf.kernels.quantize import INT4_SYMMETRIC_ZERO, QuantizedMatrix
+from moeinf.kernels.quantize import INT4_SYMMETRIC_ZERO, INT8_CODE_OFFSET, QuantizedMatrix
 
 MAX_TOKENS = 32  # tokens a call is meant for (decode)
 ROWS_PER_ITEM = 32  # weight rows one parallel work item computes
@@ -60,6 +65,7 @@ CHUNK = 2 * LANES  # int4 inputs of one 16-byte load
 # 16-byte loads keeps few cache lines in flight; asking for them early restores the stream.
 AHEAD = 3
 ACTIVATIONS = {"silu": 0, "clamped_swiglu": 1}
+INT8, INT4, INT8_GROUPED = 0, 1, 2  # a _matrix tuple's layout code
 FAST = {"reassoc", "contract"}  # the scalar passes (activation, combine); NaN and infinity kept
 
 
@@ -643,21 +649,22 @@ def _int4_four(q, qb, H, sf, zf, sb, G, xs, xa, xb, xc, xd, out, oa, ob, oc, od,
 
 
 @njit(cache=True)
-def _group_table(scale, scale_start, zero, zero_start, count, bf16, has_zero, sf, zf):
-    """sf[i] = the scale, zf[i] = -zero * scale (zero 8 where not has_zero), float32, of the count
-    consecutive groups at flat scale[scale_start] and zero[zero_start]."""
+def _group_table(scale, scale_start, zero, zero_start, count, bf16, has_zero, base, missing, sf, zf):
+    """sf[i] = the scale, zf[i] = -(zero - base) * scale (zero `missing` where not has_zero), float32,
+    of the count consecutive groups at flat scale[scale_start] and zero[zero_start]: int4 base 0,
+    missing 8; grouped int8 base 128 (its zeros are offset as q is), missing 128. Exact."""
     i = 0
     while i + LANES <= count:
         s = _vload_scales(scale, scale_start + i, bf16)
-        z = _vload_bytes(zero, zero_start + i) if has_zero else _vsplat(np.float32(INT4_SYMMETRIC_ZERO))
+        z = _vload_bytes(zero, zero_start + i) if has_zero else _vsplat(missing)
         _vstore(sf, i, s)
-        _vstore(zf, i, _vmul(_vmul(z, s), _vsplat(np.float32(-1.0))))
+        _vstore(zf, i, _vmul(_vmul(_vadd(z, _vsplat(-base)), s), _vsplat(np.float32(-1.0))))
         i += LANES
     while i < count:
         s = _scale_value(_at(scale, scale_start + i), bf16)
-        z = np.float32(_at(zero, zero_start + i)) if has_zero else np.float32(INT4_SYMMETRIC_ZERO)
+        z = np.float32(_at(zero, zero_start + i)) if has_zero else missing
         sf[i] = s
-        zf[i] = -(z * s)
+        zf[i] = -((z - base) * s)
         i += 1
 
 
@@ -670,7 +677,8 @@ def _rows_int4(m, slot, first, last, p0, count, xs, out, K, sf, zf):
     qe = m[1] + slot * m[2]
     scales = m[5] + slot * m[6] + first * groups
     zeros = m[8] + slot * m[9] + first * groups if has_zero else 0
-    _group_table(scale, scales, zero, zeros, (last - first) * groups, bf16, has_zero, sf, zf)
+    base, missing = np.float32(0), np.float32(INT4_SYMMETRIC_ZERO)
+    _group_table(scale, scales, zero, zeros, (last - first) * groups, bf16, has_zero, base, missing, sf, zf)
     for r in range(first, last, 4):
         qr, sr = qe + r * H, (r - first) * groups
         i = 0
@@ -685,14 +693,132 @@ def _rows_int4(m, slot, first, last, p0, count, xs, out, K, sf, zf):
                 i += 4
 
 
+# ---------------------------------------------------------------------------------- grouped int8 tiles
+
+
+@njit(cache=True)
+def _int8g_one(q, qb, K, sf, zf, sb, G, xs, xb, out, o, col):
+    """out[o, col + i] = W row i . xs token, for the 4 grouped int8 rows at flat q[qb + i * K] and
+    one token at flat xs[xb]. sf, zf: each row's group scales and -(zero - 128) * scale, float32,
+    row i's at flat sb + i * (K / G); each weight (q + 128 - zero) * scale, exact, is formed as
+    q * scale + that offset in one fused multiply-add."""
+    a0 = _vzero()
+    a1 = _vzero()
+    a2 = _vzero()
+    a3 = _vzero()
+    b0 = _vzero()
+    b1 = _vzero()
+    b2 = _vzero()
+    b3 = _vzero()
+    groups = K // G
+    r1, r2, r3 = qb + K, qb + 2 * K, qb + 3 * K
+    g1, g2, g3 = sb + groups, sb + 2 * groups, sb + 3 * groups
+    ahead = qb + 4 * AHEAD * K  # 4 rows AHEAD blocks on: the 128 bytes of 32 inputs of 4 rows per step
+    for g in range(groups):
+        s0, z0 = _vsplat(_at(sf, sb + g)), _vsplat(_at(zf, sb + g))
+        s1, z1 = _vsplat(_at(sf, g1 + g)), _vsplat(_at(zf, g1 + g))
+        s2, z2 = _vsplat(_at(sf, g2 + g)), _vsplat(_at(zf, g2 + g))
+        s3, z3 = _vsplat(_at(sf, g3 + g)), _vsplat(_at(zf, g3 + g))
+        for k in range(g * G, (g + 1) * G, 2 * LANES):  # G a multiple of 32
+            _prefetch(q, ahead + 4 * k)
+            _prefetch(q, ahead + 4 * k + 64)
+            x = _vload(xs, xb + k)
+            a0 = _vfma(_vfma(_vload_int8(q, qb + k), s0, z0), x, a0)
+            a1 = _vfma(_vfma(_vload_int8(q, r1 + k), s1, z1), x, a1)
+            a2 = _vfma(_vfma(_vload_int8(q, r2 + k), s2, z2), x, a2)
+            a3 = _vfma(_vfma(_vload_int8(q, r3 + k), s3, z3), x, a3)
+            x = _vload(xs, xb + k + LANES)
+            b0 = _vfma(_vfma(_vload_int8(q, qb + k + LANES), s0, z0), x, b0)
+            b1 = _vfma(_vfma(_vload_int8(q, r1 + k + LANES), s1, z1), x, b1)
+            b2 = _vfma(_vfma(_vload_int8(q, r2 + k + LANES), s2, z2), x, b2)
+            b3 = _vfma(_vfma(_vload_int8(q, r3 + k + LANES), s3, z3), x, b3)
+    out[o, col] = _vsum(_vadd(a0, b0))
+    out[o, col + 1] = _vsum(_vadd(a1, b1))
+    out[o, col + 2] = _vsum(_vadd(a2, b2))
+    out[o, col + 3] = _vsum(_vadd(a3, b3))
+
+
+@njit(cache=True)
+def _int8g_four(q, qb, K, sf, zf, sb, G, xs, xa, xb, xc, xd, out, oa, ob, oc, od, col):
+    """_int8g_one for 4 tokens (flat xs offsets xa..xd, output rows oa..od; a token may repeat):
+    each weight vector dequantized once for the 4 tokens."""
+    a0 = _vzero()
+    a1 = _vzero()
+    a2 = _vzero()
+    a3 = _vzero()
+    b0 = _vzero()
+    b1 = _vzero()
+    b2 = _vzero()
+    b3 = _vzero()
+    c0 = _vzero()
+    c1 = _vzero()
+    c2 = _vzero()
+    c3 = _vzero()
+    d0 = _vzero()
+    d1 = _vzero()
+    d2 = _vzero()
+    d3 = _vzero()
+    groups = K // G
+    r1, r2, r3 = qb + K, qb + 2 * K, qb + 3 * K
+    g1, g2, g3 = sb + groups, sb + 2 * groups, sb + 3 * groups
+    ahead = qb + 4 * AHEAD * K  # 4 rows AHEAD blocks on, a cache line of them per 16 inputs of these
+    for g in range(groups):
+        s0, z0 = _vsplat(_at(sf, sb + g)), _vsplat(_at(zf, sb + g))
+        s1, z1 = _vsplat(_at(sf, g1 + g)), _vsplat(_at(zf, g1 + g))
+        s2, z2 = _vsplat(_at(sf, g2 + g)), _vsplat(_at(zf, g2 + g))
+        s3, z3 = _vsplat(_at(sf, g3 + g)), _vsplat(_at(zf, g3 + g))
+        for k in range(g * G, (g + 1) * G, LANES):
+            _prefetch(q, ahead + 4 * k)
+            w0 = _vfma(_vload_int8(q, qb + k), s0, z0)
+            w1 = _vfma(_vload_int8(q, r1 + k), s1, z1)
+            w2 = _vfma(_vload_int8(q, r2 + k), s2, z2)
+            w3 = _vfma(_vload_int8(q, r3 + k), s3, z3)
+            x = _vload(xs, xa + k)
+            a0, a1, a2, a3 = _vfma(w0, x, a0), _vfma(w1, x, a1), _vfma(w2, x, a2), _vfma(w3, x, a3)
+            x = _vload(xs, xb + k)
+            b0, b1, b2, b3 = _vfma(w0, x, b0), _vfma(w1, x, b1), _vfma(w2, x, b2), _vfma(w3, x, b3)
+            x = _vload(xs, xc + k)
+            c0, c1, c2, c3 = _vfma(w0, x, c0), _vfma(w1, x, c1), _vfma(w2, x, c2), _vfma(w3, x, c3)
+            x = _vload(xs, xd + k)
+            d0, d1, d2, d3 = _vfma(w0, x, d0), _vfma(w1, x, d1), _vfma(w2, x, d2), _vfma(w3, x, d3)
+    out[oa, col], out[oa, col + 1], out[oa, col + 2], out[oa, col + 3] = _vsum(a0), _vsum(a1), _vsum(a2), _vsum(a3)
+    out[ob, col], out[ob, col + 1], out[ob, col + 2], out[ob, col + 3] = _vsum(b0), _vsum(b1), _vsum(b2), _vsum(b3)
+    out[oc, col], out[oc, col + 1], out[oc, col + 2], out[oc, col + 3] = _vsum(c0), _vsum(c1), _vsum(c2), _vsum(c3)
+    out[od, col], out[od, col + 1], out[od, col + 2], out[od, col + 3] = _vsum(d0), _vsum(d1), _vsum(d2), _vsum(d3)
+
+
+@njit(cache=True)
+def _rows_int8g(m, slot, first, last, p0, count, xs, out, K, sf, zf):
+    """_rows_int4 for a grouped int8 matrix m (xs's rows in order; first and last multiples of 4)."""
+    q, scale, zero, G, bf16, has_zero = m[0], m[4], m[7], m[10], m[11], m[12]
+    groups = K // G
+    qe = m[1] + slot * m[2]
+    scales = m[5] + slot * m[6] + first * groups
+    zeros = m[8] + slot * m[9] + first * groups if has_zero else 0
+    offset = np.float32(INT8_CODE_OFFSET)
+    _group_table(scale, scales, zero, zeros, (last - first) * groups, bf16, has_zero, offset, offset, sf, zf)
+    for r in range(first, last, 4):
+        qr, sr = qe + r * K, (r - first) * groups
+        i = 0
+        while i < count:
+            pa = p0 + i
+            if count - i == 1:
+                _int8g_one(q, qr, K, sf, zf, sr, G, xs, pa * K, out, pa, r)
+                i += 1
+            else:
+                pa, pb, pc, pd = _tile_tokens(p0, count, i)
+                _int8g_four(q, qr, K, sf, zf, sr, G, xs, pa * K, pb * K, pc * K, pd * K, out, pa, pb, pc, pd, r)
+                i += 4
+
+
 @njit(parallel=True, cache=True)
 def _project(m, slots, experts, starts, counts, xs, out, N, K, workers):
     """out[pairs of e, :N] = xs[pairs of e] @ W_e^T for every expert e of `experts`, in parallel over
     (expert, block of ROWS_PER_ITEM rows), item i on worker i % workers; W_e: slot slots[e] of the
-    quantized matrix m (a _matrix tuple: int8, or int4 with xs's rows _permuted)."""
+    quantized matrix m (a _matrix tuple: int8, grouped int8, or int4 with xs's rows _permuted)."""
     blocks = (N + ROWS_PER_ITEM - 1) // ROWS_PER_ITEM
     items = experts.shape[0] * blocks
-    table = ROWS_PER_ITEM * (K // m[10]) if m[13] else 1  # a worker's int4 group table, reused item to item
+    table = ROWS_PER_ITEM * (K // m[10]) if m[13] != INT8 else 1  # a worker's group table, reused item to item
     for worker in prange(min(workers, items)):
         sf = np.empty(table, np.float32)  # [ROWS_PER_ITEM * K / G] the rows' scales
         zf = np.empty(table, np.float32)  # and -zero * scale
@@ -700,8 +826,10 @@ def _project(m, slots, experts, starts, counts, xs, out, N, K, workers):
             e = experts[item // blocks]
             first = (item % blocks) * ROWS_PER_ITEM
             last = min(first + ROWS_PER_ITEM, N)
-            if m[13]:
+            if m[13] == INT4:
                 _rows_int4(m, slots[e], first, last, starts[e], counts[e], xs, out, K, sf, zf)
+            elif m[13] == INT8_GROUPED:
+                _rows_int8g(m, slots[e], first, last, starts[e], counts[e], xs, out, K, sf, zf)
             else:
                 _rows_int8(m, slots[e], first, last, starts[e], counts[e], xs, out, K)
 
@@ -713,7 +841,7 @@ def _dequantize_rows(m, slots, out, N, K):
     for item in prange(slots.shape[0] * N):
         u, n = item // N, item % N
         slot = slots[u]
-        if m[13]:  # int4: byte j holds inputs 2j (low nibble) and 2j + 1
+        if m[13] == INT4:  # int4: byte j holds inputs 2j (low nibble) and 2j + 1
             q, scale, zero, G, bf16, has_zero = m[0], m[4], m[7], m[10], m[11], m[12]
             H, groups = K // 2, K // G
             qr = m[1] + slot * m[2] + n * H
@@ -726,6 +854,17 @@ def _dequantize_rows(m, slots, out, N, K):
                     byte = _at(q, qr + j)
                     out[u, n, 2 * j] = (np.float32(byte & 15) - z) * s
                     out[u, n, 2 * j + 1] = (np.float32(byte >> 4) - z) * s
+        elif m[13] == INT8_GROUPED:  # (q + 128 - zero) * the group's scale
+            q, scale, zero, G, bf16, has_zero = m[0], m[4], m[7], m[10], m[11], m[12]
+            groups = K // G
+            qr = m[1] + slot * m[2] + n * K
+            sr = m[5] + slot * m[6] + n * groups
+            zr = m[8] + slot * m[9] + n * groups
+            for g in range(groups):
+                s = _scale_value(_at(scale, sr + g), bf16)
+                z = np.float32(_at(zero, zr + g)) - np.float32(INT8_CODE_OFFSET) if has_zero else np.float32(0)
+                for k in range(g * G, (g + 1) * G):
+                    out[u, n, k] = (np.float32(_int8_at(q, qr + k)) - z) * s
         else:  # int8: q * the row's scale
             s = _at(m[3], m[5] + slot * m[6] + n)
             qr = m[1] + slot * m[2] + n * K
@@ -895,27 +1034,34 @@ _UNUSED = {dtype: np.zeros(1, dtype) for dtype in (np.uint8, np.uint16, np.float
 
 
 def _matrix(name: str, m: QuantizedMatrix, N: int, K: int) -> tuple:
-    """m [S, N, K] -> the tuple the kernels read, one type for both formats: (q bytes, offset,
+    """m [S, N, K] -> the tuple the kernels read, one type for every layout: (q bytes, offset,
     stride, float32 scales, 16-bit scale bits, offset, stride, zero, offset, stride, group size,
-    bf16 scales, has zero, int4), each array as its storage's elements, with its slot
-    0's offset and its slot stride; a format's missing arrays stand-ins never read."""
+    bf16 scales, has zero, layout code INT8 / INT4 / INT8_GROUPED), each array as its storage's
+    elements, with its slot 0's offset and its slot stride; a layout's missing arrays stand-ins
+    never read."""
     if m.q.dim() != 3 or tuple(m.shape[1:]) != (N, K):
         raise ValueError(f"host quantized experts {name}: expected [S, {N}, {K}], found {list(m.shape)}")
-    if m.format == "int8":
+    if m.format == "int8" and not m.grouped_int8:
         q, q_offset, q_stride = _slot_blocks(f"{name} q", m.q, (N, K))
         scale = _slot_blocks(f"{name} scale", m.scale, (N,))
         return (q, q_offset, q_stride, scale[0], _UNUSED[np.uint16], *scale[1:], _UNUSED[np.uint8], 0, 0,
-                0, False, False, False)  # fmt: skip
+                0, False, False, INT8)  # fmt: skip
+    kind = "int4" if m.format == "int4" else "grouped int8"
     if N % 4 or K % CHUNK:  # G | K (checked by QuantizedMatrix) makes both so for every shape a model has
         raise ValueError(
-            f"host quantized experts {name}: expected int4 [S, N, K] with 4 | N and 32 | K, found {N}, {K}"
+            f"host quantized experts {name}: expected {kind} [S, N, K] with 4 | N and 32 | K, found {N}, {K}"
         )
     groups = K // m.group_size
-    q = _slot_blocks(f"{name} q", m.q, (N, K // 2))
+    q = _slot_blocks(f"{name} q", m.q, (N, K // 2 if m.format == "int4" else K))
     scale = _slot_blocks(f"{name} scale", m.scale, (N, groups))
     zero = (_UNUSED[np.uint8], 0, 0) if m.zero is None else _slot_blocks(f"{name} zero", m.zero, (N, groups))
     return (*q, _UNUSED[np.float32], *scale, *zero, m.group_size, m.scale.dtype == torch.bfloat16, m.zero is not None,
-            True)  # fmt: skip
+            INT4 if m.format == "int4" else INT8_GROUPED)  # fmt: skip
+
+
+def _layout(m: QuantizedMatrix) -> str:
+    """int8, grouped int8 or int4: which tiles read m."""
+    return "grouped int8" if m.grouped_int8 else m.format
 
 
 def applies(x: torch.Tensor) -> bool:
@@ -951,8 +1097,8 @@ def host_quant_moe_experts(
     second: SecondBuffers | None = None,
 ) -> torch.Tensor:
     """quantized_moe_experts_reference's contract (quantize.py), on the CPU: x [T, D] float32,
-    topk_ids [T, K] int64, topk_weights [T, K]; w13 [S, 2F, D], w2 [S, D, F] quantized, int8 or int4
-    each (every slot's block of each array contiguous: plain stacks or views into records);
+    topk_ids [T, K] int64, topk_weights [T, K]; w13 [S, 2F, D], w2 [S, D, F] quantized, int8, grouped
+    int8 or int4 each (every slot's block of each array contiguous: plain stacks or views into records);
     expert_slots [E] int64 -> [T, D] float32. input_perm: [S, D] int32, each slot's w13 input order
     (act-order records: w13 is multiplied with x[:, perm]); None: identity. second: experts read
     from a second buffer (the host tier's records, laid out as the slots, input_perm with them)
@@ -980,12 +1126,11 @@ def host_quant_moe_experts(
     else:
         if not (isinstance(second.w13, QuantizedMatrix) and isinstance(second.w2, QuantizedMatrix)):
             raise ValueError("host quantized experts: expected the second buffers quantized as the slots are")
-        if (second.w13.format, second.w2.format) != (w13.format, w2.format) or (
-            (second.input_perm is None) != (input_perm is None)
-        ):
+        theirs, ours = (_layout(second.w13), _layout(second.w2)), (_layout(w13), _layout(w2))
+        if theirs != ours or (second.input_perm is None) != (input_perm is None):
             raise ValueError(
-                f"host quantized experts: expected the second buffers in the slots' formats {w13.format} / "
-                f"{w2.format} (input order: {input_perm is not None}), found {second.w13.format} / {second.w2.format} "
+                f"host quantized experts: expected the second buffers in the slots' formats {ours[0]} / {ours[1]} "
+                f"(input order: {input_perm is not None}), found {theirs[0]} / {theirs[1]} "
                 f"(input order: {second.input_perm is not None})"
             )
         H = second.w13.q.shape[0]

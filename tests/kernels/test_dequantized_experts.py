@@ -1,5 +1,6 @@
 """The prefill path of quantized experts on the CPU: dequantize_slots gives quantize.dequantize's
-values bit for bit (int8, int4 symmetric and asymmetric, float16 and bfloat16 scales, record views),
+values bit for bit (int8, int4 and grouped int8 symmetric and asymmetric, float16 and bfloat16
+scales, record views),
 and dequantized_moe_experts matches quantized_moe_experts_reference within float32's tolerance for
 any chunking, with act-order input orders, and gives the same bits whatever the chunk size."""
 
@@ -14,6 +15,7 @@ from moeinf.kernels.tolerance import TOLERANCE, rel_rms
 from tests.kernels.test_host_quant_experts import FORMATS, experts, make_case, random_input_orders, record_views
 
 NAMES = ["int8", "int8-odd", "int4-g32-asym-bf16", "int4-g64-sym-bf16", "int4-row-asym-fp16"]
+NAMES += ["int8-g32-sym-fp16", "int8-g64-asym-bf16", "int8-row-asym-fp16"]
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -1,12 +1,13 @@
 """The quantized host expert kernels against quantized_moe_experts_reference (the float32 reference on
-the dequantized experts): int8, int4 symmetric and asymmetric with float16 and bfloat16 scales,
+the dequantized experts): int8, int4 and grouped int8 symmetric and asymmetric with float16 and
+bfloat16 scales,
 group counts odd and even, 1 to 32 tokens, top-2 and top-8, both activations; weights read out of
 store-record views in any slot order to the same bits, and from second buffers (the host tier) beside
 the slots to the same bits; act-order input orders; nothing read from a slot no routed expert sits
 in; bad inputs refused.
 
 Tolerance: TOLERANCE[float32] (1e-5 relative RMS). Kernel and reference multiply the same weights
-(int4's are exact in float32; int8's kernel takes q * x and the row's scale once where the reference
+(int4's and grouped int8's are exact in float32; int8's kernel takes q * x and the row's scale once where the reference
 rounds q * scale first: one rounding of 2^-24 apart) and sum float32 products in other orders (16
 lanes and a fixed tree here, torch's matmul there): a few 2^-24 roundings per element, about
 sqrt(K) of them at most, ~1e-6 at these shapes. A wrong nibble, group or scale costs ~1e-2 or more.
@@ -42,6 +43,14 @@ FORMATS = {  # name: (hidden D, expert ffn F, quantize options); groups of w13 a
         384,
         dict(format="int4", group_size=128, symmetric=False, scale_dtype=torch.bfloat16),
     ),  # fmt: skip  # 2 and 3
+    "int8-g32-sym-fp16": (224, 96, dict(format="int8", group_size=32)),  # 7 and 3 groups
+    "int8-g64-asym-bf16": (
+        256,
+        192,
+        dict(format="int8", group_size=64, symmetric=False, scale_dtype=torch.bfloat16),
+    ),  # fmt: skip  # 4 and 3
+    "int8-g128-sym-bf16": (384, 128, dict(format="int8", group_size=128, scale_dtype=torch.bfloat16)),  # 3 and 1
+    "int8-row-asym-fp16": (160, 96, dict(format="int8", group_size=None, symmetric=False)),  # G = K: 1 and 1
 }
 
 
@@ -94,7 +103,7 @@ def test_matches_the_reference(name, T, K):
     check(name, T, K, seed=T + K)
 
 
-@pytest.mark.parametrize("name", ["int8-odd", "int4-g32-asym-bf16"])
+@pytest.mark.parametrize("name", ["int8-odd", "int4-g32-asym-bf16", "int8-g64-asym-bf16"])
 @pytest.mark.parametrize("T", [2, 3, 5, 7])
 def test_token_counts_that_leave_a_partial_tile(name, T):
     """Every token routed to the same experts: tiles of 4 tokens with 1 to 3 left over."""
@@ -105,7 +114,7 @@ def test_token_counts_that_leave_a_partial_tile(name, T):
     assert rel_rms(got, expected) < TOLERANCE[torch.float32]
 
 
-@pytest.mark.parametrize("name", ["int8", "int4-g64-asym-fp16"])
+@pytest.mark.parametrize("name", ["int8", "int4-g64-asym-fp16", "int8-g32-sym-fp16"])
 def test_the_clamped_activation(name):
     got, expected = check(name, 5, 2, activation=CLAMPED)
     x, ids, weights, w13, w2, slots = make_case(name, 5, 2)
@@ -164,7 +173,7 @@ def record_views(m: QuantizedMatrix, order: torch.Tensor, pad: int = 24):
     return QuantizedMatrix(m.format, views[0], views[1], zero, m.group_size)
 
 
-@pytest.mark.parametrize("name", ["int8-odd", "int4-g32-sym-fp16", "int4-g128-asym-bf16"])
+@pytest.mark.parametrize("name", ["int8-odd", "int4-g32-sym-fp16", "int4-g128-asym-bf16", "int8-g64-asym-bf16"])
 def test_record_views_in_any_slot_order_give_the_same_bits(name):
     x, ids, weights, w13, w2, slots = make_case(name, 6, 8)
     resident = host_quant_moe_experts(x, ids, weights, w13, w2, slots)
@@ -173,7 +182,7 @@ def test_record_views_in_any_slot_order_give_the_same_bits(name):
     assert torch.equal(pooled, resident)
 
 
-@pytest.mark.parametrize("name", ["int8-odd", "int4-g32-asym-bf16"])
+@pytest.mark.parametrize("name", ["int8-odd", "int4-g32-asym-bf16", "int8-row-asym-fp16"])
 def test_experts_in_second_buffers_give_the_same_bits(name):
     """Some routed experts read from a second buffer (the host tier's records, in another order):
     computed exactly as from their slots."""
@@ -196,7 +205,7 @@ def random_input_orders(S: int, D: int, seed: int) -> torch.Tensor:
     return torch.stack([torch.randperm(D, generator=g) for _ in range(S)]).to(torch.int32)
 
 
-@pytest.mark.parametrize("name", ["int8", "int4-g64-asym-fp16"])
+@pytest.mark.parametrize("name", ["int8", "int4-g64-asym-fp16", "int8-g128-sym-bf16"])
 def test_input_orders_of_act_order_weights(name):
     x, ids, weights, w13, w2, slots = make_case(name, 6, 4)
     perm = random_input_orders(w13.shape[0], w13.shape[2], seed=3)

@@ -1,4 +1,5 @@
-"""Fused gated-MLP experts on int8 / int4 weights (w8a16, w4a16) read through a slot table.
+"""Fused gated-MLP experts on int8 / grouped int8 / int4 weights (w8a16, w4a16) read through a slot
+table.
 
 The pipeline of moe.py's fused_moe, with each weight tile dequantized in registers inside the
 reduction loop (a float copy of a weight matrix is never made):
@@ -27,6 +28,11 @@ QuantizedMatrix stacks in quantize.py's layout (W [N, K] per slot: N outputs, K 
           multiple of G, so int4 steps need no masks along the reduction. (A per-group float32
           partial scaled after the dots would skip the rounding, but holds a third [BLOCK_M,
           BLOCK_N] tile in registers: sm_90 builds of the gate/up kernel spilled at 64 x 128 tiles.)
+    int8 grouped  q int8 [S, N, K], scale float16 / bfloat16 [S, N, K/G], zero uint8 [S, N, K/G]
+          (offset by 128 as q is) or None (128): int4's structure without the nibbles. A step of
+          BLOCK_K inputs (int4's BLOCK_K rule: inside one group) loads its [BLOCK_K, BLOCK_N] codes,
+          dequantizes them, (q + 128 - zero) * scale (exact in float32: 9 x 11 bits), rounds them
+          to the compute dtype and takes one dot into the float32 accumulator.
 
 Act order (GPTQ's desc_act): input_perm [S, D] gives each slot's w13 input order, w13 packing
 W13[:, perm] so that its packed input j multiplies x[t, perm[j]]; the gate/up kernel then loads x's
@@ -50,8 +56,8 @@ Hybrid execution: with host_share, rows of experts whose slot is HOST_SLOT (-2) 
 fused_moe: out is the device's share and the caller adds the host's.
 
 Block sizes: one BlockConfig for both GEMMs, as fused_moe; looked up (config=None) in the tuned
-files of block_configs.py under the format key of the pair (format_key: "int8", "int4", or
-"int8_int4" for int8 w13 and int4 w2), which bench/tune_moe.py --format writes; else the heuristic.
+files of block_configs.py under the format key of the pair (format_key: "int8", "int8g" for
+grouped int8, "int4", or "int8_int4" for int8 w13 and int4 w2), which bench/tune_moe.py --format writes; else the heuristic.
 Under the interpreter, bfloat16 tiles are multiplied in float32 (UPCAST, as in moe.py).
 """
 
@@ -79,10 +85,10 @@ from moeinf.kernels.moe import (
     check_routing,
     combine_topk,
 )
-from moeinf.kernels.quantize import INT4_SYMMETRIC_ZERO, QuantizedMatrix
+from moeinf.kernels.quantize import INT4_SYMMETRIC_ZERO, INT8_CODE_OFFSET, QuantizedMatrix
 
-_FORMAT_CODES = {"int8": 0, "int4": 1}  # QuantizedMatrix.format -> the FORMAT constexprs
-INT4_MIN_BLOCK_K = 32  # two dots of BLOCK_K / 2 inputs each; tl.dot needs 16
+INT8, INT4, INT8_GROUPED = 0, 1, 2  # the FORMAT constexprs
+INT4_MIN_BLOCK_K = 32  # two dots of BLOCK_K / 2 inputs each; tl.dot needs 16 (grouped int8 steps too)
 
 
 # ---------------------------------------------------------------------------------------- kernels
@@ -125,6 +131,30 @@ def _int4_step(
 
 
 @triton.jit
+def _int8_group_step(
+    a,
+    q_ptrs,
+    scale_ptrs,
+    zero_ptrs,
+    col_ok,
+    acc,
+    HAS_ZERO: tl.constexpr,
+    CODE_OFFSET: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # a: [BLOCK_M, BLOCK_K] the step's input columns, compute dtype; q_ptrs: [BLOCK_K, BLOCK_N] int8
+    # codes (the step lies in one group); scale_ptrs, zero_ptrs: [BLOCK_N] the step's group
+    q = tl.load(q_ptrs, mask=col_ok[None, :], other=0).to(tl.int32)  # [BLOCK_K, BLOCK_N]
+    if HAS_ZERO:
+        zero = tl.load(zero_ptrs, mask=col_ok, other=0).to(tl.int32)[None, :] - CODE_OFFSET  # zero - 128
+    else:
+        zero = 0
+    scale = tl.load(scale_ptrs, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    w = ((q - zero).to(tl.float32) * scale).to(a.dtype)  # exact in float32, rounded once to the compute dtype
+    return tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def _input_columns(perm_ptrs, positions, ok, HAS_PERM: tl.constexpr):
     # positions: [BLOCK] of the step's packed inputs -> the columns of x they multiply: input_perm's
     # entries of this slot (act order), or the positions themselves
@@ -139,7 +169,7 @@ def _quant_gate_up_act_kernel(
     x_ptr,  # x: [T, D]
     q_ptr,  # w13 q: int8 [S, 2F, D] or uint8 [S, 2F, D/2], gate rows then up rows
     scale_ptr,  # w13 scale: float32 [S, 2F] or float16 / bfloat16 [S, 2F, D/G]
-    zero_ptr,  # w13 zero: uint8 [S, 2F, D/G]; unread for int8 and symmetric int4
+    zero_ptr,  # w13 zero: uint8 [S, 2F, D/G]; unread for int8 and symmetric int4 / grouped int8
     perm_ptr,  # input_perm: [S, D] int32 / int64, w13's input order; unread without it
     act_ptr,  # act: [T*K, F]
     pairs_ptr,  # sorted_pairs: [P] int32
@@ -166,10 +196,11 @@ def _quant_gate_up_act_kernel(
     stride_ap,
     stride_af,
     TOP_K: tl.constexpr,
-    FORMAT: tl.constexpr,  # 0: int8, 1: int4
-    GROUP: tl.constexpr,  # int4: inputs per group G (unused by int8)
+    FORMAT: tl.constexpr,  # 0: int8, 1: int4, 2: grouped int8
+    GROUP: tl.constexpr,  # int4, grouped int8: inputs per group G (unused by int8)
     HAS_ZERO: tl.constexpr,
     SYMMETRIC_ZERO: tl.constexpr,
+    CODE_OFFSET: tl.constexpr,
     HAS_PERM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -216,6 +247,32 @@ def _quant_gate_up_act_kernel(
         gate_scale_ptrs = scale_ptr + slot * stride_ss + offs_n * stride_sn  # [BLOCK_N] per output channel
         acc_gate *= tl.load(gate_scale_ptrs, mask=col_ok, other=0.0)[None, :]
         acc_up *= tl.load(gate_scale_ptrs + ffn * stride_sn, mask=col_ok, other=0.0)[None, :]
+    elif FORMAT == 2:
+        offs_k = tl.arange(0, BLOCK_K)
+        perm_ptrs = perm_slot + offs_k * stride_pd  # [BLOCK_K]
+        gate_ptrs = q_slot + offs_n[None, :] * stride_qn + offs_k[:, None] * stride_qk  # [BLOCK_K, BLOCK_N]
+        up_ptrs = gate_ptrs + ffn * stride_qn
+        gate_scale_ptrs = scale_ptr + slot * stride_ss + offs_n * stride_sn  # [BLOCK_N], group 0
+        up_scale_ptrs = gate_scale_ptrs + ffn * stride_sn
+        gate_zero_ptrs = zero_ptr + slot * stride_zs + offs_n * stride_zn  # [BLOCK_N]; unread without zeros
+        up_zero_ptrs = gate_zero_ptrs + ffn * stride_zn
+        for k in range(hidden // BLOCK_K):
+            group = (k * BLOCK_K) // GROUP  # BLOCK_K divides GROUP: the step is in one group
+            cols = _input_columns(perm_ptrs, k * BLOCK_K + offs_k, offs_k < BLOCK_K, HAS_PERM)  # no partial step
+            xs = tl.load(x_rows + cols[None, :] * stride_xd, mask=row_ok[:, None], other=0.0)  # [BM, BK]
+            if UPCAST:
+                xs = xs.to(tl.float32)
+            acc_gate = _int8_group_step(
+                xs, gate_ptrs, gate_scale_ptrs + group * stride_sg, gate_zero_ptrs + group * stride_zg, col_ok,
+                acc_gate, HAS_ZERO, CODE_OFFSET, DOT_PRECISION,
+            )  # fmt: skip
+            acc_up = _int8_group_step(
+                xs, up_ptrs, up_scale_ptrs + group * stride_sg, up_zero_ptrs + group * stride_zg, col_ok,
+                acc_up, HAS_ZERO, CODE_OFFSET, DOT_PRECISION,
+            )  # fmt: skip
+            perm_ptrs += BLOCK_K * stride_pd
+            gate_ptrs += BLOCK_K * stride_qk
+            up_ptrs += BLOCK_K * stride_qk
     else:
         offs_k = tl.arange(0, BLOCK_K)
         offs_h = tl.arange(0, BLOCK_K // 2)  # byte j of the step: inputs 2j and 2j + 1
@@ -279,10 +336,11 @@ def _quant_down_weighted_kernel(
     stride_yp,
     stride_yd,
     TOP_K: tl.constexpr,
-    FORMAT: tl.constexpr,  # 0: int8, 1: int4
+    FORMAT: tl.constexpr,  # 0: int8, 1: int4, 2: grouped int8
     GROUP: tl.constexpr,
     HAS_ZERO: tl.constexpr,
     SYMMETRIC_ZERO: tl.constexpr,
+    CODE_OFFSET: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -325,6 +383,23 @@ def _quant_down_weighted_kernel(
             act_ptrs += BLOCK_K * stride_af
             w_ptrs += BLOCK_K * stride_qk
         acc *= tl.load(scale_ptr + slot * stride_ss + offs_n * stride_sn, mask=col_ok, other=0.0)[None, :]
+    elif FORMAT == 2:
+        offs_k = tl.arange(0, BLOCK_K)
+        act_ptrs = act_ptr + pairs[:, None] * stride_ap + offs_k[None, :] * stride_af  # [BLOCK_M, BLOCK_K]
+        w_ptrs = q_slot + offs_n[None, :] * stride_qn + offs_k[:, None] * stride_qk  # [BLOCK_K, BLOCK_N]
+        scale_ptrs = scale_ptr + slot * stride_ss + offs_n * stride_sn  # [BLOCK_N], group 0
+        zero_ptrs = zero_ptr + slot * stride_zs + offs_n * stride_zn
+        for k in range(ffn // BLOCK_K):
+            group = (k * BLOCK_K) // GROUP
+            a = tl.load(act_ptrs, mask=row_ok[:, None], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+            acc = _int8_group_step(
+                a, w_ptrs, scale_ptrs + group * stride_sg, zero_ptrs + group * stride_zg, col_ok, acc, HAS_ZERO,
+                CODE_OFFSET, DOT_PRECISION,
+            )  # fmt: skip
+            act_ptrs += BLOCK_K * stride_af
+            w_ptrs += BLOCK_K * stride_qk
     else:
         offs_h = tl.arange(0, BLOCK_K // 2)
         act_ptrs = act_ptr + pairs[:, None] * stride_ap + tl.arange(0, BLOCK_K)[None, :] * stride_af  # [BM, BK]
@@ -351,14 +426,27 @@ def _quant_down_weighted_kernel(
 
 
 def int4_block_k(block_k: int, group_size: int) -> int:
-    """The reduction step of an int4 matrix: block_k cut to the largest power of two dividing the
-    group size G (so a step lies in one group) and raised to INT4_MIN_BLOCK_K."""
+    """The reduction step of an int4 or grouped int8 matrix: block_k cut to the largest power of two
+    dividing the group size G (so a step lies in one group) and raised to INT4_MIN_BLOCK_K."""
     return max(INT4_MIN_BLOCK_K, min(block_k, group_size & -group_size))
 
 
+def _format_code(m: QuantizedMatrix) -> int:
+    if m.format == "int4":
+        return INT4
+    return INT8_GROUPED if m.grouped_int8 else INT8
+
+
+def _format_name(m: QuantizedMatrix) -> str:
+    """int8, int8g (grouped int8) or int4: one matrix's part of the block-config key."""
+    return "int8g" if m.grouped_int8 else m.format
+
+
 def format_key(w13: QuantizedMatrix, w2: QuantizedMatrix) -> str:
-    """The block-config file key of a pair of formats: "int8", "int4", or "int8_int4" (w13's, w2's)."""
-    return w13.format if w13.format == w2.format else f"{w13.format}_{w2.format}"
+    """The block-config file key of a pair of formats: "int8", "int8g" (grouped int8), "int4", or
+    "int8_int4" (w13's, w2's) where they differ."""
+    first, second = _format_name(w13), _format_name(w2)
+    return first if first == second else f"{first}_{second}"
 
 
 def _matrix_args(m: QuantizedMatrix) -> tuple[list, list, dict]:
@@ -366,22 +454,23 @@ def _matrix_args(m: QuantizedMatrix) -> tuple[list, list, dict]:
     [S, N, K]. Without zeros the zero pointer is q's, never read (HAS_ZERO is off), so that the
     kernels' pointer arithmetic compiles."""
     q_strides = [m.q.stride(0), m.q.stride(1), m.q.stride(2)]
-    if m.format == "int8":
+    if _format_code(m) == INT8:
         scale_strides = [m.scale.stride(0), m.scale.stride(1), 0]
     else:
         scale_strides = [m.scale.stride(0), m.scale.stride(1), m.scale.stride(2)]
     zero_strides = [0, 0, 0] if m.zero is None else [m.zero.stride(0), m.zero.stride(1), m.zero.stride(2)]
     constants = dict(
-        FORMAT=_FORMAT_CODES[m.format],
+        FORMAT=_format_code(m),
         GROUP=m.group_size or 1,
         HAS_ZERO=m.zero is not None,
         SYMMETRIC_ZERO=INT4_SYMMETRIC_ZERO,
+        CODE_OFFSET=INT8_CODE_OFFSET,
     )
     return [m.q, m.scale, m.q if m.zero is None else m.zero], q_strides + scale_strides + zero_strides, constants
 
 
 def _block_k(m: QuantizedMatrix, config: BlockConfig) -> int:
-    return config.block_k if m.format == "int8" else int4_block_k(config.block_k, m.group_size)
+    return config.block_k if _format_code(m) == INT8 else int4_block_k(config.block_k, m.group_size)
 
 
 def _expect_quantized(m, name: str, shape: tuple, device: torch.device) -> None:
@@ -515,8 +604,8 @@ def fused_quant_moe(
     quantized_moe_experts_reference (see the module docstring).
 
     x: [T, D] float16/bfloat16/float32; topk_ids: [T, K] int64; topk_weights: [T, K] float32;
-    w13: QuantizedMatrix [S, 2F, D], w2: QuantizedMatrix [S, D, F], int8 or int4 each (any slot
-    strides); expert_slots: [E] int64, -1 for experts not resident (every routed expert must have a
+    w13: QuantizedMatrix [S, 2F, D], w2: QuantizedMatrix [S, D, F], int8, grouped int8 or int4 each
+    (any slot strides); expert_slots: [E] int64, -1 for experts not resident (every routed expert must have a
     slot). Returns out [T, D] in x's dtype.
     activation: SwiGLU (SILU) or GPT-OSS's clamped SwiGLU; host_share: experts with slot HOST_SLOT
     add nothing (the host computes them); config: block sizes (None: the tuned file of this shape,

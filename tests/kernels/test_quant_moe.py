@@ -1,5 +1,5 @@
-"""fused_quant_moe (kernels/quant_moe.py) against quantized_moe_experts_reference: int8, int4 symmetric
-and asymmetric with float16 and bfloat16 scales, groups of 32 and G = K, w13 and w2 in different
+"""fused_quant_moe (kernels/quant_moe.py) against quantized_moe_experts_reference: int8, int4 and
+grouped int8 symmetric and asymmetric with float16 and bfloat16 scales, groups of 32, 64 and G = K, w13 and w2 in different
 formats, x in float32, float16 and bfloat16, both activations, host-share rows; the weights read
 out of strided views into one store record per slot; bad inputs refused.
 
@@ -12,7 +12,8 @@ too, so an element no program writes shows up.
 Tolerance: TOLERANCE of x's dtype. float32: kernel and reference multiply the same weights (int4's
 are exact in float32; int8's kernel applies the row's scale after the sum where the reference
 rounds q * scale first) and sum in other orders, a few 2^-24 roundings per element. 16-bit x: the
-kernel rounds act and the output to x's dtype where the reference keeps float32.
+kernel rounds act and the output to x's dtype where the reference keeps float32 (and int4's and
+grouped int8's dequantized weights to x's dtype).
 """
 
 import pytest
@@ -37,6 +38,10 @@ G32_SYM_FP16 = dict(format="int4", group_size=32)
 G32_ASYM_BF16 = dict(format="int4", group_size=32, symmetric=False, scale_dtype=torch.bfloat16)
 ROW_ASYM_FP16 = dict(format="int4", group_size=None, symmetric=False)  # G = K: one group per row
 G64_SYM_BF16 = dict(format="int4", group_size=64, scale_dtype=torch.bfloat16)
+I8_G32_SYM_FP16 = dict(format="int8", group_size=32)  # grouped int8 (16-bit scales per group)
+I8_G32_ASYM_BF16 = dict(format="int8", group_size=32, symmetric=False, scale_dtype=torch.bfloat16)
+I8_ROW_ASYM_FP16 = dict(format="int8", group_size=None, symmetric=False)  # G = K
+I8_G64_ASYM_FP16 = dict(format="int8", group_size=64, symmetric=False)
 
 CASES = {
     # name: (T, D, F, w13 format, w2 format, x dtype, activation); E = 7 experts, 5 resident, top-2
@@ -48,6 +53,10 @@ CASES = {
     "int4 g64 sym bf16, float32": (4, 128, 64, G64_SYM_BF16, G64_SYM_BF16, torch.float32, SILU),
     "int8 w13, int4 w2, bfloat16, clamped": (8, 64, 64, INT8, G32_ASYM_BF16, torch.bfloat16, CLAMPED),
     "int4 w13, int8 w2, float32": (6, 96, 40, ROW_ASYM_FP16, INT8, torch.float32, SILU),
+    "int8 g32 sym fp16, float32": (9, 96, 64, I8_G32_SYM_FP16, I8_G32_SYM_FP16, torch.float32, SILU),  # 3 and 2
+    "int8 g32 asym bf16, bfloat16, clamped": (6, 64, 96, I8_G32_ASYM_BF16, I8_G32_ASYM_BF16, torch.bfloat16, CLAMPED),
+    "int8 G=K asym fp16, float16": (5, 96, 64, I8_ROW_ASYM_FP16, I8_ROW_ASYM_FP16, torch.float16, SILU),
+    "int8 g64 asym w13, int4 w2, float32": (6, 128, 64, I8_G64_ASYM_FP16, G32_SYM_FP16, torch.float32, SILU),
 }
 E, RESIDENT, TOP_K = 7, 5, 2
 
@@ -163,7 +172,7 @@ def test_record_views_and_compact_stacks_give_the_same_bits(monkeypatch):
     assert w13.q.stride(0) == w13.scale.stride(0) * 4 == w2.scale.stride(0) * 2  # one record stride, in bytes
 
 
-HOST_CASES = ["int4 g32 asym bf16, bfloat16", "int4 w13, int8 w2, float32"]
+HOST_CASES = ["int4 g32 asym bf16, bfloat16", "int4 w13, int8 w2, float32", "int8 G=K asym fp16, float16"]
 
 
 @pytest.mark.parametrize("case", HOST_CASES)
@@ -184,7 +193,7 @@ def test_host_share_rows_add_nothing(case):
     assert rel_rms(expected(x, ids, weights, w13, w2, slots), reference) > 0.1  # the host's share matters
 
 
-@pytest.mark.parametrize("case", ["int4 g32 asym bf16, bfloat16", "int8, float32"])
+@pytest.mark.parametrize("case", ["int4 g32 asym bf16, bfloat16", "int8, float32", "int8 g32 sym fp16, float32"])
 def test_act_order_input_perm(case):
     """input_perm [S, D] in the records (GPTQ act order), each expert its own: w13 multiplies
     x[t, input_perm[slot]]. Expected: each pair on its own, its token's inputs permuted, through the
@@ -217,7 +226,9 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("case", ["int4 g32 sym fp16, float32", "int8, float32"])
+@pytest.mark.parametrize(
+    "case", ["int4 g32 sym fp16, float32", "int8, float32", "int8 g32 asym bf16, bfloat16, clamped"]
+)
 @pytest.mark.parametrize("config", CONFIGS)
 def test_block_configs(case, config):
     (x, ids, weights, w13, w2, slots), _ = make_case(case, seed=2)
@@ -225,6 +236,15 @@ def test_block_configs(case, config):
     got = fused_quant_moe(x, ids, weights, w13, w2, slots, config=CONFIGS[config], out=poisoned(T, D, x.dtype))
     assert not got.isnan().any(), UNWRITTEN
     assert rel_rms(got, expected(x, ids, weights, w13, w2, slots)) < TOLERANCE[x.dtype]
+
+
+def test_format_keys_tell_grouped_int8_apart():
+    grouped, channel = quantize(torch.randn(1, 8, 64), **I8_G32_SYM_FP16), quantize(torch.randn(1, 8, 64), **INT8)
+    int4 = quantize(torch.randn(1, 8, 64), **G32_SYM_FP16)
+    assert quant_moe.format_key(grouped, grouped) == "int8g" and quant_moe.format_key(channel, channel) == "int8"
+    assert (
+        quant_moe.format_key(grouped, int4) == "int8g_int4" and quant_moe.format_key(channel, grouped) == "int8_int8g"
+    )
 
 
 def test_int4_block_k_lies_in_one_group():

@@ -27,7 +27,7 @@ import torch
 from moeinf.errors import ConfigError, MissingTensorError, TensorDtypeError, TensorShapeError
 from moeinf.kernels.fp8 import FP8_DTYPE, SCALE_SUFFIX, dequantize_fp8, scale_shape
 from moeinf.kernels.mxfp4 import dequantize_mxfp4
-from moeinf.kernels.quantize import GROUP_QUANTUM, INT4_SYMMETRIC_ZERO, QuantizedMatrix
+from moeinf.kernels.quantize import GROUP_QUANTUM, INT4_SYMMETRIC_ZERO, INT8_CODE_OFFSET, QuantizedMatrix
 from moeinf.loaders.expert_format import ExpertFormat
 from moeinf.loaders.quant_formats import (
     G_IDX,
@@ -74,7 +74,7 @@ class ExpertWeights(NamedTuple):
 
 class PackedExpert(NamedTuple):
     """One routed expert of a GPTQ / compressed-tensors checkpoint as it is packed, in
-    kernels/quantize.py's layout (int8 per channel, or int4 in groups), on the CPU:
+    kernels/quantize.py's layout (int8 per channel, int8 grouped, or int4 in groups), on the CPU:
 
         w13         QuantizedMatrix [2F, D]   gate rows then up rows, each set reordered by down's
                                               act-order perm p2 (rows move with their scales and
@@ -97,11 +97,14 @@ class PackedExpert(NamedTuple):
         """The ExpertFormat of this expert's matrices; input_perm is this expert's own (an expert
         without one goes into a format with input_perm too, as the identity order)."""
         matrix = self.w2
-        if matrix.format == "int8":
+        if matrix.format == "int8" and not matrix.grouped_int8:
             return ExpertFormat("int8", input_perm=self.input_perm is not None)
+        group = matrix.group_size
+        if matrix.format == "int8" and (self.w13.group_size, group) == (self.w13.shape[-1], matrix.shape[-1]):
+            group = None  # one group a row in both matrices: grouped int8 per output channel
         return ExpertFormat(
-            "int4",
-            group_size=matrix.group_size,
+            matrix.format,
+            group_size=group,
             symmetric=matrix.symmetric,
             scale_dtype=matrix.scale_dtype,
             input_perm=self.input_perm is not None,
@@ -219,19 +222,31 @@ class Checkpoint:
         return _Layout(quant.bits, quant.group_size, quant.symmetric, scale_dtype)
 
     def _record_format(self, layout: _Layout, input_perm: bool) -> tuple[ExpertFormat | None, str | None]:
-        """The ExpertFormat of experts packed as `layout` (int4 per channel: groups of gcd(D, F),
-        each channel's scale repeated), or the reason there is none."""
+        """The ExpertFormat of experts packed as `layout`, or the reason there is none: 8-bit
+        symmetric per channel -> int8 (float32 scales); other 8-bit (groups, zero points) ->
+        grouped int8 with the checkpoint's scale dtype, group_size None for one scale per output
+        channel (and for groups as wide as both hidden_size and the experts' intermediate size,
+        the same records); int4 per channel: groups of gcd(D, F), each channel's scale repeated."""
+        hidden, ffn = self.spec.hidden_size, self.spec.expert_ffn
         if layout.bits == 8:
             if layout.group_size is None and layout.symmetric:
                 return ExpertFormat("int8", input_perm=input_perm), None
-            grouping = f"groups of {layout.group_size}" if layout.group_size else "one scale per output channel"
-            return None, (
-                f"{self.path}: the routed experts are 8-bit with {grouping}"
-                + ("" if layout.symmetric else " and zero points")
-                + ": quant_formats' 'int8 grouped' layout, which is not a runtime layout yet (the int8 records hold "
-                "symmetric weights with one float32 scale per output channel); " + REQUANTIZE
-            )
-        hidden, ffn = self.spec.hidden_size, self.spec.expert_ffn
+            group = layout.group_size
+            widths = (hidden, ffn) if group is None else (group,)
+            if any(w % GROUP_QUANTUM for w in widths) or (group is not None and (hidden % group or ffn % group)):
+                grouping = f"groups of {group}" if group else "one scale per output channel"
+                return None, (
+                    f"{self.path}: the routed experts are 8-bit in {grouping}, expected groups a multiple of "
+                    f"{GROUP_QUANTUM} dividing hidden_size {hidden} and the experts' intermediate size {ffn} (the "
+                    "grouped int8 records' groups, one a row included); " + REQUANTIZE
+                )
+            if group == hidden == ffn:
+                group = None  # one group a row of both matrices: what packed_expert's matrices say
+            fmt = ExpertFormat(
+                "int8", group_size=group, symmetric=layout.symmetric, scale_dtype=layout.scale_dtype,
+                input_perm=input_perm,
+            )  # fmt: skip
+            return fmt, None
         group = layout.group_size or math.gcd(hidden, ffn)
         if group % GROUP_QUANTUM or hidden % group or ffn % group:
             return None, (
@@ -308,8 +323,9 @@ class Checkpoint:
         input_perm is set when some expert's gate / up has act order with a permutation that is
         not the identity. ConfigError, telling to pass expert_dtype int8 / int4 (requantize) or a
         float one (dequantize): mixed formats, some experts quantized and some not, or a layout the
-        runtime has no records for (8-bit with groups or zero points: quant_formats' "int8
-        grouped"; int4 groups that are no multiple of 32). Only this method raises these:
+        runtime has no records for (groups, int4 or 8-bit, that are no multiple of 32 dividing the
+        hidden and intermediate sizes). 8-bit with groups or zero points (quant_formats' "int8
+        grouped") is the grouped int8 format. Only this method raises these:
         `read` and `expert_weights` dequantize such checkpoints all the same."""
         if self._native is None:
             self._native = self._scan_experts()  # reads every expert's header, and act-order g_idx
@@ -361,8 +377,12 @@ class Checkpoint:
         zero = None if w13[0].zero is None else torch.cat([m.zero for m in w13])
         return PackedExpert(
             QuantizedMatrix(
-                w13[0].format, torch.cat([m.q for m in w13]), torch.cat([m.scale for m in w13]), zero, fmt.group_size
-            ),
+                w13[0].format,
+                torch.cat([m.q for m in w13]),
+                torch.cat([m.scale for m in w13]),
+                zero,
+                w13[0].group_size,
+            ),  # fmt: skip
             _matrix(down, fmt, None),
             gate.perm,
         )
@@ -388,12 +408,30 @@ def _same_perm(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
 def _matrix(packed: PackedWeight, fmt: ExpertFormat, rows: torch.Tensor | None) -> QuantizedMatrix:
     """A packed weight -> a QuantizedMatrix of `fmt` (bits moved, scales copied): its rows reordered
     by `rows` (with their scales and zeros) when given, a per-channel int4 scale repeated over the
-    format's groups, the midpoint written out as zeros in an asymmetric format."""
+    format's groups, the midpoint written out as zeros in an asymmetric format. A grouped int8
+    matrix that quant_formats gave per-channel float32 scales (one group a row, all zeros the
+    midpoint) gets them back in the format's 16-bit dtype, exactly: they were widened from it."""
     q, scale, zero = packed.q, packed.scale, packed.zero
     if rows is not None:
         q, scale, zero = q[rows], scale[rows], None if zero is None else zero[rows]
-    if fmt.kind == "int8":
+    if fmt.kind == "int8" and not fmt.grouped:
         return QuantizedMatrix("int8", q.contiguous(), scale.contiguous())
+    if fmt.kind == "int8":
+        K = q.shape[1]
+        group = fmt.group_size_for(K)
+        if scale.dim() == 1:  # float32 [N] per channel, widened from the checkpoint's 16-bit scales
+            narrow = scale.to(fmt.scale_dtype)
+            if not torch.equal(narrow.to(torch.float32), scale):
+                raise ConfigError(
+                    f"expected the per-channel scales of an 8-bit weight to be {fmt.scale_dtype} values as the "
+                    f"checkpoint's other scales are, found float32 ones that are not"
+                )
+            scale = narrow[:, None].expand(-1, K // group)
+            zero = None
+        if zero is None and not fmt.symmetric:
+            zero = torch.full(scale.shape, INT8_CODE_OFFSET, dtype=torch.uint8)
+        zero = None if zero is None else zero.contiguous()
+        return QuantizedMatrix("int8", q.contiguous(), scale.contiguous(), zero, group)
     repeat = packed.group_size // fmt.group_size  # > 1 only for one scale per channel: K / G groups of it
     if repeat > 1:
         scale = scale.repeat_interleave(repeat, dim=1)

@@ -10,10 +10,14 @@ weight); G inputs in a row share a scale (a group), G = K is one scale per outpu
                 W[n, k] = (q[n, k] - zero[n, k // G]) * scale[n, k // G]
   int8          per output channel: q int8 [N, K], scale float32 [N], no zero.
                 W[n, k] = q[n, k] * scale[n]
-  int8 grouped  the extension GPTQ 8-bit and compressed-tensors W8A16 need (group_size 128 is the
-                common case; per-channel asymmetric 8-bit is this with G = K): q int8 [N, K], scale
-                [N, K / G] float16 or bfloat16, zero uint8 [N, K / G] offset by 128 as q is, or None
-                for 128 (symmetric).  W[n, k] = (q[n, k] + 128 - zero[n, k // G]) * scale[n, k // G]
+  int8 grouped  what GPTQ 8-bit and compressed-tensors W8A16 with groups or zero points need
+                (group_size 128 is the common case; per-channel asymmetric 8-bit is this with G = K):
+                q int8 [N, K], scale [N, K / G] float16 or bfloat16, zero uint8 [N, K / G] offset by
+                128 as q is, or None for 128 (symmetric).
+                W[n, k] = (q[n, k] + 128 - zero[n, k // G]) * scale[n, k // G]
+                A runtime layout: kernels/quantize.py's grouped int8 (QuantizedMatrix "int8" with a
+                group size), the records' ExpertFormat("int8", group_size, symmetric, scale_dtype),
+                so the experts are served as they are (Checkpoint.packed_expert).
 
 Both formats store unsigned codes u in 0..2^bits - 1 (compressed-tensors as signed values plus
 2^(bits - 1)), so the int4 q is u itself and the int8 q is u - 128, and both zeros are unsigned

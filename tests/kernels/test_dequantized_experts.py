@@ -1,8 +1,8 @@
 """The prefill path of quantized experts on the CPU: dequantize_slots gives quantize.dequantize's
 values bit for bit (int8, int4 and grouped int8 symmetric and asymmetric, float16 and bfloat16
-scales, record views),
-and dequantized_moe_experts matches quantized_moe_experts_reference within float32's tolerance for
-any chunking, with act-order input orders, and gives the same bits whatever the chunk size."""
+scales, record views), and dequantized_moe_experts matches quantized_moe_experts_reference within
+float32's tolerance for any chunking, with act-order input orders, and gives the same bits whatever
+the chunk size."""
 
 import pytest
 import torch

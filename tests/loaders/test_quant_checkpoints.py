@@ -25,6 +25,7 @@ from moeinf.errors import ConfigError, MissingTensorError, TensorDtypeError, Ten
 from moeinf.kernels.quantize import dequantize
 from moeinf.loaders.checkpoint import Checkpoint, PackedExpert
 from moeinf.loaders.expert_format import ExpertFormat
+from moeinf.loaders.expert_record import RecordLayout, keeps_native_format, pack_record, record_views
 from moeinf.loaders.quant_formats import WHY_NOT
 from moeinf.models.family import EXPERT_ROLES
 from moeinf.runtime.dense_weights import DenseWeights
@@ -53,6 +54,10 @@ CASES = {
     "ct-w4a16-g32": (CT, dict(bits=4, group_size=32, symmetric=True)),
     "ct-w4a16-g32-asym": (CT, dict(bits=4, group_size=32, symmetric=False)),
     "ct-w8a16-channel": (CT, dict(bits=8, group_size=None, symmetric=True)),
+    # quant_formats' "int8 grouped": 8-bit with groups or zero points, records of their own
+    "gptq-8bit-g32": (GPTQ, dict(bits=8, group_size=32, sym=True)),
+    "gptq-8bit-channel-asym": (GPTQ, dict(bits=8, group_size=-1, sym=False)),
+    "ct-w8a16-g32": (CT, dict(bits=8, group_size=32, symmetric=True)),
 }
 # int4 with one scale per channel: records in groups of gcd(hidden 64, expert_ffn), the scale repeated
 CHANNEL_GROUP = {"mixtral": 32, "qwen3_moe": 64}  # expert_ffn 96 and 64
@@ -71,6 +76,9 @@ def native_format(family: str, case: str) -> ExpertFormat:
         "ct-w4a16-g32": ExpertFormat("int4", group_size=32, scale_dtype=BF16),
         "ct-w4a16-g32-asym": ExpertFormat("int4", group_size=32, symmetric=False, scale_dtype=BF16),
         "ct-w8a16-channel": ExpertFormat("int8"),
+        "gptq-8bit-g32": ExpertFormat("int8", group_size=32, scale_dtype=FP16),
+        "gptq-8bit-channel-asym": ExpertFormat("int8", group_size=None, symmetric=False, scale_dtype=FP16),
+        "ct-w8a16-g32": ExpertFormat("int8", group_size=32, scale_dtype=BF16),
     }[case]
 
 
@@ -193,8 +201,9 @@ def test_packed_expert_is_the_oracle_bit_for_bit(family, case, case_checkpoint):
         assert packed.w13.shape == (2 * spec.expert_ffn, spec.hidden_size)
         assert packed.w2.shape == (spec.hidden_size, spec.expert_ffn)
         assert packed.w13.format == packed.w2.format == native.kind
-        if native.kind == "int4":
-            assert packed.w13.group_size == packed.w2.group_size == native.group_size
+        if native.grouped:
+            assert packed.w13.group_size == native.group_size_for(spec.hidden_size)
+            assert packed.w2.group_size == native.group_size_for(spec.expert_ffn)
             assert packed.w13.symmetric == packed.w2.symmetric == native.symmetric
             assert packed.w13.scale_dtype == packed.w2.scale_dtype == native.scale_dtype
         if packed.input_perm is None:  # the identity, also in a format with input_perm
@@ -402,22 +411,42 @@ def test_gate_and_up_in_different_act_orders(build):
     assert torch.equal(checkpoint.expert_weights(1, 3).w13, torch.cat([oracle[gate], oracle[up]]))
 
 
-@pytest.mark.parametrize(
-    "method, kwargs",
-    [
-        (GPTQ, dict(bits=8, group_size=32, sym=True)),
-        (GPTQ, dict(bits=8, group_size=-1, sym=False)),
-        (CT, dict(bits=8, group_size=32, symmetric=True)),
-    ],
-    ids=["gptq-g32", "gptq-channel-asym", "ct-w8a16-g32"],
-)
-def test_int8_grouped_has_no_native_format_but_reads_as_floats(method, kwargs, build):
-    built = build("mixtral", method, seed=23, **kwargs)
+@pytest.mark.parametrize("case", ["gptq-8bit-g32", "gptq-8bit-channel-asym", "ct-w8a16-g32"])
+@each_family
+def test_int8_grouped_records_hold_the_oracle_as_packed(family, case, case_checkpoint):
+    """8-bit with groups or zero points (quant_formats' "int8 grouped") has records of its own:
+    the store's records, written from the packed experts (never requantized), dequantize to the
+    oracle's weights bit for bit."""
+    built = case_checkpoint(family, case)
     checkpoint = Checkpoint.open(built.folder)
-    message = r"8-bit with .*'int8 grouped' layout, which is not a runtime layout yet.*expert_dtype='int8' or 'int4'"
+    native = checkpoint.native_expert_format()
+    assert native.kind == "int8" and native.grouped and native == native_format(family, case)
+    assert native.name == {"gptq-8bit-g32": "int8-g32", "gptq-8bit-channel-asym": "int8-channel-asym"}.get(
+        case, "int8-g32-bf16"
+    )
+    layout = RecordLayout.for_format(checkpoint.spec.hidden_size, checkpoint.spec.expert_ffn, native)
+    assert keeps_native_format(checkpoint, native)
+    oracle = oracle_weights(built.folder)
+    records = torch.zeros(3, layout.record_nbytes, dtype=torch.uint8)
+    experts = [(0, 1), (1, 0), (1, checkpoint.spec.num_experts - 1)]
+    for row, (moe_layer, expert) in enumerate(experts):
+        pack_record(checkpoint, layout, moe_layer, expert, records[row].numpy())
+    views = record_views(records, layout)
+    assert views.w13.grouped_int8 and views.w13.q.dtype == torch.int8 and views.w13.scale.dtype == native.scale_dtype
+    assert (views.w13.zero is None) == native.symmetric
+    for row, (moe_layer, expert) in enumerate(experts):
+        gate, up, down = expert_names(checkpoint, moe_layer, expert)
+        assert torch.equal(dequantize(views.w13[row]), torch.cat([oracle[gate], oracle[up]]))
+        assert torch.equal(dequantize(views.w2[row]), oracle[down])
+
+
+def test_8_bit_groups_with_no_records_are_refused_but_read_as_floats(build):
+    built = build("mixtral", GPTQ, seed=23, bits=8, group_size=16, sym=True)
+    checkpoint = Checkpoint.open(built.folder)
+    message = r"8-bit in groups of 16, expected groups a multiple of 32 .*expert_dtype='int8' or 'int4'"
     with pytest.raises(ConfigError, match=message):
         checkpoint.native_expert_format()
-    with pytest.raises(ConfigError, match="int8 grouped"):
+    with pytest.raises(ConfigError, match="8-bit in groups of 16"):
         checkpoint.packed_expert(0, 1)
     oracle = oracle_weights(built.folder)
     gate, up, down = expert_names(checkpoint, 0, 1)

@@ -36,6 +36,10 @@ CHECKPOINTS = {
         "int4-g32-asym-bf16",
     ),  # fmt: skip
     "ct-w8a16-channel": (save_tiny_compressed_tensors, dict(bits=8, group_size=None, symmetric=True), "int8"),
+    # quant_formats' "int8 grouped": 8-bit with groups or zero points, in grouped int8 records
+    "gptq-int8-g32": (save_tiny_gptq, dict(bits=8, group_size=32, sym=True), "int8-g32"),
+    "gptq-int8-channel-asym": (save_tiny_gptq, dict(bits=8, group_size=-1, sym=False), "int8-channel-asym"),
+    "ct-w8a16-g32": (save_tiny_compressed_tensors, dict(bits=8, group_size=32, symmetric=True), "int8-g32-bf16"),
 }
 FAMILIES = ("mixtral", "qwen3_moe")
 
@@ -87,9 +91,9 @@ def test_a_published_checkpoint_dequantized_or_requantized_on_request(tmp_path):
     assert int8.expert_format.name == "int8" and not keeps_native_format(int8.checkpoint, int8.expert_format)
 
 
-def test_gptq_int8_with_groups_asks_for_an_expert_dtype(tmp_path):
-    save_tiny_gptq("mixtral", tmp_path / "q", bits=8, group_size=32, sym=True, seed=4)
-    with pytest.raises(ConfigError, match="expert_dtype"):
+def test_gptq_int8_with_groups_of_no_record_layout_asks_for_an_expert_dtype(tmp_path):
+    save_tiny_gptq("mixtral", tmp_path / "q", bits=8, group_size=16, sym=True, seed=4)  # no multiple of 32
+    with pytest.raises(ConfigError, match="8-bit in groups of 16.*expert_dtype"):
         LLM(tmp_path / "q", progress=False)
     llm = LLM(tmp_path / "q", progress=False, expert_dtype="int8")  # requantized per channel: it runs
     assert llm.generate([[3, 4]], SamplingParams(max_new_tokens=2))[0].token_ids

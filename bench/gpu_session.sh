@@ -19,7 +19,7 @@
 #     Accelerate offloading at the same 25% budget (MoE-Infinity's baseline)
 #   6b python -m bench.gpu_offload --hybrid-only: a Qwen3-30B-A3B-shaped model at 25 / 50% budget with
 #     host_compute never / always / auto against resident (issue 14)
-#   6c python -m bench.kernels --formats int8 int4: fused_quant_moe against fused_moe on the dequantized
+#   6c python -m bench.kernels --formats int8 int8g int4: fused_quant_moe against fused_moe on the dequantized
 #     weights (issue 15)
 #   7 tests/runtime/test_cuda.py -k fused_moe, bf16, again: the tuned configs through the default lookup
 #   8 tests/kernels/test_kernels.py on the GPU (odd shapes; informative: a few tests expect CPU-only checks)
@@ -154,13 +154,13 @@ fi
 # ------------------------------------------------------------------------------ 3-5 kernels, tune, kernels
 if [[ $SMOKE == 0 ]]; then
     KERNELS=("$PY" -m bench.kernels --formats float)
-    KERNELS_QUANT=("$PY" -m bench.kernels --formats int8 int4)
+    KERNELS_QUANT=("$PY" -m bench.kernels --formats int8 int8g int4)
     TUNE=("$PY" -m bench.tune_moe --results-dir "$WORK")
     OFFLOAD=("$PY" -m bench.gpu_offload --out "$WORK" --workdir /tmp/gpu-offload-bench --hybrid-layers 0)
     HYBRID=("$PY" -m bench.gpu_offload --hybrid-only --out "$WORK" --workdir /tmp/gpu-hybrid-bench)
 else
     KERNELS=("$PY" -m bench.kernels --cpu --formats float --models Mixtral-8x7B/16 --tokens 1 --min-time 0.01)
-    KERNELS_QUANT=("$PY" -m bench.kernels --cpu --formats int8 int4 --models Mixtral-8x7B/16 --tokens 1)
+    KERNELS_QUANT=("$PY" -m bench.kernels --cpu --formats int8 int8g int4 --models Mixtral-8x7B/16 --tokens 1)
     TUNE=("$PY" -m bench.tune_moe --smoke --models tiny --tokens 1 --max-candidates 3 --out-dir "$WORK/configs"
         --results-dir "$WORK")
     OFFLOAD=("$PY" -m bench.gpu_offload --smoke --out "$WORK" --workdir "$WORK/offload-work" --hybrid-layers 0)

@@ -1,7 +1,7 @@
 """Kernel microbenchmark: the fused MoE Triton kernel against torch baselines, same inputs, same run.
 
 Run:  python -m bench.kernels [--cpu] [--models NAME ...] [--tokens 1 16 256 4096] [--out bench/results]
-                              [--formats float int8 int4]
+                              [--formats float int8 int8g int4]
 
 GPU (the default where CUDA is available): bfloat16, the real expert shapes of
   Mixtral-8x7B      D=4096 F=14336 E=8   top-2
@@ -26,10 +26,10 @@ Implementations (all: x [M, D] -> out [M, D], the contract of moe_experts_refere
   grouped_mm  torch._grouped_mm over the tokens sorted by expert (where torch has it); it needs the
               experts stacked in id order, so it runs on the identity slot table the bench uses
 
-Quantized weights (GPU only; --formats int8 / int4, both by default): the same experts quantized with
-kernels/quantize.py's RTN, int8 per output channel or int4 in groups of 128 inputs (symmetric,
-float16 scales), x in bfloat16:
-  triton-int8 / triton-int4                moeinf.kernels.quant_moe.fused_quant_moe on the packed weights
+Quantized weights (GPU only; --formats int8 / int8g / int4, all by default): the same experts quantized
+with kernels/quantize.py's RTN, int8 per output channel, or int8g (grouped int8, GPTQ 8-bit's layout)
+or int4 in groups of 128 inputs (symmetric, float16 scales), x in bfloat16:
+  triton-int8 / triton-int8g / triton-int4  moeinf.kernels.quant_moe.fused_quant_moe on the packed weights
   triton-int8-dequant / triton-int4-dequant  fused_moe on the same weights dequantized to bfloat16
                                              (what the quantized kernel saves against)
 Their rel_rms is against quantized_moe_experts_reference (the float32 reference on the dequantized
@@ -89,7 +89,7 @@ CPU_MODELS = {
 }
 GPU_TOKENS = (1, 16, 256, 4096)
 CPU_TOKENS = (1, 16, 64)
-FORMATS = ("float", "int8", "int4")  # --formats: the float implementations, and each quantized format's rows
+FORMATS = ("float", "int8", "int8g", "int4")  # --formats: the float implementations, and each quantized format's rows
 INT4_GROUP_SIZE = 128  # every GPU model's D and F are multiples of it
 
 # device-name substring -> (dense bf16 TFLOP/s, HBM TB/s), spec sheets; the first match wins
@@ -165,11 +165,12 @@ def make_experts(D, FF, E, dtype, device, seed=0):
 
 
 def make_quant_experts(D, FF, E, dtype, device, format, group_size=INT4_GROUP_SIZE, seed=0):
-    """make_experts' weights quantized with quantize.py's RTN: int8 per output channel, or int4 in
-    groups of group_size inputs, symmetric, float16 scales. Returns (w13, w2, slots), w13 and w2
-    QuantizedMatrix stacks [E, 2F, D] and [E, D, F]."""
+    """make_experts' weights quantized with quantize.py's RTN: int8 per output channel, or int4 or
+    grouped int8 ("int8g", the GPTQ 8-bit layout) in groups of group_size inputs, symmetric, float16
+    scales. Returns (w13, w2, slots), w13 and w2 QuantizedMatrix stacks [E, 2F, D] and [E, D, F]."""
     w13, w2, slots = make_experts(D, FF, E, dtype, device, seed)
     options = {} if format == "int8" else dict(group_size=group_size)
+    format = "int8" if format == "int8g" else format  # grouped int8 is int8 with a group size
     return quantize(w13, format, **options), quantize(w2, format, **options), slots
 
 
@@ -353,7 +354,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="CPU: torch threads (default: torch's own choice)")
     parser.add_argument(
         "--formats", nargs="*", choices=FORMATS, default=list(FORMATS),
-        help="float: the float implementations; int8, int4: the quantized rows (GPU only). Default: all",
+        help="float: the float implementations; int8, int8g, int4: the quantized rows (GPU only). Default: all",
     )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args()

@@ -1,14 +1,14 @@
 """Offline tuner of the fused-MoE block sizes: times candidate BlockConfigs of fused_moe on a GPU for
 each model shape and token count M, keeps the fastest whose output matches the torch reference, and
 writes one tuned file per (E, N, K, dtype, device) that moe_block_config reads (the format is in
-moeinf/kernels/block_configs.py). With --format int8 or int4 it tunes fused_quant_moe (quant_moe.py)
+moeinf/kernels/block_configs.py). With --format int8, int8g or int4 it tunes fused_quant_moe (quant_moe.py)
 on weights in that format instead, into files whose names carry the format (float files stay as
 they are).
 
 Run on a CUDA machine:
   python -m bench.tune_moe [--models NAME ...] [--tokens 1 16 64 256 1024 4096] [--budget-s 150]
                            [--max-candidates 16] [--out-dir moeinf/kernels/configs] [--results-dir bench/results]
-                           [--format int8|int4 [--group-size 128]]
+                           [--format int8|int8g|int4 [--group-size 128]]
   python -m bench.tune_moe --dry-run-list [--models ...] [--tokens ...]   the candidates in the order tried; no GPU
 Smoke test anywhere (CPU, Triton interpreter, tiny shapes, perf_counter timer; files go to a new temp
 directory unless --out-dir is given):
@@ -20,8 +20,9 @@ by, expert_slots.shape[0]: the runtime runs shared experts apart from fused_moe,
 files have E = 64, its routed experts.
 
 Weights: float (the default) in --dtype; or w13 and w2 both quantized (kernels/quantize.py's RTN) to
---format: int8 per output channel, or int4 in groups of --group-size (default 128; smoke 32)
-inputs, symmetric, float16 scales (the common GPTQ / compressed-tensors W4A16 layout); x in
+--format: int8 per output channel, or int4 or int8g (grouped int8: GPTQ 8-bit, compressed-tensors
+W8A16) in groups of --group-size (default 128; smoke 32) inputs, symmetric, float16 scales (the
+common GPTQ / compressed-tensors layouts); x in
 --dtype. The file is keyed by x's dtype and the format, not the group size: the int4 kernel cuts
 block_k to the group (quant_moe.int4_block_k), so a file tuned at G = 128 serves every G, its
 block_k cut for smaller ones (candidates that the cut would change are pruned).
@@ -102,7 +103,8 @@ BENCH = Path(__file__).resolve().parent
 SMOKE_MODELS = {"tiny": (64, 32, 4, 2), "tiny-odd": (48, 40, 6, 3)}
 GPU_TOKENS = (1, 16, 64, 256, 1024, 4096)
 SMOKE_TOKENS = (1, 8)
-QUANT_FORMATS = ("int8", "int4")
+QUANT_FORMATS = ("int8", "int8g", "int4")  # int8g: grouped int8 (GPTQ 8-bit), quant_moe's key
+GROUPED = ("int8g", "int4")  # the formats with a group size
 GROUP_SIZE, SMOKE_GROUP_SIZE = 128, 32  # int4 inputs per group: every GPU model's D and F are multiples of 128
 
 GRID = {
@@ -154,8 +156,10 @@ class Weights:
     def __post_init__(self):
         if self.format not in (None, *QUANT_FORMATS):
             raise ValueError(f"weights format: expected None or one of {QUANT_FORMATS}, found {self.format!r}")
-        if (self.format == "int4") != (self.group_size is not None):
-            raise ValueError(f"weights: expected a group size with int4 only, found {self.format} {self.group_size}")
+        if (self.format in GROUPED) != (self.group_size is not None):
+            raise ValueError(
+                f"weights: expected a group size with {' and '.join(GROUPED)} only, found {self.format} {self.group_size}"
+            )
 
     @property
     def label(self) -> str:
@@ -172,7 +176,7 @@ class Weights:
         """Why these weights cannot hold a model of shape (D, F, E, K), or None."""
         D, F, _, _ = shape
         if self.group_size is not None and (D % self.group_size or F % self.group_size):
-            return f"int4 groups of {self.group_size} need D = {D} and F = {F} multiples of it"
+            return f"{self.format} groups of {self.group_size} need D = {D} and F = {F} multiples of it"
         return None
 
     def experts(self, shape, dtype: torch.dtype, device: torch.device, zeros: bool = False):
@@ -192,6 +196,10 @@ class Weights:
         if self.format == "int8":
             q = torch.zeros(E, N, K, dtype=torch.int8, device=device)
             return QuantizedMatrix("int8", q, torch.ones(E, N, device=device))
+        if self.format == "int8g":
+            q = torch.zeros(E, N, K, dtype=torch.int8, device=device)
+            scale = torch.ones(E, N, K // self.group_size, dtype=torch.float16, device=device)
+            return QuantizedMatrix("int8", q, scale, None, self.group_size)
         q = torch.zeros(E, N, K // 2, dtype=torch.uint8, device=device)
         scale = torch.ones(E, N, K // self.group_size, dtype=torch.float16, device=device)
         return QuantizedMatrix("int4", q, scale, None, self.group_size)
@@ -674,10 +682,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     tokens = sorted(set(args.tokens or (SMOKE_TOKENS if args.smoke else GPU_TOKENS)))
     dtype = getattr(torch, args.dtype or ("float32" if args.smoke else "bfloat16"))
     itemsize = torch.empty((), dtype=dtype).element_size()
-    if args.group_size is not None and args.format != "int4":
-        raise SystemExit(f"--group-size is for --format int4, found --format {args.format}")
+    if args.group_size is not None and args.format not in GROUPED:
+        raise SystemExit(f"--group-size is for --format {' or '.join(GROUPED)}, found --format {args.format}")
     group_size = None
-    if args.format == "int4":
+    if args.format in GROUPED:
         group_size = args.group_size or (SMOKE_GROUP_SIZE if args.smoke else GROUP_SIZE)
     kind = Weights(args.format, group_size)
     unfit = {name: kind.unfit(shape) for name, shape in models.items() if kind.unfit(shape)}

@@ -43,7 +43,7 @@ def test_smoke_run_writes_a_file_block_configs_reads(tmp_path, capsys):
     assert "speedup" in out and "wrote" in out
 
 
-@pytest.mark.parametrize("format", ["int8", "int4"])
+@pytest.mark.parametrize("format", ["int8", "int8g", "int4"])
 def test_smoke_run_of_quantized_weights_writes_a_file_under_its_format(format, tmp_path):
     """--format: fused_quant_moe tuned on weights in that format, into a file whose name carries the
     format; the float lookup of the same shape does not see it, the quantized kernel's does."""
@@ -63,7 +63,7 @@ def test_smoke_run_of_quantized_weights_writes_a_file_under_its_format(format, t
     header = rows[0].split(",")
     rows = [dict(zip(header, r.split(","))) for r in rows[1:]]
     assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)
-    assert {r["format"] for r in rows} == {"int8" if format == "int8" else f"int4-g{tune_moe.SMOKE_GROUP_SIZE}"}
+    assert {r["format"] for r in rows} == {"int8" if format == "int8" else f"{format}-g{tune_moe.SMOKE_GROUP_SIZE}"}
     assert "weights" in json.loads((tmp_path / name).read_text())["source"]
 
 
@@ -91,8 +91,10 @@ def test_quantized_candidates_are_checked_against_the_dequantized_reference():
     mixtral = tune_moe.GPU_MODELS["Mixtral-8x7B"]
     assert "int4" in tune_moe.prune_reason(BlockConfig(16, 64, 128, 1), 1, mixtral, 2, group_size=32)  # runs as k32
     assert tune_moe.prune_reason(BlockConfig(16, 64, 128, 1), 1, mixtral, 2, group_size=128) is None
-    with pytest.raises(ValueError, match="expected a group size with int4 only"):
+    with pytest.raises(ValueError, match="expected a group size with int8g and int4 only"):
         tune_moe.Weights("int8", 32)
+    with pytest.raises(ValueError, match="expected a group size with int8g and int4 only"):
+        tune_moe.Weights("int8g", None)
 
 
 def trial(ms, error, block_m=16, status="ok"):

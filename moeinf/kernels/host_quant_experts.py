@@ -814,15 +814,17 @@ def _rows_int8g(m, slot, first, last, p0, count, xs, out, K, sf, zf):
 @njit(parallel=True, cache=True)
 def _project(m, slots, experts, starts, counts, xs, out, N, K, workers):
     """out[pairs of e, :N] = xs[pairs of e] @ W_e^T for every expert e of `experts`, in parallel over
-    (expert, block of ROWS_PER_ITEM rows), item i on worker i % workers; W_e: slot slots[e] of the
-    quantized matrix m (a _matrix tuple: int8, grouped int8, or int4 with xs's rows _permuted)."""
+    (expert, block of ROWS_PER_ITEM rows), each worker a contiguous run of items (its prefetches run
+    on into its next item's rows); W_e: slot slots[e] of the quantized matrix m (a _matrix tuple:
+    int8, grouped int8, or int4 with xs's rows _permuted)."""
     blocks = (N + ROWS_PER_ITEM - 1) // ROWS_PER_ITEM
     items = experts.shape[0] * blocks
     table = ROWS_PER_ITEM * (K // m[10]) if m[13] != INT8 else 1  # a worker's group table, reused item to item
-    for worker in prange(min(workers, items)):
+    runs = min(workers, items)
+    for worker in prange(runs):
         sf = np.empty(table, np.float32)  # [ROWS_PER_ITEM * K / G] the rows' scales
         zf = np.empty(table, np.float32)  # and -zero * scale
-        for item in range(worker, items, workers):
+        for item in range(worker * items // runs, (worker + 1) * items // runs):
             e = experts[item // blocks]
             first = (item % blocks) * ROWS_PER_ITEM
             last = min(first + ROWS_PER_ITEM, N)

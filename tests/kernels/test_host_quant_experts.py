@@ -246,3 +246,18 @@ def test_applies_to_decode_sized_float32_steps():
     assert host_quant_experts.applies(x) and host_quant_experts.applies(x[:1])
     assert not host_quant_experts.applies(torch.cat([x, x[:1]]))
     assert not host_quant_experts.applies(x.bfloat16())
+
+
+def test_a_matrix_views_are_built_once_and_dropped_with_it():
+    """The kernels' views of a matrix are kept while it lives (a decode step passes the same
+    matrices every layer) and dropped when it dies, so a later matrix at the same id gets its own."""
+    x, ids, weights, w13, w2, slots = make_case("int4-g32-sym-fp16", 3, 2)
+    w13, w2 = (QuantizedMatrix(m.format, m.q.clone(), m.scale, m.zero, m.group_size) for m in (w13, w2))
+    D, F = FORMATS["int4-g32-sym-fp16"][:2]
+    expected = host_quant_moe_experts(x, ids, weights, w13, w2, slots)
+    views = host_quant_experts._VIEWS[(id(w13), 2 * F, D)]
+    assert torch.equal(host_quant_moe_experts(x, ids, weights, w13, w2, slots), expected)
+    assert host_quant_experts._VIEWS[(id(w13), 2 * F, D)] is views
+    key = (id(w13), 2 * F, D)
+    del w13
+    assert key not in host_quant_experts._VIEWS

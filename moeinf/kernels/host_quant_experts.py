@@ -245,6 +245,23 @@ def _vstore(typingctx, array, index, value):
 
 
 @intrinsic
+def _vstore_interleaved(typingctx, array, index, even, odd):
+    """array[index + 2i] = even[i], array[index + 2i + 1] = odd[i] for i < 16: 32 float32 in
+    input order from a 16-byte int4 chunk's two halves (flat index)."""
+    if not _is_array_of(array, types.float32) or not isinstance(index, types.Integer) or not even == odd == vector:
+        return None
+
+    def codegen(context, builder, signature, args):
+        pointer = _element_pointer(context, builder, signature.args[0], args[0], signature.args[1], args[1])
+        order = [lane for i in range(LANES) for lane in (i, LANES + i)]  # even 0, odd 0, even 1, ...
+        both = builder.shuffle_vector(args[2], args[3], ir.Constant(ir.VectorType(_I32, 2 * LANES), order))
+        builder.store(both, builder.bitcast(pointer, ir.VectorType(_F32, 2 * LANES).as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.none(array, index, even, odd), codegen
+
+
+@intrinsic
 def _at(typingctx, array, index):
     """array[index], flat, without negative-index wraparound (the kernels' indices are >= 0)."""
     if not isinstance(array, types.Array) or array.layout != "C" or not isinstance(index, types.Integer):
@@ -840,7 +857,8 @@ def _project(m, slots, experts, starts, counts, xs, out, N, K, workers):
 @njit(parallel=True, cache=True)
 def _dequantize_rows(m, slots, out, N, K):
     """out[u] = the float32 W [N, K] of slot slots[u] of the quantized matrix m (a _matrix tuple),
-    in parallel over (slot, row): (code - zero) * scale, exactly dequantize()'s values."""
+    in parallel over (slot, row), 16 lanes at a time: (code - zero) * scale, exactly dequantize()'s
+    values (each product exact, or int8's q * scale rounded once as there)."""
     for item in prange(slots.shape[0] * N):
         u, n = item // N, item % N
         slot = slots[u]
@@ -850,29 +868,40 @@ def _dequantize_rows(m, slots, out, N, K):
             qr = m[1] + slot * m[2] + n * H
             sr = m[5] + slot * m[6] + n * groups
             zr = m[8] + slot * m[9] + n * groups
-            for g in range(groups):
+            row = (u * N + n) * K  # out[u, n, 0], flat
+            for g in range(groups):  # each weight code * s - z * s in one rounding: (code - z) * s, exact
                 s = _scale_value(_at(scale, sr + g), bf16)
                 z = np.float32(_at(zero, zr + g)) if has_zero else np.float32(INT4_SYMMETRIC_ZERO)
-                for j in range(g * G // 2, (g + 1) * G // 2):
-                    byte = _at(q, qr + j)
-                    out[u, n, 2 * j] = (np.float32(byte & 15) - z) * s
-                    out[u, n, 2 * j + 1] = (np.float32(byte >> 4) - z) * s
+                sv, offset = _vsplat(s), _vsplat(-(z * s))
+                table = _vtable(sv, offset)
+                for c in range(g * G // CHUNK, (g + 1) * G // CHUNK):  # G a multiple of 32
+                    even, odd = _vdequantize(q, qr + LANES * c, table, sv, offset)
+                    _vstore_interleaved(out, row + CHUNK * c, even, odd)
         elif m[13] == INT8_GROUPED:  # (q + 128 - zero) * the group's scale
             q, scale, zero, G, bf16, has_zero = m[0], m[4], m[7], m[10], m[11], m[12]
             groups = K // G
             qr = m[1] + slot * m[2] + n * K
             sr = m[5] + slot * m[6] + n * groups
             zr = m[8] + slot * m[9] + n * groups
+            row = (u * N + n) * K  # out[u, n, 0], flat
             for g in range(groups):
                 s = _scale_value(_at(scale, sr + g), bf16)
                 z = np.float32(_at(zero, zr + g)) - np.float32(INT8_CODE_OFFSET) if has_zero else np.float32(0)
-                for k in range(g * G, (g + 1) * G):
-                    out[u, n, k] = (np.float32(_int8_at(q, qr + k)) - z) * s
+                sv, shift = _vsplat(s), _vsplat(-z)
+                for k in range(g * G, (g + 1) * G, LANES):  # G a multiple of 32
+                    _vstore(out, row + k, _vmul(_vadd(_vload_int8(q, qr + k), shift), sv))
         else:  # int8: q * the row's scale
             s = _at(m[3], m[5] + slot * m[6] + n)
             qr = m[1] + slot * m[2] + n * K
-            for k in range(K):
+            row = (u * N + n) * K
+            sv = _vsplat(s)
+            k = 0
+            while k + LANES <= K:
+                _vstore(out, row + k, _vmul(_vload_int8(m[0], qr + k), sv))
+                k += LANES
+            while k < K:  # K need not be a multiple of 16 here
                 out[u, n, k] = np.float32(_int8_at(m[0], qr + k)) * s
+                k += 1
 
 
 def dequantize_slots(m: QuantizedMatrix, slots: torch.Tensor) -> torch.Tensor:

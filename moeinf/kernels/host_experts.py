@@ -30,10 +30,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import intrinsic, overload
+from numba import njit, prange
 
+from moeinf.kernels.bf16_bits import rounded, widen
 from moeinf.kernels.expert_activation import SILU, ExpertActivation
 from moeinf.kernels.quantize import QuantizedMatrix
 from moeinf.kernels.reference import expect_both_biases_or_neither
@@ -45,62 +44,6 @@ ACTIVATIONS = {"silu": 0, "clamped_swiglu": 1}
 # Reassociation lets a dot product run as vectorised partial sums, contraction fuses its multiply-adds;
 # no flag that assumes away NaN or infinity (the activation's exp overflows for very negative gates)
 FAST = {"reassoc", "contract"}
-
-
-# ---------------------------------------------------------------------------------- bit casts
-
-
-@intrinsic
-def _bits_to_float32(typingctx, bits):
-    """uint32 -> the float32 with those bits."""
-    if bits != types.uint32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return types.float32(types.uint32), codegen
-
-
-@intrinsic
-def _float32_to_bits(typingctx, value):
-    """float32 -> its bits as uint32."""
-    if value != types.float32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return types.uint32(types.float32), codegen
-
-
-def _widen(value):
-    """A weight element as float32: bfloat16 bits (uint16) shifted into float32's upper half, exactly."""
-    raise NotImplementedError("compiled only: see the overload below")
-
-
-@overload(_widen, inline="always")
-def _widen_impl(value):
-    if value == types.uint16:
-        return lambda value: _bits_to_float32(np.uint32(np.uint32(value) << np.uint32(16)))
-    if value == types.float32:
-        return lambda value: value
-    return None
-
-
-@njit(inline="always")
-def _round_bf16(value):
-    """float32 -> the nearest bfloat16 (ties to even), as float32; NaN stays NaN (torch's rule)."""
-    if value != value:
-        return value
-    bits = _float32_to_bits(value)
-    bits = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
-    return _bits_to_float32(np.uint32(bits))  # numba widens uint32 arithmetic to uint64
-
-
-@njit(inline="always")
-def _rounded(value, bf16):
-    return _round_bf16(value) if bf16 else value
 
 
 # ---------------------------------------------------------------------------------- jit bodies
@@ -117,7 +60,7 @@ def _dot_rows(w, r, xs, p0, count, out, col, K):
         s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = np.float32(0.0)
         s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = np.float32(0.0)
         for k in range(K):
-            w0, w1, w2, w3 = _widen(w[r, k]), _widen(w[r + 1, k]), _widen(w[r + 2, k]), _widen(w[r + 3, k])
+            w0, w1, w2, w3 = widen(w[r, k]), widen(w[r + 1, k]), widen(w[r + 2, k]), widen(w[r + 3, k])
             x0, x1, x2, x3 = xs[a, k], xs[b, k], xs[c, k], xs[d, k]
             s00 += w0 * x0
             s01 += w1 * x0
@@ -145,12 +88,32 @@ def _dot_rows(w, r, xs, p0, count, out, col, K):
         s0 = s1 = s2 = s3 = np.float32(0.0)
         for k in range(K):
             x0 = xs[a, k]
-            s0 += _widen(w[r, k]) * x0
-            s1 += _widen(w[r + 1, k]) * x0
-            s2 += _widen(w[r + 2, k]) * x0
-            s3 += _widen(w[r + 3, k]) * x0
+            s0 += widen(w[r, k]) * x0
+            s1 += widen(w[r + 1, k]) * x0
+            s2 += widen(w[r + 2, k]) * x0
+            s3 += widen(w[r + 3, k]) * x0
         out[a, col], out[a, col + 1], out[a, col + 2], out[a, col + 3] = s0, s1, s2, s3
         i += 1
+
+
+@njit(fastmath=FAST, cache=True)
+def _dot_eight_rows(w, r, xs, p, out, col, K):
+    """out[p, col + j] = w[r + j] . xs[p] for j < 8: one token against eight weight rows (a token
+    left over from the 4-token tiles; eight rows a pass, not four, keep twice the loads in flight
+    and halve the passes over xs[p]: 1.2-1.4x faster on the default model's short rows)."""
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = np.float32(0.0)
+    for k in range(K):
+        x = xs[p, k]
+        s0 += widen(w[r, k]) * x
+        s1 += widen(w[r + 1, k]) * x
+        s2 += widen(w[r + 2, k]) * x
+        s3 += widen(w[r + 3, k]) * x
+        s4 += widen(w[r + 4, k]) * x
+        s5 += widen(w[r + 5, k]) * x
+        s6 += widen(w[r + 6, k]) * x
+        s7 += widen(w[r + 7, k]) * x
+    out[p, col], out[p, col + 1], out[p, col + 2], out[p, col + 3] = s0, s1, s2, s3
+    out[p, col + 4], out[p, col + 5], out[p, col + 6], out[p, col + 7] = s4, s5, s6, s7
 
 
 @njit(fastmath=FAST, cache=True)
@@ -160,7 +123,7 @@ def _dot_row(w, r, xs, p0, count, out, col, K):
     for i in range(count):
         s = np.float32(0.0)
         for k in range(K):
-            s += _widen(w[r, k]) * xs[p0 + i, k]
+            s += widen(w[r, k]) * xs[p0 + i, k]
         out[p0 + i, col] = s
 
 
@@ -185,13 +148,22 @@ def _expert_block(first, second, slots, second_slots, e, rows, cols):
 @njit(parallel=True, fastmath=FAST, cache=True)
 def _project(first, second, slots, second_slots, experts, starts, counts, xs, out, N, K):
     """out[pairs of e, :N] = xs[pairs of e] @ W_e^T for every active expert e, in parallel over
-    (expert, block of ROWS_PER_ITEM weight rows). W_e: expert e's [N, K] block (_expert_block)."""
+    (expert, block of ROWS_PER_ITEM weight rows). W_e: expert e's [N, K] block (_expert_block).
+    Eight rows at a time: the expert's tokens in 4-token tiles over each four of them, the tokens
+    left over one at a time over all eight; then the block's last rows four and one at a time."""
     blocks = (N + ROWS_PER_ITEM - 1) // ROWS_PER_ITEM
     for item in prange(experts.shape[0] * blocks):
         e = experts[item // blocks]
         w = _expert_block(first, second, slots, second_slots, e, N, K)
         r = (item % blocks) * ROWS_PER_ITEM
         last = min(r + ROWS_PER_ITEM, N)
+        tiled = counts[e] - counts[e] % 4  # the expert's tokens that fill 4-token tiles
+        while r + 8 <= last:
+            _dot_rows(w, r, xs, starts[e], tiled, out, r, K)
+            _dot_rows(w, r + 4, xs, starts[e], tiled, out, r + 4, K)
+            for p in range(starts[e] + tiled, starts[e] + counts[e]):
+                _dot_eight_rows(w, r, xs, p, out, r, K)
+            r += 8
         while r + 4 <= last:
             _dot_rows(w, r, xs, starts[e], counts[e], out, r, K)
             r += 4
@@ -205,27 +177,27 @@ def _activate(gate_up, expert_of, slots, second_slots, b13, b13_second, has_bias
     """act[q] = activation(gate, up) of row q's gate_up [2F] (+ its expert's b13), in the
     reference's roundings. gate_up: [P, 2F] float32; act: [P, F] float32."""
     F = act.shape[1]
-    lim = _rounded(limit, bf16)  # clamp bounds are cast to the tensor's dtype
+    lim = rounded(limit, bf16)  # clamp bounds are cast to the tensor's dtype
     for q in range(gate_up.shape[0]):
         if has_bias:
             bias = _expert_block(b13, b13_second, slots, second_slots, expert_of[q], 1, 2 * F)
         else:
             bias = b13[0][:1].reshape(1, 1)
         for f in range(F):
-            gate = _rounded(gate_up[q, f], bf16)
-            up = _rounded(gate_up[q, F + f], bf16)
+            gate = rounded(gate_up[q, f], bf16)
+            up = rounded(gate_up[q, F + f], bf16)
             if has_bias:  # added to the rounded product, as the reference (and transformers) add it
-                gate = _rounded(gate + _widen(bias[0, f]), bf16)
-                up = _rounded(up + _widen(bias[0, F + f]), bf16)
+                gate = rounded(gate + widen(bias[0, f]), bf16)
+                up = rounded(up + widen(bias[0, F + f]), bf16)
             if activation == 0:  # silu(gate) * up, each tensor op rounded
-                silu = _rounded(gate / (np.float32(1.0) + np.exp(-gate)), bf16)
-                act[q, f] = _rounded(silu * up, bf16)
+                silu = rounded(gate / (np.float32(1.0) + np.exp(-gate)), bf16)
+                act[q, f] = rounded(silu * up, bf16)
             else:  # (clamp(up) + 1) * (min(gate, limit) * sigmoid(alpha * min(gate, limit)))
                 gate = min(gate, lim)
                 up = min(max(up, -lim), lim)
-                scaled = _rounded(gate * alpha, bf16)
-                glu = _rounded(gate * _rounded(np.float32(1.0) / (np.float32(1.0) + np.exp(-scaled)), bf16), bf16)
-                act[q, f] = _rounded(_rounded(up + np.float32(1.0), bf16) * glu, bf16)
+                scaled = rounded(gate * alpha, bf16)
+                glu = rounded(gate * rounded(np.float32(1.0) / (np.float32(1.0) + np.exp(-scaled)), bf16), bf16)
+                act[q, f] = rounded(rounded(up + np.float32(1.0), bf16) * glu, bf16)
 
 
 @njit(fastmath=FAST, cache=True)
@@ -244,10 +216,10 @@ def _combine(y, position, ids, weights, slots, second_slots, b2, b2_second, has_
             else:
                 bias = b2[0][:1].reshape(1, 1)
             for d in range(D):
-                value = _rounded(y[q, d], bf16)
+                value = rounded(y[q, d], bf16)
                 if has_bias:
-                    value = _rounded(value + _widen(bias[0, d]), bf16)
-                out[t, d] += _rounded(value * weights[t, k], weigh_bf16)
+                    value = rounded(value + widen(bias[0, d]), bf16)
+                out[t, d] += rounded(value * weights[t, k], weigh_bf16)
 
 
 @njit(cache=True)

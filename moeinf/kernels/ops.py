@@ -7,10 +7,11 @@ the runtime's use of the kernels without a GPU. `Kernels("torch")` always runs t
 the baseline the kernels are measured against on CUDA. The torch versions are the references,
 except on the CPU for decode-sized steps (up to 32 tokens): the routed experts run the host expert
 kernels (host_experts.py: float32 and bfloat16 weights read at memory bandwidth, the reference's
-arithmetic in another summation order), and in float32 the residual add with its RMSNorm
-(host_norm.py) and attention (host_attention.py) run one compiled call each instead of a layer's
-worth of small torch ops; larger steps run the experts as two grouped matmuls (grouped_experts.py:
-equal to the reference up to a vectorised sigmoid's last bit, and faster). Quantized experts (int8 /
+arithmetic in another summation order), and the residual add with its RMSNorm (host_norm.py) and
+attention (host_attention.py; in bfloat16 for decode steps proper, one new token per sequence)
+run one compiled call each instead of a layer's worth of small torch ops; larger steps run the
+experts as two grouped matmuls (grouped_experts.py: equal to the reference up to a vectorised
+sigmoid's last bit, and faster). Quantized experts (int8 /
 int4 records, kernels/quantize.py) run host_quant_experts.py's kernels on the CPU for decode-sized
 steps, larger CPU steps dequantize the routed experts in chunks for the grouped matmuls
 (dequantized_experts.py); with Triton they run quant_moe.py's fused kernel (w8a16 / w4a16), and
@@ -67,17 +68,26 @@ class Kernels:
         return rms_norm_reference(x, weight, eps, scale_in_fp32)
 
     def add_rms_norm(
-        self, h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float, scale_in_fp32: bool = False
+        self,
+        h: torch.Tensor,
+        y: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
+        scale_in_fp32: bool = False,
+        *,
+        most_new_tokens: int,
     ) -> torch.Tensor:
-        # h: [T, D] += y [T, D] in place (the residual stream); returns rms_norm(h) [T, D]
-        if self.choice == "auto" and host_norm.applies(h, y, weight):
-            return host_norm.add_rms_norm(h, y, weight, eps)
+        # h: [T, D] += y [T, D] in place (the residual stream); returns rms_norm(h) [T, D];
+        # most_new_tokens: the most new tokens one sequence of the step has
+        if self.choice == "auto" and host_norm.applies(h, y, weight, most_new_tokens):
+            return host_norm.add_rms_norm(h, y, weight, eps, scale_in_fp32)
         h.add_(y)
         return self.rms_norm(h, weight, eps, scale_in_fp32)
 
-    def attends_on_host(self, qkv: torch.Tensor, k_cache: torch.Tensor) -> bool:
-        # whether host_attention.attend_decode runs this step (qkv: [T, ...]; k_cache: [L, Hkv, C, Dh])
-        return self.choice == "auto" and host_attention.applies(qkv, k_cache)
+    def attends_on_host(self, qkv: torch.Tensor, k_cache: torch.Tensor, most_new_tokens: int) -> bool:
+        # whether host_attention.attend_decode runs this step (qkv: [T, ...]; k_cache: [L, Hkv, C, Dh];
+        # most_new_tokens: the most new tokens one sequence of the step has)
+        return self.choice == "auto" and host_attention.applies(qkv, k_cache, most_new_tokens)
 
     def softmax_topk(self, logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
         # logits: [T, E] -> ids [T, K] int64, weights [T, K] float32
@@ -127,7 +137,9 @@ class Kernels:
         if isinstance(w13, QuantizedMatrix):
             if b13 is not None or b2 is not None:
                 raise ValueError("quantized experts: expected no expert biases, found b13 / b2")
-            return self._quantized_experts(x, topk_ids, topk_weights, w13, w2, expert_slots, activation, host, input_perm)
+            return self._quantized_experts(
+                x, topk_ids, topk_weights, w13, w2, expert_slots, activation, host, input_perm
+            )
         extras = dict(b13=b13, b2=b2, activation=activation)
         if host is not None and self.uses_triton(x):  # the device's share in Triton, the host's beside it
             return hybrid_experts.hybrid_moe_experts(x, topk_ids, topk_weights, w13, w2, expert_slots, host, **extras)

@@ -54,14 +54,15 @@ class Executor:
         self.experts = experts  # where each MoE layer's experts are found, told what each step routes
         self.rotary = RotaryTable(self.spec.rope, device)
         self.kernels = kernels  # norms, routing and experts: Triton kernels or their torch references
-        # attention the host kernel can run (decode steps in float32 on the CPU): rope on q and k as
-        # Hugging Face lays it out, nothing between the projection and the softmax
+        # attention the host kernel can run (decode steps in float32 or bfloat16 on the CPU): rope on q
+        # and k as Hugging Face lays it out, in the model dtype, nothing between the projection and the softmax
         self.plain_attention = (
             self.spec.mla is None
             and self.spec.qk_norm is None
             and self.spec.clip_qkv is None
             and not self.spec.rope_interleaved
             and not self.spec.attention_sinks
+            and not self.spec.rope_fp32
         )
 
     def new_cache(self, capacity: int) -> SequenceKVCache:
@@ -78,11 +79,13 @@ class Executor:
         layers = self.dense.layers
         h = self.dense.embed[tokens]  # [T, D] the residual stream (a gathered copy: added to in place)
         x = self._norm(h, layers[0].attn_norm, layers[0].attn_norm_bias)  # [T, D] the next block's input
+        most_new = max(span.count for span in spans)  # 1: a decode step proper
         for layer, lw in enumerate(layers):
-            x = self._add_norm(h, self._attention(layer, lw, x, cos, sin, spans), lw.ffn_norm, lw.ffn_norm_bias)
+            attended = self._attention(layer, lw, x, cos, sin, spans, most_new)
+            x = self._add_norm(h, attended, lw.ffn_norm, lw.ffn_norm_bias, most_new)
             y = swiglu(x, lw.mlp_w13, lw.mlp_w2) if lw.moe_index is None else self._moe(lw, h, x, spans)
             if layer + 1 < len(layers):
-                x = self._add_norm(h, y, layers[layer + 1].attn_norm, layers[layer + 1].attn_norm_bias)
+                x = self._add_norm(h, y, layers[layer + 1].attn_norm, layers[layer + 1].attn_norm_bias, most_new)
             else:
                 h.add_(y)
         for span in spans:
@@ -100,23 +103,32 @@ class Executor:
         return self.kernels.rms_norm(h, weight, self.spec.norm_eps, self.spec.norm_scale_fp32)
 
     def _add_norm(
-        self, h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+        self, h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, most_new: int
     ) -> torch.Tensor:
-        """h: [T, D] residual stream += y [T, D], in place; returns the new h through the next norm."""
+        """h: [T, D] residual stream += y [T, D], in place; returns the new h through the next norm.
+        most_new: the most new tokens a sequence of the step has."""
         if self.spec.norm_type == "layer":
             h.add_(y)
             return self._norm(h, weight, bias)
-        return self.kernels.add_rms_norm(h, y, weight, self.spec.norm_eps, self.spec.norm_scale_fp32)
+        return self.kernels.add_rms_norm(h, y, weight, self.spec.norm_eps, self.spec.norm_scale_fp32, most_new_tokens=most_new)
 
     def _attention(
-        self, layer: int, lw: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spans: list[Span]
+        self,
+        layer: int,
+        lw: LayerWeights,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        spans: list[Span],
+        most_new: int,
     ) -> torch.Tensor:
-        """x: [T, D] normed hidden states -> attention output projected back to [T, D]."""
+        """x: [T, D] normed hidden states -> attention output projected back to [T, D]. most_new: the
+        most new tokens a sequence of the step has."""
         if lw.mla is not None:
             return self._latent_attention(layer, lw, x, cos, sin, spans)
         spec, T = self.spec, x.shape[0]
         qkv = F.linear(x, lw.qkv, lw.qkv_bias)  # [T, q_dim + 2 kv_dim]
-        if self.plain_attention and lw.sinks is None and self.kernels.attends_on_host(qkv, spans[0].cache.k):
+        if self.plain_attention and lw.sinks is None and self.kernels.attends_on_host(qkv, spans[0].cache.k, most_new):
             return F.linear(self._attend_on_host(layer, qkv, cos, sin, spans), lw.o_proj, lw.o_bias)
         q, k, v = qkv.split([spec.q_dim, spec.kv_dim, spec.kv_dim], dim=-1)
         if spec.qk_norm == "full":

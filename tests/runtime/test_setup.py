@@ -1,4 +1,5 @@
-"""How an LLM's settings resolve: dtype "auto" is the checkpoint's own on CUDA, float32 on the CPU."""
+"""How an LLM's settings resolve: dtype "auto" is the checkpoint's own on CUDA and, for bfloat16, on a
+CPU with bfloat16 instructions; float32 on other CPUs."""
 
 from __future__ import annotations
 
@@ -11,24 +12,32 @@ import torch
 
 from moeinf import LLM
 from moeinf.errors import RequestError
-from moeinf.runtime.setup import resolve_dtype
+from moeinf.runtime.setup import cpu_has_bf16_instructions, resolve_dtype
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
 @pytest.mark.parametrize(
-    "checkpoint_dtype, device, expected",
+    "checkpoint_dtype, device, cpu_bf16, expected",
     [
-        ("bfloat16", CPU, torch.float32),  # measured faster than bf16 on the CPU (see resolve_dtype)
-        ("float32", CPU, torch.float32),
-        ("float16", CPU, torch.float32),
-        ("float16", CUDA, torch.float16),
-        ("bfloat16", CUDA, torch.bfloat16),
-        ("float8_e4m3fn", CUDA, torch.float32),  # a storage format, not a compute dtype
+        ("bfloat16", CPU, False, torch.float32),  # its prefill runs at half speed without bf16 instructions
+        ("bfloat16", CPU, True, torch.bfloat16),
+        ("float32", CPU, True, torch.float32),
+        ("float16", CPU, True, torch.float32),  # no host kernels for float16
+        ("float16", CUDA, False, torch.float16),
+        ("bfloat16", CUDA, False, torch.bfloat16),
+        ("float8_e4m3fn", CUDA, False, torch.float32),  # a storage format, not a compute dtype
     ],
 )
-def test_auto_dtype_is_the_checkpoints_on_cuda_and_float32_on_the_cpu(checkpoint_dtype, device, expected):
-    assert resolve_dtype("auto", checkpoint_dtype, device) == expected
+def test_auto_dtype_is_the_checkpoints_on_cuda_and_on_a_cpu_with_bf16_instructions(
+    checkpoint_dtype, device, cpu_bf16, expected
+):
+    assert resolve_dtype("auto", checkpoint_dtype, device, cpu_bf16) == expected
+
+
+def test_auto_dtype_asks_this_cpu_when_not_told():
+    expected = torch.bfloat16 if cpu_has_bf16_instructions() else torch.float32
+    assert resolve_dtype("auto", "bfloat16", CPU) == expected
 
 
 def test_an_explicit_dtype_wins_and_an_unknown_one_is_named():

@@ -25,6 +25,7 @@ so an offloaded run equals the resident one bit for bit.
 
 from __future__ import annotations
 
+import weakref
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -293,6 +294,24 @@ def _slot_blocks(name: str, t: torch.Tensor, shape: tuple[int, ...]) -> tuple[np
     return _elements(t), t.storage_offset(), t.stride(0)
 
 
+# _buffers' result for the tensors still alive: a decode step passes every layer the same slot
+# buffers, and building their views took ~40 us a layer call; keyed by the tensors' ids, dropped
+# when any of them dies (before its id can name another tensor)
+_BUFFERS: dict[tuple, tuple] = {}
+
+
+def _kept_buffers(w13, w2, b13, b2, S, F2, D, F) -> tuple:
+    """_buffers(...), built once per set of tensors while they live."""
+    tensors = tuple(t for t in (w13, w2, b13, b2) if t is not None)
+    key = tuple(id(t) for t in tensors) + (S, F2, D, F)
+    found = _BUFFERS.get(key)
+    if found is None:
+        found = _BUFFERS[key] = _buffers(w13, w2, b13, b2, S, F2, D, F)
+        for t in tensors:
+            weakref.finalize(t, _BUFFERS.pop, key, None)
+    return found
+
+
 def _buffers(w13, w2, b13, b2, S, F2, D, F) -> tuple:
     """(flat, offset, stride) of w13, w2, b13, b2 in one slot buffer; without biases, stand-ins
     of the weights' type that are never read."""
@@ -371,7 +390,7 @@ def host_moe_experts(
             f"host experts: expected topk_ids and topk_weights [{T}, K], found {list(topk_ids.shape)} and "
             f"{list(topk_weights.shape)}"
         )
-    first = _buffers(w13, w2, b13, b2, S, F2, D, F)
+    first = _kept_buffers(w13, w2, b13, b2, S, F2, D, F)
     if second is None:
         second_slots, second_buffers = np.full(expert_slots.shape[0], -1, np.int64), first
     else:
@@ -382,7 +401,7 @@ def host_moe_experts(
                 f"have ({b13 is not None}), found {second.w13.dtype} and biases {second.b13 is not None}"
             )
         second_slots = second.slots.numpy()
-        second_buffers = _buffers(second.w13, second.w2, second.b13, second.b2, second.w13.shape[0], F2, D, F)
+        second_buffers = _kept_buffers(second.w13, second.w2, second.b13, second.b2, second.w13.shape[0], F2, D, F)
     out = np.empty((T, D), np.float32)
     _moe_layer(
         x.float().numpy(), topk_ids.numpy(), topk_weights.float().numpy(), expert_slots.numpy(), second_slots,

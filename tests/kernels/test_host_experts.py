@@ -105,6 +105,22 @@ def test_record_slots_and_any_slot_order_give_the_same_bits(dtype):
     assert torch.equal(pooled, resident)
 
 
+def test_the_slot_views_are_built_once_and_dropped_with_their_tensors():
+    """The views of a slot buffer are kept while its tensors live (a decode step passes every layer
+    the same buffers), follow their contents, and go with the first of them to die."""
+    x, ids, weights, w13, w2, slots, extras = make_case(64, 48, 3, torch.float32, biases=True)
+    expected = host_moe_experts(x, ids, weights, w13, w2, slots, **extras)
+    key = (id(w13), id(w2), id(extras["b13"]), id(extras["b2"]), w13.shape[0], 96, 64, 48)
+    views = host_experts._BUFFERS[key]
+    assert torch.equal(host_moe_experts(x, ids, weights, w13, w2, slots, **extras), expected)
+    assert host_experts._BUFFERS[key] is views
+    w2[slots] *= 2  # new contents in the same slots (as a fetch writes them): seen through the views
+    extras["b2"][slots] *= 2
+    assert torch.equal(host_moe_experts(x, ids, weights, w13, w2, slots, **extras), 2 * expected)
+    del w2
+    assert key not in host_experts._BUFFERS
+
+
 def test_bad_inputs_are_refused_with_what_was_found():
     x, ids, weights, w13, w2, slots, _ = make_case(64, 48, 2, torch.float32)
     with pytest.raises(ValueError, match="expected x and weights all float32 or all bfloat16"):

@@ -95,6 +95,15 @@ def _narrow_impl(value, like):
 
 def as_numpy(t: torch.Tensor) -> np.ndarray:
     """A CPU tensor as the numpy array the kernels take, sharing its memory: bfloat16 as its uint16 bits."""
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(np.uint16)
-    return t.numpy()
+    return t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def empty_like_elements(shape: tuple[int, ...], dtype: torch.dtype) -> np.ndarray:
+    """An uninitialised array for a kernel to write a `dtype` tensor into (float32, or bfloat16 bits)."""
+    return np.empty(shape, np.uint16 if dtype == torch.bfloat16 else np.float32)
+
+
+def as_tensor(elements: np.ndarray) -> torch.Tensor:
+    """The tensor of a kernel's output array, sharing its memory: uint16 bits as bfloat16."""
+    t = torch.from_numpy(elements)
+    return t.view(torch.bfloat16) if elements.dtype == np.uint16 else t

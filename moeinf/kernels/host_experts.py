@@ -25,6 +25,7 @@ so an offloaded run equals the resident one bit for bit.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from moeinf.kernels.bf16_bits import rounded, widen
+from moeinf.kernels.bf16_bits import as_numpy, as_tensor, empty_like_elements, narrow, rounded, widen
 from moeinf.kernels.expert_activation import SILU, ExpertActivation
 from moeinf.kernels.quantize import QuantizedMatrix
 from moeinf.kernels.reference import expect_both_biases_or_neither
@@ -204,12 +205,14 @@ def _activate(gate_up, expert_of, slots, second_slots, b13, b13_second, has_bias
 @njit(fastmath=FAST, cache=True)
 def _combine(y, position, ids, weights, slots, second_slots, b2, b2_second, has_bias, bf16, weigh_bf16, out):
     """out[t] = sum over k, in k order, of token t's k-th expert output (+ b2) times its weight,
-    in float32. y: [P, D] float32 down outputs in expert order; out: [T, D] float32."""
+    in float32, rounded once to out's dtype. y: [P, D] float32 down outputs in expert order;
+    weights: [T, K] float32 or bfloat16 bits; out: [T, D] float32 or bfloat16 bits."""
     T, K = ids.shape
     D = y.shape[1]
+    total = np.empty(D, np.float32)  # [D] token t's sum
     for t in range(T):
         for d in range(D):
-            out[t, d] = 0.0
+            total[d] = 0.0
         for k in range(K):
             q = position[t * K + k]
             if has_bias:
@@ -220,7 +223,9 @@ def _combine(y, position, ids, weights, slots, second_slots, b2, b2_second, has_
                 value = rounded(y[q, d], bf16)
                 if has_bias:
                     value = rounded(value + widen(bias[0, d]), bf16)
-                out[t, d] += rounded(value * weights[t, k], weigh_bf16)
+                total[d] += rounded(value * widen(weights[t, k]), weigh_bf16)
+        for d in range(D):
+            out[t, d] = narrow(total[d], out[t, d])
 
 
 @njit(cache=True)
@@ -228,11 +233,11 @@ def _moe_layer(
     x, ids, weights, slots, second_slots, w13, w13_second, w2, w2_second, b13, b13_second, b2, b2_second,
     has_bias, bf16, weigh_bf16, activation, alpha, limit, F, out,
 ):  # fmt: skip
-    """x: [T, D] float32 (bfloat16 values where bf16); ids, weights: [T, K] int64, float32;
-    slots, second_slots: [E] int64, where each expert sits in the first buffer and, where >= 0,
-    in the second; w13, w2, b13, b2 and their _second: (flat weight elements, offset, slot stride)
-    of each kind in each buffer (biases read only where has_bias); out: [T, D] float32, each
-    token's weighted sum."""
+    """x: [T, D] float32, or bfloat16 bits where bf16; ids: [T, K] int64; weights: [T, K] float32,
+    or bfloat16 bits where weigh_bf16; slots, second_slots: [E] int64, where each expert sits in
+    the first buffer and, where >= 0, in the second; w13, w2, b13, b2 and their _second: (flat
+    weight elements, offset, slot stride) of each kind in each buffer (biases read only where
+    has_bias); out: [T, D] in x's dtype, each token's weighted sum."""
     T, K = ids.shape
     D = x.shape[1]
     E = slots.shape[0]
@@ -252,7 +257,8 @@ def _moe_layer(
         e = ids[p // K, p % K]
         position[p] = fill[e]
         expert_of[fill[e]] = e
-        xs[fill[e]] = x[p // K]
+        for d in range(D):
+            xs[fill[e], d] = widen(x[p // K, d])
         fill[e] += 1
     active = 0
     for e in range(E):
@@ -323,6 +329,12 @@ def _buffers(w13, w2, b13, b2, S, F2, D, F) -> tuple:
     return flat13, flat2, bias13, _slot_blocks("b2", b2.reshape(S, 1, D), (1, D))
 
 
+@functools.cache
+def _no_second_buffer(E: int) -> np.ndarray:
+    """[E] int64 all -1: no expert read from a second buffer (the kernels never write it)."""
+    return np.full(E, -1, np.int64)
+
+
 @dataclass(frozen=True)
 class SecondBuffers:
     """Slot-indexed expert weights in a second buffer (the host tier's records), beside the slots:
@@ -356,8 +368,18 @@ def applies(
         and x.dtype in DTYPES
         and w13.dtype == w2.dtype == x.dtype
         and x.shape[0] <= MAX_TOKENS
-        and all(w is None or w[0].is_contiguous() for w in (w13, w2, b13, b2))
+        and all(w is None or _slots_contiguous(w) for w in (w13, w2, b13, b2))
     )
+
+
+def _slots_contiguous(t: torch.Tensor) -> bool:
+    """Whether each slot's block of t [S, ...] is contiguous (t[0].is_contiguous(), without the view)."""
+    expected = 1
+    for size, step in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
+        if size != 1 and step != expected:
+            return False
+        expected *= size
+    return True
 
 
 def host_moe_experts(
@@ -392,7 +414,7 @@ def host_moe_experts(
         )
     first = _kept_buffers(w13, w2, b13, b2, S, F2, D, F)
     if second is None:
-        second_slots, second_buffers = np.full(expert_slots.shape[0], -1, np.int64), first
+        second_slots, second_buffers = _no_second_buffer(expert_slots.shape[0]), first
     else:
         expect_both_biases_or_neither("host_moe_experts second", second.b13, second.b2)
         if (second.b13 is None) != (b13 is None) or second.w13.dtype != w13.dtype:
@@ -402,11 +424,11 @@ def host_moe_experts(
             )
         second_slots = second.slots.numpy()
         second_buffers = _kept_buffers(second.w13, second.w2, second.b13, second.b2, second.w13.shape[0], F2, D, F)
-    out = np.empty((T, D), np.float32)
+    out = empty_like_elements((T, D), x.dtype)
     _moe_layer(
-        x.float().numpy(), topk_ids.numpy(), topk_weights.float().numpy(), expert_slots.numpy(), second_slots,
+        as_numpy(x), topk_ids.numpy(), as_numpy(topk_weights), expert_slots.numpy(), second_slots,
         first[0], second_buffers[0], first[1], second_buffers[1], first[2], second_buffers[2], first[3],
         second_buffers[3], b13 is not None, x.dtype == torch.bfloat16, topk_weights.dtype == torch.bfloat16,
         ACTIVATIONS[activation.kind], np.float32(activation.alpha), np.float32(activation.limit), F, out,
     )  # fmt: skip
-    return torch.from_numpy(out).to(x.dtype)
+    return as_tensor(out)

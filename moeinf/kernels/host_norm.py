@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from numba import njit
 
-from moeinf.kernels.bf16_bits import as_numpy, narrow, rounded, widen
+from moeinf.kernels.bf16_bits import as_numpy, as_tensor, empty_like_elements, narrow, rounded, widen
 
 DTYPES = (torch.float32, torch.bfloat16)
 MAX_TOKENS = 32  # rows a call is meant for (decode); larger steps run the reference
@@ -73,7 +73,15 @@ def add_rms_norm(
             f"host add_rms_norm: expected contiguous CPU float32 or bfloat16 h, y and weight of one dtype, h and y "
             f"[<= {MAX_TOKENS}, D], found h {h.dtype} {list(h.shape)}, y {y.dtype} {list(y.shape)}, weight {weight.dtype}"
         )
-    out = torch.empty_like(h)
+    return add_rms_norm_unchecked(h, y, weight, eps, scale_in_fp32)
+
+
+def add_rms_norm_unchecked(
+    h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float, scale_in_fp32: bool = False
+) -> torch.Tensor:
+    """add_rms_norm for inputs `applies` has accepted (a decode step calls it ~17 times: the checks
+    once, not twice)."""
+    out = empty_like_elements(tuple(h.shape), h.dtype)
     bf16 = h.dtype == torch.bfloat16
-    _add_rms_norm(as_numpy(h), as_numpy(y), as_numpy(weight), np.float32(eps), bf16, scale_in_fp32, as_numpy(out))
-    return out
+    _add_rms_norm(as_numpy(h), as_numpy(y), as_numpy(weight), np.float32(eps), bf16, scale_in_fp32, out)
+    return as_tensor(out)

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from moeinf.kernels.bf16_bits import as_numpy, narrow, rounded, widen
+from moeinf.kernels.bf16_bits import as_numpy, as_tensor, narrow, rounded, widen
 
 DTYPES = (torch.float32, torch.bfloat16)
 MAX_TOKENS = 32  # new tokens a call is meant for (decode); larger steps run SDPA
@@ -167,11 +167,30 @@ def attend_decode(
             f"host attention: expected heads a multiple of kv_heads and positions within the cache's "
             f"{k_cache.shape[1]}, found {heads} heads, {kv_heads} kv heads, positions {start} .. {start + T - 1}"
         )
-    out = torch.empty((T, heads * head_dim), dtype=qkv.dtype)
+    trig = (cos.float().contiguous().numpy(), sin.float().contiguous().numpy())
+    caches = (as_numpy(k_cache), as_numpy(v_cache))
+    return as_tensor(attend_decode_elements(as_numpy(qkv), *trig, *caches, start, window, scale, heads, kv_heads))
+
+
+def attend_decode_elements(
+    qkv: np.ndarray,
+    cos: np.ndarray,
+    sin: np.ndarray,
+    k_cache: np.ndarray,
+    v_cache: np.ndarray,
+    start: int,
+    window: int | None,
+    scale: float | None,
+    heads: int,
+    kv_heads: int,
+) -> np.ndarray:
+    """attend_decode on arrays already checked and converted (a decode step converts the rotary
+    table once for all its layers, and its caches keep their arrays): qkv and the caches float32
+    or bfloat16 bits alike, cos and sin float32. Returns the output's elements [T, H*Dh]."""
+    head_dim = k_cache.shape[-1]
+    out = np.empty((qkv.shape[0], heads * head_dim), qkv.dtype)
     _attend(
-        as_numpy(qkv), cos.float().contiguous().numpy(), sin.float().contiguous().numpy(),
-        as_numpy(k_cache), as_numpy(v_cache), start, NO_WINDOW if window is None else window,
-        np.float32(head_dim**-0.5 if scale is None else scale), heads, kv_heads, head_dim,
-        qkv.dtype == torch.bfloat16, as_numpy(out),
+        qkv, cos, sin, k_cache, v_cache, start, NO_WINDOW if window is None else window,
+        np.float32(head_dim**-0.5 if scale is None else scale), heads, kv_heads, head_dim, qkv.dtype == np.uint16, out,
     )  # fmt: skip
     return out

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from moeinf.kernels import host_attention
+from moeinf.kernels.bf16_bits import as_numpy, as_tensor
 from moeinf.kernels.ops import Kernels
 from moeinf.loaders.checkpoint import Checkpoint
 from moeinf.models import mla
@@ -80,8 +82,9 @@ class Executor:
         h = self.dense.embed[tokens]  # [T, D] the residual stream (a gathered copy: added to in place)
         x = self._norm(h, layers[0].attn_norm, layers[0].attn_norm_bias)  # [T, D] the next block's input
         most_new = max(span.count for span in spans)  # 1: a decode step proper
+        host_trig = (cos.float().contiguous().numpy(), sin.float().contiguous().numpy())  # for the host attention
         for layer, lw in enumerate(layers):
-            attended = self._attention(layer, lw, x, cos, sin, spans, most_new)
+            attended = self._attention(layer, lw, x, cos, sin, host_trig, spans, most_new)
             x = self._add_norm(h, attended, lw.ffn_norm, lw.ffn_norm_bias, most_new)
             y = swiglu(x, lw.mlp_w13, lw.mlp_w2) if lw.moe_index is None else self._moe(lw, h, x, spans)
             if layer + 1 < len(layers):
@@ -110,7 +113,9 @@ class Executor:
         if self.spec.norm_type == "layer":
             h.add_(y)
             return self._norm(h, weight, bias)
-        return self.kernels.add_rms_norm(h, y, weight, self.spec.norm_eps, self.spec.norm_scale_fp32, most_new_tokens=most_new)
+        return self.kernels.add_rms_norm(
+            h, y, weight, self.spec.norm_eps, self.spec.norm_scale_fp32, most_new_tokens=most_new
+        )
 
     def _attention(
         self,
@@ -119,17 +124,19 @@ class Executor:
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
+        host_trig: tuple[np.ndarray, np.ndarray],
         spans: list[Span],
         most_new: int,
     ) -> torch.Tensor:
-        """x: [T, D] normed hidden states -> attention output projected back to [T, D]. most_new: the
+        """x: [T, D] normed hidden states -> attention output projected back to [T, D]. cos, sin: [T,
+        rot] in the rope dtype; host_trig: them as float32 arrays (the host kernel's); most_new: the
         most new tokens a sequence of the step has."""
         if lw.mla is not None:
             return self._latent_attention(layer, lw, x, cos, sin, spans)
         spec, T = self.spec, x.shape[0]
         qkv = F.linear(x, lw.qkv, lw.qkv_bias)  # [T, q_dim + 2 kv_dim]
         if self.plain_attention and lw.sinks is None and self.kernels.attends_on_host(qkv, spans[0].cache.k, most_new):
-            return F.linear(self._attend_on_host(layer, qkv, cos, sin, spans), lw.o_proj, lw.o_bias)
+            return F.linear(self._attend_on_host(layer, qkv, host_trig, spans), lw.o_proj, lw.o_bias)
         q, k, v = qkv.split([spec.q_dim, spec.kv_dim, spec.kv_dim], dim=-1)
         if spec.qk_norm == "full":
             q, k = (self.kernels.rms_norm(t, w, spec.norm_eps) for t, w in ((q, lw.q_norm), (k, lw.k_norm)))
@@ -151,21 +158,31 @@ class Executor:
         return F.linear(attn, lw.o_proj, lw.o_bias)
 
     def _attend_on_host(
-        self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spans: list[Span]
+        self, layer: int, qkv: torch.Tensor, host_trig: tuple[np.ndarray, np.ndarray], spans: list[Span]
     ) -> torch.Tensor:
         """qkv: [T, q_dim + 2 kv_dim] -> [T, q_dim]: each span's rope, cache write and attention in
-        one host call (kernels/host_attention.py)."""
+        one host call (kernels/host_attention.py). host_trig: the step's cos, sin [T, rot] float32."""
         spec, outputs, offset = self.spec, [], 0
+        rows = as_numpy(qkv)  # [T, q_dim + 2 kv_dim]
         for span in spans:
             r = slice(offset, offset + span.count)
-            k_cache, v_cache = span.cache.layer(layer, span.count)
-            heads = dict(scale=spec.attention_scale, heads=spec.num_heads, kv_heads=spec.num_kv_heads)
-            start, window = span.cache.length, spec.window(layer)
+            k_cache, v_cache = span.cache.host_layer(layer, span.count)
             outputs.append(
-                host_attention.attend_decode(qkv[r], cos[r], sin[r], k_cache, v_cache, start, window, **heads)
+                host_attention.attend_decode_elements(
+                    rows[r],
+                    host_trig[0][r],
+                    host_trig[1][r],
+                    k_cache,
+                    v_cache,
+                    span.cache.length,
+                    spec.window(layer),
+                    spec.attention_scale,
+                    spec.num_heads,
+                    spec.num_kv_heads,
+                )  # fmt: skip
             )
             offset += span.count
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        return as_tensor(outputs[0] if len(outputs) == 1 else np.concatenate(outputs))
 
     def _latent_attention(
         self, layer: int, lw: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spans: list[Span]

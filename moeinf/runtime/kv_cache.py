@@ -6,9 +6,11 @@ and no values (a zero-width v); the executor expands them into per-head keys and
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from moeinf.errors import RequestError
+from moeinf.kernels.bf16_bits import as_numpy
 from moeinf.models.spec import ModelSpec
 
 
@@ -22,10 +24,9 @@ class SequenceKVCache:
         self.v = torch.empty((spec.num_layers, heads, capacity, v_dim), device=device, dtype=dtype)  # [L, Hkv, C, Dv]
         self.capacity = capacity
         self.length = 0  # tokens whose keys and values are written in every layer
+        self._host_arrays: tuple[np.ndarray, np.ndarray] | None = None  # k and v as the host kernels take them
 
-    def write(
-        self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k_new: [n, Hkv, Dk], v_new: [n, Hkv, Dv] for positions length .. length + n - 1 of `layer`.
 
         Returns this layer's keys and values for positions 0 .. length + n - 1, [Hkv, length + n, D].
@@ -42,6 +43,14 @@ class SequenceKVCache:
         if self.length + n > self.capacity:
             raise RequestError(f"KV cache holds {self.capacity} positions, a write needs {self.length + n}")
         return self.k[layer], self.v[layer]
+
+    def host_layer(self, layer: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """layer(layer, n) as the host attention kernel's arrays (float32, or bfloat16 bits), sharing
+        the cache's memory; the whole cache's arrays are made once, on first use."""
+        self.layer(layer, n)
+        if self._host_arrays is None:
+            self._host_arrays = (as_numpy(self.k), as_numpy(self.v))
+        return self._host_arrays[0][layer], self._host_arrays[1][layer]
 
     def advance(self, n: int) -> None:
         """Called once every layer has written the n new positions."""

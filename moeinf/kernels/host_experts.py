@@ -3,9 +3,9 @@
 A decode step routes a handful of tokens to each expert, so its expert GEMMs are matrix-vector
 products bound by the bytes of weights they read. torch's CPU linear reads them at full speed for
 one float32 token but far below it for 4-32 tokens, and for bfloat16 weights at any count; these
-kernels read each weight row once for all of an expert's tokens (a 4-row x 4-token register tile,
-the row's dot products vectorised along the input axis) and widen bfloat16 to float32 in
-registers, never into a float32 copy of the weight.
+kernels read each weight row once for all of an expert's tokens (4-row x 4-token register tiles,
+a token left over from them against 8 rows a pass, the row's dot products vectorised along the
+input axis) and widen bfloat16 to float32 in registers, never into a float32 copy of the weight.
 
 One call computes a whole MoE layer: the (token, k) pairs sorted by expert, every active expert's
 gate/up rows in one parallel pass, the activation, every down row in a second pass, then each

@@ -11,10 +11,9 @@ arithmetic in another summation order), and the residual add with its RMSNorm (h
 attention (host_attention.py; in bfloat16 for decode steps proper, one new token per sequence)
 run one compiled call each instead of a layer's worth of small torch ops; larger steps run the
 experts as two grouped matmuls (grouped_experts.py: equal to the reference up to a vectorised
-sigmoid's last bit, and faster). Quantized experts (int8 /
-int4 records, kernels/quantize.py) run host_quant_experts.py's kernels on the CPU for decode-sized
-steps, larger CPU steps dequantize the routed experts in chunks for the grouped matmuls
-(dequantized_experts.py); with Triton they run quant_moe.py's fused kernel (w8a16 / w4a16), and
+sigmoid's last bit, and faster). Quantized experts (int8 / int4 records, kernels/quantize.py) run
+host_quant_experts.py's kernels on the CPU for decode-sized steps, larger CPU steps dequantize
+the routed experts in chunks for the grouped matmuls (dequantized_experts.py); with Triton they run quant_moe.py's fused kernel (w8a16 / w4a16), and
 kernels="torch" runs the torch reference on dequantized experts.
 The Triton modules are imported on first use: importing triton takes about a second, and nothing
 on a CPU run needs it.

@@ -179,7 +179,7 @@ class Executor:
                     spec.attention_scale,
                     spec.num_heads,
                     spec.num_kv_heads,
-                )  # fmt: skip
+                )
             )
             offset += span.count
         return as_tensor(outputs[0] if len(outputs) == 1 else np.concatenate(outputs))

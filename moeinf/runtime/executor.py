@@ -82,7 +82,9 @@ class Executor:
         h = self.dense.embed[tokens]  # [T, D] the residual stream (a gathered copy: added to in place)
         x = self._norm(h, layers[0].attn_norm, layers[0].attn_norm_bias)  # [T, D] the next block's input
         most_new = max(span.count for span in spans)  # 1: a decode step proper
-        host_trig = (cos.float().contiguous().numpy(), sin.float().contiguous().numpy())  # for the host attention
+        host_trig = None  # the rotary table as the host attention kernel's float32 arrays (CPU only)
+        if self.plain_attention and self.device.type == "cpu":
+            host_trig = (cos.float().contiguous().numpy(), sin.float().contiguous().numpy())
         for layer, lw in enumerate(layers):
             attended = self._attention(layer, lw, x, cos, sin, host_trig, spans, most_new)
             x = self._add_norm(h, attended, lw.ffn_norm, lw.ffn_norm_bias, most_new)
@@ -124,18 +126,20 @@ class Executor:
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        host_trig: tuple[np.ndarray, np.ndarray],
+        host_trig: tuple[np.ndarray, np.ndarray] | None,
         spans: list[Span],
         most_new: int,
     ) -> torch.Tensor:
         """x: [T, D] normed hidden states -> attention output projected back to [T, D]. cos, sin: [T,
-        rot] in the rope dtype; host_trig: them as float32 arrays (the host kernel's); most_new: the
-        most new tokens a sequence of the step has."""
+        rot] in the rope dtype; host_trig: them as float32 arrays for the host kernel (None where it
+        cannot run: off the CPU, or attention it does not do); most_new: the most new tokens a
+        sequence of the step has."""
         if lw.mla is not None:
             return self._latent_attention(layer, lw, x, cos, sin, spans)
         spec, T = self.spec, x.shape[0]
         qkv = F.linear(x, lw.qkv, lw.qkv_bias)  # [T, q_dim + 2 kv_dim]
-        if self.plain_attention and lw.sinks is None and self.kernels.attends_on_host(qkv, spans[0].cache.k, most_new):
+        host = host_trig is not None and lw.sinks is None
+        if host and self.kernels.attends_on_host(qkv, spans[0].cache.k, most_new):
             return F.linear(self._attend_on_host(layer, qkv, host_trig, spans), lw.o_proj, lw.o_bias)
         q, k, v = qkv.split([spec.q_dim, spec.kv_dim, spec.kv_dim], dim=-1)
         if spec.qk_norm == "full":

@@ -175,6 +175,17 @@ def _project(first, second, slots, second_slots, experts, starts, counts, xs, ou
 
 
 @njit(fastmath=FAST, cache=True)
+def project_dense(w, xs, out):
+    """out[:, :N] = xs @ w^T, unrounded, for one dense weight: _project's tiles over a single matrix,
+    in parallel over its row blocks (the decode block's projections, host_decode_block.py).
+    w: [N, K] C-contiguous float32 or bfloat16 bits; xs: [T, K] float32; out: [T, >= N] float32."""
+    N, K = w.shape
+    block = (w.reshape(-1), 0, 0)  # (flat elements, offset, slot stride) of a buffer of one slot
+    zero = np.zeros(1, np.int64)
+    _project(block, block, zero, np.full(1, -1, np.int64), zero, zero, np.full(1, xs.shape[0], np.int64), xs, out, N, K)
+
+
+@njit(fastmath=FAST, cache=True)
 def _activate(gate_up, expert_of, slots, second_slots, b13, b13_second, has_bias, bf16, activation, alpha, limit, act):
     """act[q] = activation(gate, up) of row q's gate_up [2F] (+ its expert's b13), in the
     reference's roundings. gate_up: [P, 2F] float32; act: [P, F] float32."""

@@ -28,7 +28,7 @@ FAST = {"reassoc", "contract"}  # vectorised sums and fused multiply-adds; NaN a
 
 
 @njit(fastmath=FAST, cache=True)
-def _add_rms_norm(h, y, weight, eps, bf16, scale_in_fp32, out):
+def add_rms_norm_rows(h, y, weight, eps, bf16, scale_in_fp32, out):
     """h [T, D] += y [T, D] in place; out [T, D] = weight * h * rsqrt(mean(h^2) + eps); float32
     arrays, or bfloat16 bits (uint16) with bf16 set."""
     T, D = h.shape
@@ -83,5 +83,5 @@ def add_rms_norm_unchecked(
     once, not twice)."""
     out = empty_like_elements(tuple(h.shape), h.dtype)
     bf16 = h.dtype == torch.bfloat16
-    _add_rms_norm(as_numpy(h), as_numpy(y), as_numpy(weight), np.float32(eps), bf16, scale_in_fp32, out)
+    add_rms_norm_rows(as_numpy(h), as_numpy(y), as_numpy(weight), np.float32(eps), bf16, scale_in_fp32, out)
     return as_tensor(out)

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from moeinf.kernels import host_attention
-from moeinf.kernels.bf16_bits import as_numpy, as_tensor
+from moeinf.kernels import host_attention, host_decode_block
+from moeinf.kernels.bf16_bits import as_numpy, as_tensor, empty_like_elements
 from moeinf.kernels.ops import Kernels
 from moeinf.loaders.checkpoint import Checkpoint
 from moeinf.models import mla
@@ -66,6 +66,38 @@ class Executor:
             and not self.spec.attention_sinks
             and not self.spec.rope_fp32
         )
+        # each layer's weights as the host decode block takes them, where it can run this model's
+        # decode steps (CPU; see _decode_block_layers); None where it cannot
+        self.host_blocks = self._host_block_weights()
+
+    def _host_block_weights(self) -> list[tuple[np.ndarray, ...]] | None:
+        """(attn_norm, qkv, o_proj, ffn_norm, router) of every layer as arrays sharing the weights'
+        memory, where kernels/host_decode_block.py can run the model's decode steps: on the CPU in
+        float32 or bfloat16 with kernels "auto", attention the host kernel runs, RMSNorm, softmax top-k
+        routing, and every layer a MoE layer without a shared expert or projection biases."""
+        spec, layers = self.spec, self.dense.layers
+        if not (
+            self.device.type == "cpu"
+            and self.dtype in host_decode_block.DTYPES
+            and self.kernels.choice == "auto"
+            and self.plain_attention
+            and spec.norm_type == "rms"
+            and spec.routing == "softmax_topk"
+            and all(
+                lw.moe_index is not None
+                and lw.shared_w13 is None
+                and lw.qkv_bias is None
+                and lw.o_bias is None
+                and lw.router_bias is None
+                and lw.sinks is None
+                for lw in layers
+            )
+        ):
+            return None
+        return [
+            tuple(as_numpy(t.contiguous()) for t in (lw.attn_norm, lw.qkv, lw.o_proj, lw.ffn_norm, lw.router))
+            for lw in layers
+        ]
 
     def new_cache(self, capacity: int) -> SequenceKVCache:
         return SequenceKVCache(self.spec, capacity, self.device, self.dtype)
@@ -85,6 +117,9 @@ class Executor:
         host_trig = None  # the rotary table as the host attention kernel's float32 arrays (CPU only)
         if self.plain_attention and self.device.type == "cpu":
             host_trig = (cos.float().contiguous().numpy(), sin.float().contiguous().numpy())
+        if self.host_blocks is not None and most_new == 1 and tokens.shape[0] <= host_decode_block.MAX_TOKENS:
+            self._decode_block_layers(h, x, host_trig, spans)
+            layers = []
         for layer, lw in enumerate(layers):
             attended = self._attention(layer, lw, x, cos, sin, host_trig, spans, most_new)
             x = self._add_norm(h, attended, lw.ffn_norm, lw.ffn_norm_bias, most_new)
@@ -99,6 +134,38 @@ class Executor:
             h = h[rows]
         h = self._norm(h, self.dense.final_norm, self.dense.final_norm_bias)
         return F.linear(h, self.dense.lm_head, self.dense.lm_head_bias).to(torch.float32)
+
+    def _decode_block_layers(
+        self, h: torch.Tensor, x: torch.Tensor, host_trig: tuple[np.ndarray, np.ndarray], spans: list[Span]
+    ) -> None:
+        """Every layer of a decode step proper (one new token per sequence) on the host: per layer
+        two host_decode_block calls around each sequence's host attention, then the routed experts.
+        h: [T, D] the residual stream, advanced in place through every layer; x: [T, D] its first
+        norm; host_trig: the step's cos, sin [T, rot] float32."""
+        spec, T = self.spec, h.shape[0]
+        bf16, eps, scale_fp32 = self.dtype == torch.bfloat16, np.float32(spec.norm_eps), spec.norm_scale_fp32
+        weigh_dtype = torch.float32 if spec.router_weights_fp32 else self.dtype  # experts' outputs weighed in
+        residual, y = as_numpy(h), None  # [T, D]; y [T, D] the last layer's experts' output
+        for layer, (lw, (attn_norm, w_qkv, w_o, ffn_norm, w_router)) in enumerate(
+            zip(self.dense.layers, self.host_blocks)
+        ):
+            qkv = empty_like_elements((T, w_qkv.shape[0]), self.dtype)  # [T, q_dim + 2 kv_dim]
+            if y is None:
+                host_decode_block.project_rounded(as_numpy(x), w_qkv, qkv)
+            else:
+                normed = empty_like_elements((T, spec.hidden_size), self.dtype)
+                host_decode_block.norm_and_project(residual, y, attn_norm, eps, bf16, scale_fp32, w_qkv, normed, qkv)
+            attn = self._attend_on_host(layer, qkv, host_trig, spans)  # [T, q_dim]
+            o, normed = (empty_like_elements((T, spec.hidden_size), self.dtype) for _ in range(2))
+            ids = np.empty((T, spec.top_k), np.int64)
+            weights = empty_like_elements((T, spec.top_k), weigh_dtype)
+            host_decode_block.project_norm_route(
+                attn, w_o, residual, ffn_norm, eps, bf16, scale_fp32, w_router, spec.renormalize_topk,
+                spec.routed_scaling_factor, o, normed, ids, weights,
+            )  # fmt: skip
+            routed = self._routed_experts(lw, h, as_tensor(normed), torch.from_numpy(ids), as_tensor(weights), spans)
+            y = as_numpy(routed)
+        h.add_(routed)
 
     def _norm(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """h: [T, D] -> [T, D] through the family's norm: RMSNorm, or LayerNorm with a bias (PhiMoE),
@@ -140,7 +207,9 @@ class Executor:
         qkv = F.linear(x, lw.qkv, lw.qkv_bias)  # [T, q_dim + 2 kv_dim]
         host = host_trig is not None and lw.sinks is None
         if host and self.kernels.attends_on_host(qkv, spans[0].cache.k, most_new):
-            return F.linear(self._attend_on_host(layer, qkv, host_trig, spans), lw.o_proj, lw.o_bias)
+            return F.linear(
+                as_tensor(self._attend_on_host(layer, as_numpy(qkv), host_trig, spans)), lw.o_proj, lw.o_bias
+            )
         q, k, v = qkv.split([spec.q_dim, spec.kv_dim, spec.kv_dim], dim=-1)
         if spec.qk_norm == "full":
             q, k = (self.kernels.rms_norm(t, w, spec.norm_eps) for t, w in ((q, lw.q_norm), (k, lw.k_norm)))
@@ -162,12 +231,12 @@ class Executor:
         return F.linear(attn, lw.o_proj, lw.o_bias)
 
     def _attend_on_host(
-        self, layer: int, qkv: torch.Tensor, host_trig: tuple[np.ndarray, np.ndarray], spans: list[Span]
-    ) -> torch.Tensor:
-        """qkv: [T, q_dim + 2 kv_dim] -> [T, q_dim]: each span's rope, cache write and attention in
-        one host call (kernels/host_attention.py). host_trig: the step's cos, sin [T, rot] float32."""
+        self, layer: int, rows: np.ndarray, host_trig: tuple[np.ndarray, np.ndarray], spans: list[Span]
+    ) -> np.ndarray:
+        """rows: [T, q_dim + 2 kv_dim] the qkv projection's elements -> the attention output's [T,
+        q_dim]: each span's rope, cache write and attention in one host call (kernels/host_attention.py).
+        host_trig: the step's cos, sin [T, rot] float32."""
         spec, outputs, offset = self.spec, [], 0
-        rows = as_numpy(qkv)  # [T, q_dim + 2 kv_dim]
         for span in spans:
             r = slice(offset, offset + span.count)
             k_cache, v_cache = span.cache.host_layer(layer, span.count)
@@ -186,7 +255,7 @@ class Executor:
                 )
             )
             offset += span.count
-        return as_tensor(outputs[0] if len(outputs) == 1 else np.concatenate(outputs))
+        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
 
     def _latent_attention(
         self, layer: int, lw: LayerWeights, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spans: list[Span]
@@ -208,14 +277,35 @@ class Executor:
     def _moe(self, lw: LayerWeights, h: torch.Tensor, x: torch.Tensor, spans: list[Span]) -> torch.Tensor:
         """Routed experts (+ the shared expert) of one MoE layer. h: [T, D] residual stream after
         attention (what the next MoE layer's router is applied to for lookahead); x: [T, D] normed."""
+        ids, weights = self._route(lw, x)
+        if not self.spec.router_weights_fp32:
+            weights = weights.to(self.dtype)  # the family weighs expert outputs in the model dtype
+        y = self._routed_experts(lw, h, x, ids, weights, spans)
+        if lw.shared_w13 is not None:
+            shared = swiglu(x, lw.shared_w13, lw.shared_w2)
+            if lw.shared_gate is not None:
+                shared = torch.sigmoid(F.linear(x, lw.shared_gate)) * shared
+            y = y + shared
+        return y
+
+    def _routed_experts(
+        self,
+        lw: LayerWeights,
+        h: torch.Tensor,
+        x: torch.Tensor,
+        ids: torch.Tensor,
+        weights: torch.Tensor,
+        spans: list[Span],
+    ) -> torch.Tensor:
+        """The routed experts of one MoE layer for its routing ids, weights [T, K] (weights in the dtype
+        expert outputs are weighed in): counted, acquired from the expert source, computed, released.
+        h: [T, D] the residual stream after attention (the next MoE layer's lookahead routes it);
+        x: [T, D] normed. Returns [T, D]."""
         spec, m = self.spec, lw.moe_index
         recording = any(span.record is not None for span in spans)
         next_routing = None
         if m + 1 < spec.num_moe_layers and (self.experts.wants_lookahead or recording):
             next_routing = LayerRouting(self._route_next(h, m + 1), None, spec.num_experts)
-        ids, weights = self._route(self.dense.layers[spec.moe_layers[m]], x)
-        if not spec.router_weights_fp32:
-            weights = weights.to(self.dtype)  # the family weighs expert outputs in the model dtype
         routing = LayerRouting(ids, weights, spec.num_experts)
         self._trace(m, routing, next_routing, spans)
         experts = self.experts.acquire(m, routing, next_routing if self.experts.wants_lookahead else None)
@@ -225,11 +315,6 @@ class Executor:
             input_perm=experts.input_perm,
         )  # fmt: skip
         self.experts.release(m)
-        if lw.shared_w13 is not None:
-            shared = swiglu(x, lw.shared_w13, lw.shared_w2)
-            if lw.shared_gate is not None:
-                shared = torch.sigmoid(F.linear(x, lw.shared_gate)) * shared
-            y = y + shared
         return y
 
     def _route(self, lw: LayerWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

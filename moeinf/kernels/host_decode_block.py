@@ -1,0 +1,132 @@
+"""A decode step's dense side around attention, in two host (CPU) calls a layer.
+
+Between one layer's attention and the next, a decode token of the default model went through ~40
+torch ops and Python calls (the residual add and its RMSNorm, the qkv projection, the output
+projection, another add and norm, the router's projection, softmax, top k, renormalisation, dtype
+casts), each ~3-20 us of dispatch around a few microseconds of arithmetic: ~0.6 ms a layer, a
+third of the token. Here they are two compiled calls, with the attention kernel (host_attention.py)
+between them, per sequence:
+
+  norm_and_project:    h += y; x = rms_norm(h); qkv = x @ Wqkv^T
+  project_norm_route:  h += attn @ Wo^T; x = rms_norm(h); the router's softmax top k of x @ Wr^T
+
+The projections run host_experts.project_dense (the expert kernels' tiles: weights read once for
+all tokens, float32 accumulation), the norms host_norm's. The arithmetic is the torch path's with
+its roundings: each projection's output rounded once to the model dtype (torch's bfloat16 linear
+is the rounded float32 product), the router's logits in the router's dtype, the softmax in float32
+over all experts (exp of the logit less the row's maximum, divided by their sum), the k largest in
+descending order, renormalised to sum to one where the family does, times the family's scaling,
+rounded to the dtype the family weighs expert outputs in. Only summation orders differ: float32
+outputs agree with torch to ~1e-6 relative; bfloat16 ones to the bit but where a float32 sum lands
+within an ulp of a rounding boundary (then by one bfloat16 ulp), and the softmax's exp is not
+torch's vectorised one (a float32 ulp apart now and then, which a top-k choice sees only at a tie).
+
+Shapes: T tokens; D hidden; N = q_dim + 2 kv_dim (the fused qkv projection's rows); A the
+attention output's width; E experts, K of them per token. Arrays are float32, or bfloat16 bits
+(uint16) where the model is bfloat16 (kernels/bf16_bits.py).
+  h [T, D] the residual stream (added to in place); y [T, D] the last block's output
+  norm weights [D]; w_qkv [N, D]; w_o [D, A]; w_router [E, D] (float32 or the model dtype)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numba import njit
+
+from moeinf.kernels.bf16_bits import narrow, widen
+from moeinf.kernels.host_experts import project_dense
+from moeinf.kernels.host_norm import add_rms_norm_rows
+
+DTYPES = (torch.float32, torch.bfloat16)
+MAX_TOKENS = 32  # tokens a call is meant for (decode)
+FAST = {"reassoc", "contract"}  # vectorised sums and fused multiply-adds; NaN and infinity kept
+
+
+@njit(fastmath=FAST, cache=True)
+def _widened(x):
+    """x [T, K] elements -> a float32 copy [T, K]."""
+    T, K = x.shape
+    out = np.empty((T, K), np.float32)
+    for t in range(T):
+        for k in range(K):
+            out[t, k] = widen(x[t, k])
+    return out
+
+
+@njit(fastmath=FAST, cache=True)
+def project_rounded(x, w, out):
+    """out [T, N] = x [T, K] @ w [N, K]^T, each output rounded once to out's elements."""
+    T, N = out.shape
+    product = np.empty((T, N), np.float32)  # [T, N]
+    project_dense(w, _widened(x), product)
+    for t in range(T):
+        for n in range(N):
+            out[t, n] = narrow(product[t, n], out[t, n])
+
+
+@njit(fastmath=FAST, cache=True)
+def norm_and_project(h, y, norm_weight, eps, bf16, scale_in_fp32, w_qkv, x_out, qkv_out):
+    """h += y in place; x_out [T, D] = rms_norm(h) with norm_weight; qkv_out [T, N] = x_out @ w_qkv^T,
+    rounded. bf16: the arrays are bfloat16 bits; scale_in_fp32: the norm's weight scales the float32
+    row (GPT-OSS)."""
+    add_rms_norm_rows(h, y, norm_weight, eps, bf16, scale_in_fp32, x_out)
+    project_rounded(x_out, w_qkv, qkv_out)
+
+
+@njit(fastmath=FAST, cache=True)
+def _softmax_topk(logits, renormalize, scaling, ids_out, weights_out):
+    """logits [T, E] float32 -> ids_out [T, K] int64, the K most probable experts (descending; the
+    lower id first at a tie) and weights_out [T, K] their probabilities, renormalised where
+    `renormalize`, times `scaling`, as weights_out's elements (float32, or bfloat16 bits)."""
+    T, E = logits.shape
+    K = ids_out.shape[1]
+    probs = np.empty(E, np.float32)  # [E]
+    taken = np.empty(E, np.bool_)  # [E]
+    chosen = np.empty(K, np.float32)  # [K]
+    for t in range(T):
+        peak = logits[t, 0]
+        for e in range(1, E):
+            peak = max(peak, logits[t, e])
+        total = np.float32(0.0)
+        for e in range(E):
+            probs[e] = np.exp(logits[t, e] - peak)
+            total += probs[e]
+        for e in range(E):
+            probs[e] /= total
+            taken[e] = False
+        for k in range(K):
+            best = -1
+            for e in range(E):
+                if not taken[e] and (best < 0 or probs[e] > probs[best]):
+                    best = e
+            taken[best] = True
+            ids_out[t, k] = best
+            chosen[k] = probs[best]
+        norm = np.float32(0.0)
+        for k in range(K):
+            norm += chosen[k]
+        for k in range(K):
+            weight = chosen[k] / norm if renormalize else chosen[k]
+            if scaling != 1.0:
+                weight *= scaling
+            weights_out[t, k] = narrow(weight, weights_out[t, k])
+
+
+@njit(fastmath=FAST, cache=True)
+def project_norm_route(
+    attn, w_o, h, norm_weight, eps, bf16, scale_in_fp32, w_router, renormalize, scaling, o_out, x_out, ids_out,
+    weights_out,
+):  # fmt: skip
+    """o_out [T, D] = attn [T, A] @ w_o^T, rounded; h += o_out in place; x_out [T, D] = rms_norm(h);
+    ids_out, weights_out [T, K]: the router's choice for x_out (_softmax_topk over the logits
+    x_out @ w_router^T, rounded to w_router's elements)."""
+    project_rounded(attn, w_o, o_out)
+    add_rms_norm_rows(h, o_out, norm_weight, eps, bf16, scale_in_fp32, x_out)
+    T, E = x_out.shape[0], w_router.shape[0]
+    logits = np.empty((T, E), np.float32)  # [T, E]
+    project_dense(w_router, _widened(x_out), logits)
+    for t in range(T):
+        for e in range(E):
+            logits[t, e] = widen(narrow(logits[t, e], w_router[0, 0]))  # in the router's dtype
+    _softmax_topk(logits, renormalize, np.float32(scaling), ids_out, weights_out)

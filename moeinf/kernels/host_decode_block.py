@@ -1,14 +1,19 @@
-"""A decode step's dense side around attention, in two host (CPU) calls a layer.
+"""A decode step's layer around attention in host (CPU) calls: its dense side, and with resident
+experts the routed experts too.
 
 Between one layer's attention and the next, a decode token of the default model went through ~40
 torch ops and Python calls (the residual add and its RMSNorm, the qkv projection, the output
 projection, another add and norm, the router's projection, softmax, top k, renormalisation, dtype
 casts), each ~3-20 us of dispatch around a few microseconds of arithmetic: ~0.6 ms a layer, a
-third of the token. Here they are two compiled calls, with the attention kernel (host_attention.py)
+third of the token. Here they are compiled calls, with the attention kernel (host_attention.py)
 between them, per sequence:
 
-  norm_and_project:    h += y; x = rms_norm(h); qkv = x @ Wqkv^T
-  project_norm_route:  h += attn @ Wo^T; x = rms_norm(h); the router's softmax top k of x @ Wr^T
+  norm_and_project:       h += y; x = rms_norm(h); qkv = x @ Wqkv^T
+  project_norm_route:     h += attn @ Wo^T; x = rms_norm(h); the router's softmax top k of x @ Wr^T
+  route_experts_project:  with every expert resident (nothing to load, so nothing to ask the
+                          expert source between routing and computing): project_norm_route, the
+                          routed experts (host_experts.moe_layer_rows, from the slot buffers), and
+                          the next layer's norm_and_project, in one call: a layer is two calls
 
 The projections run host_experts.project_dense (the expert kernels' tiles: weights read once for
 all tokens, float32 accumulation), the norms host_norm's. The arithmetic is the torch path's with
@@ -35,7 +40,7 @@ import torch
 from numba import njit
 
 from moeinf.kernels.bf16_bits import narrow, widen
-from moeinf.kernels.host_experts import project_dense
+from moeinf.kernels.host_experts import moe_layer_rows, project_dense
 from moeinf.kernels.host_norm import add_rms_norm_rows
 
 DTYPES = (torch.float32, torch.bfloat16)
@@ -130,3 +135,46 @@ def project_norm_route(
         for e in range(E):
             logits[t, e] = widen(narrow(logits[t, e], w_router[0, 0]))  # in the router's dtype
     _softmax_topk(logits, renormalize, np.float32(scaling), ids_out, weights_out)
+
+
+@njit(fastmath=FAST, cache=True)
+def _add_rows(h, y):
+    """h [T, D] += y [T, D] in place, each sum rounded to h's elements."""
+    T, D = h.shape
+    for t in range(T):
+        for d in range(D):
+            h[t, d] = narrow(widen(h[t, d]) + widen(y[t, d]), h[t, d])
+
+
+@njit(cache=True)
+def route_experts_project(
+    attn, w_o, h, ffn_norm, eps, bf16, scale_in_fp32, w_router, renormalize, scaling, weights_out, weigh_bf16, slots,
+    w13, w2, no_bias, F, activation, alpha, limit, has_next, next_norm, w_qkv, qkv_out,
+):  # fmt: skip
+    """A MoE layer of resident experts from its attention output to the next layer's qkv: project_norm_route;
+    the routed experts of its choice, read from the slot buffers (host_experts.moe_layer_rows: w13,
+    w2, no_bias as host_experts.slot_buffers gives them; slots [E] the layer's slot of each
+    expert); h += their output; where has_next, norm_and_project of the new h with the next layer's
+    next_norm and w_qkv into qkv_out [T, N]. weights_out [T, K]: the routing weights' elements, in
+    the dtype expert outputs are weighed in (bfloat16 bits where weigh_bf16). Returns the number of distinct experts the layer used."""
+    T, D = h.shape
+    K = weights_out.shape[1]
+    o, x, y = np.empty_like(h), np.empty_like(h), np.empty_like(h)  # [T, D] each
+    ids = np.empty((T, K), np.int64)  # [T, K]
+    project_norm_route(
+        attn, w_o, h, ffn_norm, eps, bf16, scale_in_fp32, w_router, renormalize, scaling, o, x, ids, weights_out
+    )
+    E = slots.shape[0]
+    moe_layer_rows(
+        x, ids, weights_out, slots, np.full(E, -1, np.int64), w13, w13, w2, w2, no_bias, no_bias, no_bias, no_bias,
+        False, bf16, weigh_bf16, activation, alpha, limit, F, y,
+    )  # fmt: skip
+    if has_next:
+        norm_and_project(h, y, next_norm, eps, bf16, scale_in_fp32, w_qkv, x, qkv_out)
+    else:
+        _add_rows(h, y)
+    used = np.zeros(E, np.bool_)  # [E]
+    for t in range(T):
+        for k in range(K):
+            used[ids[t, k]] = True
+    return used.sum()

@@ -240,7 +240,7 @@ def _combine(y, position, ids, weights, slots, second_slots, b2, b2_second, has_
 
 
 @njit(cache=True)
-def _moe_layer(
+def moe_layer_rows(
     x, ids, weights, slots, second_slots, w13, w13_second, w2, w2_second, b13, b13_second, b2, b2_second,
     has_bias, bf16, weigh_bf16, activation, alpha, limit, F, out,
 ):  # fmt: skip
@@ -340,6 +340,13 @@ def _buffers(w13, w2, b13, b2, S, F2, D, F) -> tuple:
     return flat13, flat2, bias13, _slot_blocks("b2", b2.reshape(S, 1, D), (1, D))
 
 
+def slot_buffers(w13: torch.Tensor, w2: torch.Tensor) -> tuple:
+    """(w13, w2, stand-in bias) as moe_layer_rows takes them, for slot buffers without biases
+    (w13 [S, 2F, D], w2 [S, D, F], each slot's block contiguous), kept while the tensors live."""
+    S, F2, D = w13.shape
+    return _kept_buffers(w13, w2, None, None, S, F2, D, F2 // 2)[:3]
+
+
 @functools.cache
 def _no_second_buffer(E: int) -> np.ndarray:
     """[E] int64 all -1: no expert read from a second buffer (the kernels never write it)."""
@@ -436,7 +443,7 @@ def host_moe_experts(
         second_slots = second.slots.numpy()
         second_buffers = _kept_buffers(second.w13, second.w2, second.b13, second.b2, second.w13.shape[0], F2, D, F)
     out = empty_like_elements((T, D), x.dtype)
-    _moe_layer(
+    moe_layer_rows(
         as_numpy(x), topk_ids.numpy(), as_numpy(topk_weights), expert_slots.numpy(), second_slots,
         first[0], second_buffers[0], first[1], second_buffers[1], first[2], second_buffers[2], first[3],
         second_buffers[3], b13 is not None, x.dtype == torch.bfloat16, topk_weights.dtype == torch.bfloat16,

@@ -13,9 +13,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from moeinf.kernels import host_attention, host_decode_block
+from moeinf.kernels import host_attention, host_decode_block, host_experts
 from moeinf.kernels.bf16_bits import as_numpy, as_tensor, empty_like_elements
 from moeinf.kernels.ops import Kernels
+from moeinf.kernels.quantize import QuantizedMatrix
 from moeinf.loaders.checkpoint import Checkpoint
 from moeinf.models import mla
 from moeinf.models.attention import attend
@@ -24,6 +25,7 @@ from moeinf.models.rope import RotaryTable, apply_rope
 from moeinf.models.routing import route
 from moeinf.runtime.cache.eam import PREFILL, SequenceEAM
 from moeinf.runtime.dense_weights import DenseWeights, LayerWeights
+from moeinf.runtime.experts.resident import ResidentExperts
 from moeinf.runtime.experts.source import ExpertSource, LayerRouting
 from moeinf.runtime.kv_cache import SequenceKVCache
 from moeinf.runtime.routing_record import RoutingRecord
@@ -38,6 +40,15 @@ class Span:
     eam: SequenceEAM | None = None  # where the routing of these tokens is counted, if anywhere
     phase: int = PREFILL
     record: RoutingRecord | None = None  # per-token routing of this step, when traces are recorded
+
+
+@dataclass(frozen=True)
+class ResidentBlockExperts:
+    """Resident experts as host_decode_block.route_experts_project takes them."""
+
+    slots: list[np.ndarray]  # per MoE layer, [E] int64 the slot of each expert
+    buffers: tuple  # (w13, w2, stand-in bias) of host_experts.slot_buffers, then F
+    activation: tuple[int, np.float32, np.float32]  # host_experts.ACTIVATIONS code, alpha, limit
 
 
 class Executor:
@@ -69,6 +80,8 @@ class Executor:
         # each layer's weights as the host decode block takes them, where it can run this model's
         # decode steps (CPU; see _decode_block_layers); None where it cannot
         self.host_blocks = self._host_block_weights()
+        # the resident experts as the host decode block reads them, where it computes them itself
+        self.resident_experts = self._resident_block_experts() if self.host_blocks is not None else None
 
     def _host_block_weights(self) -> list[tuple[np.ndarray, ...]] | None:
         """(attn_norm, qkv, o_proj, ffn_norm, router) of every layer as arrays sharing the weights'
@@ -98,6 +111,29 @@ class Executor:
             tuple(as_numpy(t.contiguous()) for t in (lw.attn_norm, lw.qkv, lw.o_proj, lw.ffn_norm, lw.router))
             for lw in layers
         ]
+
+    def _resident_block_experts(self) -> ResidentBlockExperts | None:
+        """Every expert resident in float slot buffers the host expert kernels read, without biases:
+        host_decode_block then computes each layer's experts in the call that routes them."""
+        experts = self.experts
+        if not (
+            isinstance(experts, ResidentExperts)
+            and not isinstance(experts.w13, QuantizedMatrix)
+            and experts.b13 is None
+            and experts.w13.dtype == experts.w2.dtype == self.dtype
+            and host_experts.applies(experts.w13[0, :1], experts.w13, experts.w2)
+        ):
+            return None
+        activation = self.spec.expert_activation
+        return ResidentBlockExperts(
+            slots=[row.numpy() for row in experts.slot_table],
+            buffers=(*host_experts.slot_buffers(experts.w13, experts.w2), self.spec.expert_ffn),
+            activation=(
+                host_experts.ACTIVATIONS[activation.kind],
+                np.float32(activation.alpha),
+                np.float32(activation.limit),
+            ),
+        )
 
     def new_cache(self, capacity: int) -> SequenceKVCache:
         return SequenceKVCache(self.spec, capacity, self.device, self.dtype)
@@ -139,33 +175,47 @@ class Executor:
         self, h: torch.Tensor, x: torch.Tensor, host_trig: tuple[np.ndarray, np.ndarray], spans: list[Span]
     ) -> None:
         """Every layer of a decode step proper (one new token per sequence) on the host: per layer
-        two host_decode_block calls around each sequence's host attention, then the routed experts.
+        each sequence's host attention, then host_decode_block from its output to the next layer's
+        qkv projection, in one call with resident experts (nothing to acquire, nothing counted per
+        sequence), else around the expert source's acquire and the routed experts' kernel.
         h: [T, D] the residual stream, advanced in place through every layer; x: [T, D] its first
         norm; host_trig: the step's cos, sin [T, rot] float32."""
-        spec, T = self.spec, h.shape[0]
+        spec, T, D, blocks = self.spec, h.shape[0], h.shape[1], self.host_blocks
         bf16, eps, scale_fp32 = self.dtype == torch.bfloat16, np.float32(spec.norm_eps), spec.norm_scale_fp32
         weigh_dtype = torch.float32 if spec.router_weights_fp32 else self.dtype  # experts' outputs weighed in
-        residual, y = as_numpy(h), None  # [T, D]; y [T, D] the last layer's experts' output
-        for layer, (lw, (attn_norm, w_qkv, w_o, ffn_norm, w_router)) in enumerate(
-            zip(self.dense.layers, self.host_blocks)
-        ):
-            qkv = empty_like_elements((T, w_qkv.shape[0]), self.dtype)  # [T, q_dim + 2 kv_dim]
-            if y is None:
-                host_decode_block.project_rounded(as_numpy(x), w_qkv, qkv)
-            else:
-                normed = empty_like_elements((T, spec.hidden_size), self.dtype)
-                host_decode_block.norm_and_project(residual, y, attn_norm, eps, bf16, scale_fp32, w_qkv, normed, qkv)
+        route = (spec.renormalize_topk, spec.routed_scaling_factor)
+        resident = self.resident_experts if all(s.eam is None and s.record is None for s in spans) else None
+        residual, hits = as_numpy(h), 0  # [T, D]; distinct experts the resident layers used
+        qkv = empty_like_elements((T, blocks[0][1].shape[0]), self.dtype)  # [T, q_dim + 2 kv_dim]
+        host_decode_block.project_rounded(as_numpy(x), blocks[0][1], qkv)
+        for layer, (lw, (_, _, w_o, ffn_norm, w_router)) in enumerate(zip(self.dense.layers, blocks)):
             attn = self._attend_on_host(layer, qkv, host_trig, spans)  # [T, q_dim]
-            o, normed = (empty_like_elements((T, spec.hidden_size), self.dtype) for _ in range(2))
+            has_next = layer + 1 < len(blocks)
+            next_norm, w_qkv = blocks[layer + 1][:2] if has_next else (blocks[0][0][:0], blocks[0][1][:0])
+            qkv = empty_like_elements((T, w_qkv.shape[0]), self.dtype)  # the next layer's (or [T, 0])
+            weights = empty_like_elements((T, spec.top_k), weigh_dtype)  # [T, K]
+            if resident is not None:
+                hits += host_decode_block.route_experts_project(
+                    attn, w_o, residual, ffn_norm, eps, bf16, scale_fp32, w_router, *route, weights,
+                    weigh_dtype == torch.bfloat16, resident.slots[lw.moe_index], *resident.buffers, *resident.activation,
+                    has_next, next_norm, w_qkv, qkv,
+                )  # fmt: skip
+                continue
+            o, normed = (empty_like_elements((T, D), self.dtype) for _ in range(2))
             ids = np.empty((T, spec.top_k), np.int64)
-            weights = empty_like_elements((T, spec.top_k), weigh_dtype)
             host_decode_block.project_norm_route(
-                attn, w_o, residual, ffn_norm, eps, bf16, scale_fp32, w_router, spec.renormalize_topk,
-                spec.routed_scaling_factor, o, normed, ids, weights,
-            )  # fmt: skip
+                attn, w_o, residual, ffn_norm, eps, bf16, scale_fp32, w_router, *route, o, normed, ids, weights
+            )
             routed = self._routed_experts(lw, h, as_tensor(normed), torch.from_numpy(ids), as_tensor(weights), spans)
-            y = as_numpy(routed)
-        h.add_(routed)
+            if has_next:
+                normed = empty_like_elements((T, D), self.dtype)
+                host_decode_block.norm_and_project(
+                    residual, as_numpy(routed), next_norm, eps, bf16, scale_fp32, w_qkv, normed, qkv
+                )
+            else:
+                h.add_(routed)
+        if hits:
+            self.experts.count_hits(hits)
 
     def _norm(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """h: [T, D] -> [T, D] through the family's norm: RMSNorm, or LayerNorm with a bias (PhiMoE),

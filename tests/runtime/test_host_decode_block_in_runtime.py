@@ -44,12 +44,25 @@ def mixtral(tmp_path_factory):
 @pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["one", "batch"])
 def test_decode_block_matches_the_per_op_path_in_float32(mixtral, prompts):
     with LLM(mixtral, progress=False, dtype="float32") as llm:
-        assert llm.executor.host_blocks is not None
+        assert llm.executor.host_blocks is not None and llm.executor.resident_experts is not None
         continuations = greedy(llm, prompts)
         got = decode_logits(llm.executor, prompts, continuations, blocks=True)
         expected = decode_logits(llm.executor, prompts, continuations, blocks=False)
     assert ((got - expected).norm() / expected.norm()).item() < 1e-5
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+def test_resident_experts_computed_in_the_block_count_their_hits(mixtral):
+    """The block computes resident experts without acquire(); the hits it reports are the ones the
+    per-op path counts through acquire()."""
+    with LLM(mixtral, progress=False, dtype="float32") as llm:
+        counted, blocks = {}, llm.executor.host_blocks
+        for on in (True, False):
+            llm.executor.host_blocks = blocks if on else None
+            before = llm.stats()["hits"]
+            greedy(llm, PROMPTS)
+            counted[on] = llm.stats()["hits"] - before
+    assert counted[True] == counted[False] > 0
 
 
 @pytest.mark.parametrize("policy", ["activation-aware", "activation-aware+lookahead"])

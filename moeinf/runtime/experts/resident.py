@@ -110,6 +110,11 @@ class ResidentExperts:
                 self._pending_hits += (routing.device_counts() > 0).sum()
         return LayerExperts(self.slot_table[layer], self.w13, self.w2, self.b13, self.b2, input_perm=self.input_perm)
 
+    def count_hits(self, hits: int) -> None:
+        """Hits of layers computed without acquire() (the executor's host decode block reads the
+        buffers itself): `hits` distinct experts used, summed over those layers."""
+        self._stats.add(hits=hits)
+
     def release(self, layer: int) -> None:
         """Nothing to unpin: resident experts are never evicted."""
 

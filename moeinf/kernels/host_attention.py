@@ -57,7 +57,7 @@ def _rotated(row, base, i, cos, sin, t, half, rotary_dim, bf16):
 
 
 @njit(fastmath=FAST, cache=True)
-def _attend(qkv, cos, sin, k_cache, v_cache, start, window, scale, heads, kv_heads, head_dim, bf16, out):
+def attend_rows(qkv, cos, sin, k_cache, v_cache, start, window, scale, heads, kv_heads, head_dim, bf16, out):
     """Rope and the cache writes serially (a few hundred elements), then the softmax rows in their
     own parallel function: with the writes in the same parallel function its dot products did not
     vectorise (3x slower at 160 cached positions). qkv, the caches and out: float32, or bfloat16
@@ -189,7 +189,7 @@ def attend_decode_elements(
     or bfloat16 bits alike, cos and sin float32. Returns the output's elements [T, H*Dh]."""
     head_dim = k_cache.shape[-1]
     out = np.empty((qkv.shape[0], heads * head_dim), qkv.dtype)
-    _attend(
+    attend_rows(
         qkv, cos, sin, k_cache, v_cache, start, NO_WINDOW if window is None else window,
         np.float32(head_dim**-0.5 if scale is None else scale), heads, kv_heads, head_dim, qkv.dtype == np.uint16, out,
     )  # fmt: skip

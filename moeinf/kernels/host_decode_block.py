@@ -40,6 +40,7 @@ import torch
 from numba import njit
 
 from moeinf.kernels.bf16_bits import narrow, widen
+from moeinf.kernels.host_attention import attend_rows
 from moeinf.kernels.host_experts import moe_layer_rows, project_dense
 from moeinf.kernels.host_norm import add_rms_norm_rows
 
@@ -178,3 +179,21 @@ def route_experts_project(
         for k in range(K):
             used[ids[t, k]] = True
     return used.sum()
+
+
+@njit(cache=True)
+def attend_route_experts_project(
+    qkv, cos, sin, k_cache, v_cache, start, window, scale, heads, kv_heads, head_dim, w_o, h, ffn_norm, eps, bf16,
+    scale_in_fp32, w_router, renormalize, scaling, weights_out, weigh_bf16, slots, w13, w2, no_bias, F, activation,
+    alpha, limit, has_next, next_norm, w_qkv, qkv_out,
+):  # fmt: skip
+    """One sequence's layer from its qkv projection to the next layer's: the host attention kernel
+    (host_attention.attend_rows: rope, cache write, attention; qkv [T, q_dim + 2 kv_dim] and the
+    caches [Hkv, C, Dh] as it takes them) then route_experts_project on its output. Returns the
+    number of distinct experts the layer used."""
+    attn = np.empty((qkv.shape[0], heads * head_dim), qkv.dtype)  # [T, q_dim]
+    attend_rows(qkv, cos, sin, k_cache, v_cache, start, window, scale, heads, kv_heads, head_dim, bf16, attn)
+    return route_experts_project(
+        attn, w_o, h, ffn_norm, eps, bf16, scale_in_fp32, w_router, renormalize, scaling, weights_out, weigh_bf16,
+        slots, w13, w2, no_bias, F, activation, alpha, limit, has_next, next_norm, w_qkv, qkv_out,
+    )  # fmt: skip

@@ -42,6 +42,7 @@ from moeinf.kernels.reference import expect_both_biases_or_neither
 DTYPES = (torch.float32, torch.bfloat16)  # weights and activations these kernels take
 MAX_TOKENS = 32  # tokens a call is meant for (decode); prefill-sized steps run the grouped matmuls
 ROWS_PER_ITEM = 32  # weight rows one parallel work item computes
+ACTIVATIONS_PER_ITEM = 512  # activation outputs one parallel work item computes
 ACTIVATIONS = {"silu": 0, "clamped_swiglu": 1}
 # Reassociation lets a dot product run as vectorised partial sums, contraction fuses its multiply-adds;
 # no flag that assumes away NaN or infinity (the activation's exp overflows for very negative gates)
@@ -185,18 +186,22 @@ def project_dense(w, xs, out):
     _project(block, block, zero, np.full(1, -1, np.int64), zero, zero, np.full(1, xs.shape[0], np.int64), xs, out, N, K)
 
 
-@njit(fastmath=FAST, cache=True)
+@njit(parallel=True, fastmath=FAST, cache=True)
 def _activate(gate_up, expert_of, slots, second_slots, b13, b13_second, has_bias, bf16, activation, alpha, limit, act):
     """act[q] = activation(gate, up) of row q's gate_up [2F] (+ its expert's b13), in the
-    reference's roundings. gate_up: [P, 2F] float32; act: [P, F] float32."""
+    reference's roundings, in parallel over (row, block of ACTIVATIONS_PER_ITEM): a scalar exp per
+    element, ~25 ns in bfloat16, 0.1 ms a layer of the default model's one-token decode serially.
+    gate_up: [P, 2F] float32; act: [P, F] float32."""
     F = act.shape[1]
     lim = rounded(limit, bf16)  # clamp bounds are cast to the tensor's dtype
-    for q in range(gate_up.shape[0]):
+    blocks = (F + ACTIVATIONS_PER_ITEM - 1) // ACTIVATIONS_PER_ITEM
+    for item in prange(gate_up.shape[0] * blocks):
+        q, first = item // blocks, (item % blocks) * ACTIVATIONS_PER_ITEM
         if has_bias:
             bias = _expert_block(b13, b13_second, slots, second_slots, expert_of[q], 1, 2 * F)
         else:
             bias = b13[0][:1].reshape(1, 1)
-        for f in range(F):
+        for f in range(first, min(first + ACTIVATIONS_PER_ITEM, F)):
             gate = rounded(gate_up[q, f], bf16)
             up = rounded(gate_up[q, F + f], bf16)
             if has_bias:  # added to the rounded product, as the reference (and transformers) add it

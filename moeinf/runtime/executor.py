@@ -82,6 +82,19 @@ class Executor:
         self.host_blocks = self._host_block_weights()
         # the resident experts as the host decode block reads them, where it computes them itself
         self.resident_experts = self._resident_block_experts() if self.host_blocks is not None else None
+        # per layer, (window, scale, heads, kv_heads, head_dim) as host_attention.attend_rows takes them
+        spec = self.spec
+        scale = np.float32(spec.head_dim**-0.5 if spec.attention_scale is None else spec.attention_scale)
+        self.host_attention_shape = [
+            (
+                host_attention.NO_WINDOW if window is None else window,
+                scale,
+                spec.num_heads,
+                spec.num_kv_heads,
+                spec.head_dim,
+            )
+            for window in map(spec.window, range(spec.num_layers))
+        ]
 
     def _host_block_weights(self) -> list[tuple[np.ndarray, ...]] | None:
         """(attn_norm, qkv, o_proj, ffn_norm, router) of every layer as arrays sharing the weights'
@@ -177,7 +190,8 @@ class Executor:
         """Every layer of a decode step proper (one new token per sequence) on the host: per layer
         each sequence's host attention, then host_decode_block from its output to the next layer's
         qkv projection, in one call with resident experts (nothing to acquire, nothing counted per
-        sequence), else around the expert source's acquire and the routed experts' kernel.
+        sequence; a lone sequence's attention in that call too), else around the expert source's
+        acquire and the routed experts' kernel.
         h: [T, D] the residual stream, advanced in place through every layer; x: [T, D] its first
         norm; host_trig: the step's cos, sin [T, rot] float32."""
         spec, T, D, blocks = self.spec, h.shape[0], h.shape[1], self.host_blocks
@@ -188,12 +202,24 @@ class Executor:
         residual, hits = as_numpy(h), 0  # [T, D]; distinct experts the resident layers used
         qkv = empty_like_elements((T, blocks[0][1].shape[0]), self.dtype)  # [T, q_dim + 2 kv_dim]
         host_decode_block.project_rounded(as_numpy(x), blocks[0][1], qkv)
+        # one sequence with resident experts: its attention in the same call (one call a layer)
+        caches = spans[0].cache.host_arrays(T) if resident is not None and len(spans) == 1 else None
         for layer, (lw, (_, _, w_o, ffn_norm, w_router)) in enumerate(zip(self.dense.layers, blocks)):
-            attn = self._attend_on_host(layer, qkv, host_trig, spans)  # [T, q_dim]
             has_next = layer + 1 < len(blocks)
             next_norm, w_qkv = blocks[layer + 1][:2] if has_next else (blocks[0][0][:0], blocks[0][1][:0])
-            qkv = empty_like_elements((T, w_qkv.shape[0]), self.dtype)  # the next layer's (or [T, 0])
+            next_qkv = empty_like_elements((T, w_qkv.shape[0]), self.dtype)  # the next layer's (or [T, 0])
             weights = empty_like_elements((T, spec.top_k), weigh_dtype)  # [T, K]
+            if caches is not None:
+                hits += host_decode_block.attend_route_experts_project(
+                    qkv, *host_trig, caches[0][layer], caches[1][layer], spans[0].cache.length,
+                    *self.host_attention_shape[layer], w_o, residual, ffn_norm, eps, bf16, scale_fp32, w_router, *route,
+                    weights, weigh_dtype == torch.bfloat16, resident.slots[lw.moe_index], *resident.buffers,
+                    *resident.activation, has_next, next_norm, w_qkv, next_qkv,
+                )  # fmt: skip
+                qkv = next_qkv
+                continue
+            attn = self._attend_on_host(layer, qkv, host_trig, spans)  # [T, q_dim]
+            qkv = next_qkv
             if resident is not None:
                 hits += host_decode_block.route_experts_project(
                     attn, w_o, residual, ffn_norm, eps, bf16, scale_fp32, w_router, *route, weights,

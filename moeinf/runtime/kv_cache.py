@@ -47,10 +47,17 @@ class SequenceKVCache:
     def host_layer(self, layer: int, n: int) -> tuple[np.ndarray, np.ndarray]:
         """layer(layer, n) as the host attention kernel's arrays (float32, or bfloat16 bits), sharing
         the cache's memory; the whole cache's arrays are made once, on first use."""
-        self.layer(layer, n)
+        k, v = self.host_arrays(n)
+        return k[layer], v[layer]
+
+    def host_arrays(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Every layer's keys and values [L, Hkv, C, D] as host_layer's arrays, for a caller that
+        writes n new positions into each layer, after checking they fit."""
+        if self.length + n > self.capacity:
+            raise RequestError(f"KV cache holds {self.capacity} positions, a write needs {self.length + n}")
         if self._host_arrays is None:
             self._host_arrays = (as_numpy(self.k), as_numpy(self.v))
-        return self._host_arrays[0][layer], self._host_arrays[1][layer]
+        return self._host_arrays
 
     def advance(self, n: int) -> None:
         """Called once every layer has written the n new positions."""

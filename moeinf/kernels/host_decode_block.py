@@ -138,15 +138,6 @@ def project_norm_route(
     _softmax_topk(logits, renormalize, np.float32(scaling), ids_out, weights_out)
 
 
-@njit(fastmath=FAST, cache=True)
-def _add_rows(h, y):
-    """h [T, D] += y [T, D] in place, each sum rounded to h's elements."""
-    T, D = h.shape
-    for t in range(T):
-        for d in range(D):
-            h[t, d] = narrow(widen(h[t, d]) + widen(y[t, d]), h[t, d])
-
-
 @njit(cache=True)
 def route_experts_project(
     attn, w_o, h, ffn_norm, eps, bf16, scale_in_fp32, w_router, renormalize, scaling, weights_out, weigh_bf16, slots,
@@ -156,7 +147,8 @@ def route_experts_project(
     the routed experts of its choice, read from the slot buffers (host_experts.moe_layer_rows: w13,
     w2, no_bias as host_experts.slot_buffers gives them; slots [E] the layer's slot of each
     expert); h += their output; where has_next, norm_and_project of the new h with the next layer's
-    next_norm and w_qkv into qkv_out [T, N]. weights_out [T, K]: the routing weights' elements, in
+    next_norm and w_qkv into qkv_out [T, N], else (the last layer) h normed with next_norm, the
+    model's final norm, into qkv_out [T, D] (w_qkv unused). weights_out [T, K]: the routing weights' elements, in
     the dtype expert outputs are weighed in (bfloat16 bits where weigh_bf16). Returns the number of distinct experts the layer used."""
     T, D = h.shape
     K = weights_out.shape[1]
@@ -172,8 +164,8 @@ def route_experts_project(
     )  # fmt: skip
     if has_next:
         norm_and_project(h, y, next_norm, eps, bf16, scale_in_fp32, w_qkv, x, qkv_out)
-    else:
-        _add_rows(h, y)
+    else:  # the last layer: the model's final norm
+        add_rms_norm_rows(h, y, next_norm, eps, bf16, scale_in_fp32, qkv_out)
     used = np.zeros(E, np.bool_)  # [E]
     for t in range(T):
         for k in range(K):

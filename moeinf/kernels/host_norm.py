@@ -27,6 +27,18 @@ MAX_TOKENS = 32  # rows a call is meant for (decode); larger steps run the refer
 FAST = {"reassoc", "contract"}  # vectorised sums and fused multiply-adds; NaN and infinity kept
 
 
+@njit(fastmath=FAST, inline="always")
+def _write_normed(h, t, squares, weight, eps, bf16, scale_in_fp32, out):
+    """out[t] = weight * h[t] * rsqrt(squares / D + eps), squares: the sum of h[t]'s squares."""
+    D = h.shape[1]
+    scale = np.float32(1.0) / np.sqrt(squares / np.float32(D) + eps)
+    for d in range(D):
+        normed = widen(h[t, d]) * scale
+        if not scale_in_fp32:  # the normalised row is rounded before the weight scales it
+            normed = rounded(normed, bf16)
+        out[t, d] = narrow(widen(weight[d]) * normed, out[t, d])
+
+
 @njit(fastmath=FAST, cache=True)
 def add_rms_norm_rows(h, y, weight, eps, bf16, scale_in_fp32, out):
     """h [T, D] += y [T, D] in place; out [T, D] = weight * h * rsqrt(mean(h^2) + eps); float32
@@ -38,12 +50,19 @@ def add_rms_norm_rows(h, y, weight, eps, bf16, scale_in_fp32, out):
             value = rounded(widen(h[t, d]) + widen(y[t, d]), bf16)
             h[t, d] = narrow(value, h[t, d])
             squares += value * value
-        scale = np.float32(1.0) / np.sqrt(squares / np.float32(D) + eps)
+        _write_normed(h, t, squares, weight, eps, bf16, scale_in_fp32, out)
+
+
+@njit(fastmath=FAST, cache=True)
+def rms_norm_rows(h, weight, eps, bf16, scale_in_fp32, out):
+    """out [T, D] = weight * h * rsqrt(mean(h^2) + eps), as add_rms_norm_rows without the add."""
+    T, D = h.shape
+    for t in range(T):
+        squares = np.float32(0.0)
         for d in range(D):
-            normed = widen(h[t, d]) * scale
-            if not scale_in_fp32:  # the normalised row is rounded before the weight scales it
-                normed = rounded(normed, bf16)
-            out[t, d] = narrow(widen(weight[d]) * normed, out[t, d])
+            value = widen(h[t, d])
+            squares += value * value
+        _write_normed(h, t, squares, weight, eps, bf16, scale_in_fp32, out)
 
 
 def applies(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, most_new_tokens: int) -> bool:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from moeinf.kernels import host_attention, host_decode_block, host_experts
+from moeinf.kernels import host_attention, host_decode_block, host_experts, host_norm
 from moeinf.kernels.bf16_bits import as_numpy, as_tensor, empty_like_elements
 from moeinf.kernels.ops import Kernels
 from moeinf.kernels.quantize import QuantizedMatrix
@@ -80,6 +80,7 @@ class Executor:
         # each layer's weights as the host decode block takes them, where it can run this model's
         # decode steps (CPU; see _decode_block_layers); None where it cannot
         self.host_blocks = self._host_block_weights()
+        self.host_final_norm = as_numpy(self.dense.final_norm.contiguous()) if self.host_blocks is not None else None
         # the resident experts as the host decode block reads them, where it computes them itself
         self.resident_experts = self._resident_block_experts() if self.host_blocks is not None else None
         # per layer, (window, scale, heads, kv_heads, head_dim) as host_attention.attend_rows takes them
@@ -159,16 +160,36 @@ class Executor:
             [torch.arange(s.cache.length, s.cache.length + s.count, device=self.device) for s in spans]
         )  # [T]
         cos, sin = self.rotary.cos_sin(positions, torch.float32 if self.spec.rope_fp32 else self.dtype)  # [T, rot]
-        layers = self.dense.layers
         h = self.dense.embed[tokens]  # [T, D] the residual stream (a gathered copy: added to in place)
-        x = self._norm(h, layers[0].attn_norm, layers[0].attn_norm_bias)  # [T, D] the next block's input
         most_new = max(span.count for span in spans)  # 1: a decode step proper
         host_trig = None  # the rotary table as the host attention kernel's float32 arrays (CPU only)
         if self.plain_attention and self.device.type == "cpu":
             host_trig = (cos.float().contiguous().numpy(), sin.float().contiguous().numpy())
         if self.host_blocks is not None and most_new == 1 and tokens.shape[0] <= host_decode_block.MAX_TOKENS:
-            self._decode_block_layers(h, x, host_trig, spans)
-            layers = []
+            normed = self._decode_block_layers(h, host_trig, spans)  # [T, D] through the final norm
+            if rows is not None:
+                normed = normed[rows]
+        else:
+            self._layers(h, cos, sin, host_trig, spans, most_new)
+            normed = self._norm(h if rows is None else h[rows], self.dense.final_norm, self.dense.final_norm_bias)
+        for span in spans:
+            span.cache.advance(span.count)
+        return F.linear(normed, self.dense.lm_head, self.dense.lm_head_bias).to(torch.float32)
+
+    def _layers(
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        host_trig: tuple[np.ndarray, np.ndarray] | None,
+        spans: list[Span],
+        most_new: int,
+    ) -> None:
+        """Every layer, op by op: h [T, D] the residual stream, advanced in place; cos, sin [T, rot]
+        the step's rotary table (host_trig: as float32 arrays, None off the CPU); most_new: the most
+        new tokens a sequence of the step has."""
+        layers = self.dense.layers
+        x = self._norm(h, layers[0].attn_norm, layers[0].attn_norm_bias)  # [T, D] the next block's input
         for layer, lw in enumerate(layers):
             attended = self._attention(layer, lw, x, cos, sin, host_trig, spans, most_new)
             x = self._add_norm(h, attended, lw.ffn_norm, lw.ffn_norm_bias, most_new)
@@ -177,37 +198,34 @@ class Executor:
                 x = self._add_norm(h, y, layers[layer + 1].attn_norm, layers[layer + 1].attn_norm_bias, most_new)
             else:
                 h.add_(y)
-        for span in spans:
-            span.cache.advance(span.count)
-        if rows is not None:
-            h = h[rows]
-        h = self._norm(h, self.dense.final_norm, self.dense.final_norm_bias)
-        return F.linear(h, self.dense.lm_head, self.dense.lm_head_bias).to(torch.float32)
 
     def _decode_block_layers(
-        self, h: torch.Tensor, x: torch.Tensor, host_trig: tuple[np.ndarray, np.ndarray], spans: list[Span]
-    ) -> None:
+        self, h: torch.Tensor, host_trig: tuple[np.ndarray, np.ndarray], spans: list[Span]
+    ) -> torch.Tensor:
         """Every layer of a decode step proper (one new token per sequence) on the host: per layer
         each sequence's host attention, then host_decode_block from its output to the next layer's
         qkv projection, in one call with resident experts (nothing to acquire, nothing counted per
         sequence; a lone sequence's attention in that call too), else around the expert source's
         acquire and the routed experts' kernel.
-        h: [T, D] the residual stream, advanced in place through every layer; x: [T, D] its first
-        norm; host_trig: the step's cos, sin [T, rot] float32."""
+        h: [T, D] the residual stream, advanced in place through every layer; host_trig: the step's
+        cos, sin [T, rot] float32. Returns h through the model's final norm, [T, D]."""
         spec, T, D, blocks = self.spec, h.shape[0], h.shape[1], self.host_blocks
         bf16, eps, scale_fp32 = self.dtype == torch.bfloat16, np.float32(spec.norm_eps), spec.norm_scale_fp32
         weigh_dtype = torch.float32 if spec.router_weights_fp32 else self.dtype  # experts' outputs weighed in
         route = (spec.renormalize_topk, spec.routed_scaling_factor)
         resident = self.resident_experts if all(s.eam is None and s.record is None for s in spans) else None
         residual, hits = as_numpy(h), 0  # [T, D]; distinct experts the resident layers used
+        normed = empty_like_elements((T, D), self.dtype)  # [T, D] the first layer's input
+        host_norm.rms_norm_rows(residual, blocks[0][0], eps, bf16, scale_fp32, normed)
         qkv = empty_like_elements((T, blocks[0][1].shape[0]), self.dtype)  # [T, q_dim + 2 kv_dim]
-        host_decode_block.project_rounded(as_numpy(x), blocks[0][1], qkv)
+        host_decode_block.project_rounded(normed, blocks[0][1], qkv)
         # one sequence with resident experts: its attention in the same call (one call a layer)
         caches = spans[0].cache.host_arrays(T) if resident is not None and len(spans) == 1 else None
         for layer, (lw, (_, _, w_o, ffn_norm, w_router)) in enumerate(zip(self.dense.layers, blocks)):
             has_next = layer + 1 < len(blocks)
-            next_norm, w_qkv = blocks[layer + 1][:2] if has_next else (blocks[0][0][:0], blocks[0][1][:0])
-            next_qkv = empty_like_elements((T, w_qkv.shape[0]), self.dtype)  # the next layer's (or [T, 0])
+            # the next layer's norm and qkv projection, or the final norm (and no projection)
+            next_norm, w_qkv = blocks[layer + 1][:2] if has_next else (self.host_final_norm, blocks[0][1][:0])
+            next_qkv = empty_like_elements((T, w_qkv.shape[0] if has_next else D), self.dtype)  # or the final rows
             weights = empty_like_elements((T, spec.top_k), weigh_dtype)  # [T, K]
             if caches is not None:
                 hits += host_decode_block.attend_route_experts_project(
@@ -239,9 +257,10 @@ class Executor:
                     residual, as_numpy(routed), next_norm, eps, bf16, scale_fp32, w_qkv, normed, qkv
                 )
             else:
-                h.add_(routed)
+                host_norm.add_rms_norm_rows(residual, as_numpy(routed), next_norm, eps, bf16, scale_fp32, qkv)
         if hits:
             self.experts.count_hits(hits)
+        return as_tensor(qkv)
 
     def _norm(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """h: [T, D] -> [T, D] through the family's norm: RMSNorm, or LayerNorm with a bias (PhiMoE),

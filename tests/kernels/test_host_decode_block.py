@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moeinf.kernels import host_decode_block
+from moeinf.kernels import host_decode_block, host_norm
 from moeinf.kernels.bf16_bits import as_numpy, as_tensor, empty_like_elements
 from moeinf.kernels.reference import rms_norm_reference, softmax_topk_reference
 from moeinf.kernels.tolerance import TOLERANCE, rel_rms
@@ -108,3 +108,19 @@ def test_router_picks_the_lower_id_at_a_tie_and_renormalises():
     expected_ids, expected_weights = softmax_topk_reference(F.linear(torch.from_numpy(normed), w_router), 2, True)
     assert ids.tolist() == expected_ids.tolist() == [[1, 2]]
     assert routing.tolist() == expected_weights.tolist() == [[0.5, 0.5]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_rows_is_the_reference_norm(dtype):
+    """The decode block's first norm (host_norm.rms_norm_rows: no residual add) against
+    rms_norm_reference: float32 to summation order, bfloat16 an ulp now and then."""
+    g = torch.Generator().manual_seed(5)
+    h, weight = torch.randn(3, 512, generator=g).to(dtype), (torch.rand(512, generator=g) + 0.5).to(dtype)
+    out = empty_like_elements((3, 512), dtype)
+    host_norm.rms_norm_rows(as_numpy(h), as_numpy(weight), np.float32(1e-5), dtype == torch.bfloat16, False, out)
+    expected = rms_norm_reference(h, weight, 1e-5)
+    if dtype == torch.float32:
+        assert rel_rms(as_tensor(out), expected) < FP32
+    else:
+        ulps = bf16_ulps(as_tensor(out), expected)
+        assert ulps.max() <= 1 and (ulps > 0).float().mean() < 0.01

@@ -42,7 +42,7 @@ from numba import njit
 from moeinf.kernels.bf16_bits import narrow, widen
 from moeinf.kernels.host_attention import attend_rows
 from moeinf.kernels.host_experts import moe_layer_rows, project_dense
-from moeinf.kernels.host_norm import add_rms_norm_rows
+from moeinf.kernels.host_norm import add_rms_norm_rows, rms_norm_rows
 
 DTYPES = (torch.float32, torch.bfloat16)
 MAX_TOKENS = 32  # tokens a call is meant for (decode)
@@ -189,3 +189,38 @@ def attend_route_experts_project(
         attn, w_o, h, ffn_norm, eps, bf16, scale_in_fp32, w_router, renormalize, scaling, weights_out, weigh_bf16,
         slots, w13, w2, no_bias, F, activation, alpha, limit, has_next, next_norm, w_qkv, qkv_out,
     )  # fmt: skip
+
+
+@njit(cache=True)
+def decode_layers(
+    h, cos, sin, k_all, v_all, start, windows, scale, heads, kv_heads, head_dim, attn_norms, w_qkvs, w_os, ffn_norms,
+    w_routers, final_norm, eps, bf16, scale_in_fp32, renormalize, scaling, weights_out, weigh_bf16, slots, w13, w2,
+    no_bias, F, activation, alpha, limit, out,
+):  # fmt: skip
+    """A lone sequence's whole decode step with resident experts, every layer in one call: the
+    first norm and qkv projection, then per layer attend_route_experts_project, the last one ending
+    in the final norm, into out [T, D]. Per layer: k_all, v_all [L, Hkv, C, Dh] the caches;
+    windows [L] int64; attn_norms, w_qkvs, w_os, ffn_norms, w_routers: tuples of the layers' arrays;
+    weights_out [L, T, K] the routing weights' elements; slots [L, E] each expert's slot. Returns the
+    distinct experts the layers used, summed."""
+    T, L = h.shape[0], len(w_qkvs)
+    normed = np.empty_like(h)  # [T, D] the first layer's input
+    rms_norm_rows(h, attn_norms[0], eps, bf16, scale_in_fp32, normed)
+    qkv = np.empty((T, w_qkvs[0].shape[0]), h.dtype)  # [T, q_dim + 2 kv_dim]
+    project_rounded(normed, w_qkvs[0], qkv)
+    hits = 0
+    for layer in range(L):
+        has_next = layer + 1 < L
+        if has_next:
+            next_norm, w_qkv = attn_norms[layer + 1], w_qkvs[layer + 1]
+            next_qkv = np.empty((T, w_qkv.shape[0]), h.dtype)
+        else:
+            next_norm, w_qkv, next_qkv = final_norm, w_qkvs[0], out
+        hits += attend_route_experts_project(
+            qkv, cos, sin, k_all[layer], v_all[layer], start, windows[layer], scale, heads, kv_heads, head_dim,
+            w_os[layer], h, ffn_norms[layer], eps, bf16, scale_in_fp32, w_routers[layer], renormalize, scaling,
+            weights_out[layer], weigh_bf16, slots[layer], w13, w2, no_bias, F, activation, alpha, limit, has_next,
+            next_norm, w_qkv, next_qkv,
+        )  # fmt: skip
+        qkv = next_qkv
+    return hits

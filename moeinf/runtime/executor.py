@@ -13,10 +13,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from moeinf.kernels import host_attention, host_decode_block, host_experts, host_norm
+from moeinf.kernels import host_attention, host_decode_block, host_norm
 from moeinf.kernels.bf16_bits import as_numpy, as_tensor, empty_like_elements
 from moeinf.kernels.ops import Kernels
-from moeinf.kernels.quantize import QuantizedMatrix
 from moeinf.loaders.checkpoint import Checkpoint
 from moeinf.models import mla
 from moeinf.models.attention import attend
@@ -25,8 +24,8 @@ from moeinf.models.rope import RotaryTable, apply_rope
 from moeinf.models.routing import route
 from moeinf.runtime.cache.eam import PREFILL, SequenceEAM
 from moeinf.runtime.dense_weights import DenseWeights, LayerWeights
-from moeinf.runtime.experts.resident import ResidentExperts
 from moeinf.runtime.experts.source import ExpertSource, LayerRouting
+from moeinf.runtime.host_decode import HostDecodeWeights, ResidentBlockExperts
 from moeinf.runtime.kv_cache import SequenceKVCache
 from moeinf.runtime.routing_record import RoutingRecord
 
@@ -40,15 +39,6 @@ class Span:
     eam: SequenceEAM | None = None  # where the routing of these tokens is counted, if anywhere
     phase: int = PREFILL
     record: RoutingRecord | None = None  # per-token routing of this step, when traces are recorded
-
-
-@dataclass(frozen=True)
-class ResidentBlockExperts:
-    """Resident experts as host_decode_block.route_experts_project takes them."""
-
-    slots: list[np.ndarray]  # per MoE layer, [E] int64 the slot of each expert
-    buffers: tuple  # (w13, w2, stand-in bias) of host_experts.slot_buffers, then F
-    activation: tuple[int, np.float32, np.float32]  # host_experts.ACTIVATIONS code, alpha, limit
 
 
 class Executor:
@@ -77,76 +67,11 @@ class Executor:
             and not self.spec.attention_sinks
             and not self.spec.rope_fp32
         )
-        # each layer's weights as the host decode block takes them, where it can run this model's
-        # decode steps (CPU; see _decode_block_layers); None where it cannot
-        self.host_blocks = self._host_block_weights()
-        self.host_final_norm = as_numpy(self.dense.final_norm.contiguous()) if self.host_blocks is not None else None
-        # the resident experts as the host decode block reads them, where it computes them itself
-        self.resident_experts = self._resident_block_experts() if self.host_blocks is not None else None
-        # per layer, (window, scale, heads, kv_heads, head_dim) as host_attention.attend_rows takes them
-        spec = self.spec
-        scale = np.float32(spec.head_dim**-0.5 if spec.attention_scale is None else spec.attention_scale)
-        self.host_attention_shape = [
-            (
-                host_attention.NO_WINDOW if window is None else window,
-                scale,
-                spec.num_heads,
-                spec.num_kv_heads,
-                spec.head_dim,
-            )
-            for window in map(spec.window, range(spec.num_layers))
-        ]
-
-    def _host_block_weights(self) -> list[tuple[np.ndarray, ...]] | None:
-        """(attn_norm, qkv, o_proj, ffn_norm, router) of every layer as arrays sharing the weights'
-        memory, where kernels/host_decode_block.py can run the model's decode steps: on the CPU in
-        float32 or bfloat16 with kernels "auto", attention the host kernel runs, RMSNorm, softmax top-k
-        routing, and every layer a MoE layer without a shared expert or projection biases."""
-        spec, layers = self.spec, self.dense.layers
-        if not (
-            self.device.type == "cpu"
-            and self.dtype in host_decode_block.DTYPES
-            and self.kernels.choice == "auto"
-            and self.plain_attention
-            and spec.norm_type == "rms"
-            and spec.routing == "softmax_topk"
-            and all(
-                lw.moe_index is not None
-                and lw.shared_w13 is None
-                and lw.qkv_bias is None
-                and lw.o_bias is None
-                and lw.router_bias is None
-                and lw.sinks is None
-                for lw in layers
-            )
-        ):
-            return None
-        return [
-            tuple(as_numpy(t.contiguous()) for t in (lw.attn_norm, lw.qkv, lw.o_proj, lw.ffn_norm, lw.router))
-            for lw in layers
-        ]
-
-    def _resident_block_experts(self) -> ResidentBlockExperts | None:
-        """Every expert resident in float slot buffers the host expert kernels read, without biases:
-        host_decode_block then computes each layer's experts in the call that routes them."""
-        experts = self.experts
-        if not (
-            isinstance(experts, ResidentExperts)
-            and not isinstance(experts.w13, QuantizedMatrix)
-            and experts.b13 is None
-            and experts.w13.dtype == experts.w2.dtype == self.dtype
-            and host_experts.applies(experts.w13[0, :1], experts.w13, experts.w2)
-        ):
-            return None
-        activation = self.spec.expert_activation
-        return ResidentBlockExperts(
-            slots=[row.numpy() for row in experts.slot_table],
-            buffers=(*host_experts.slot_buffers(experts.w13, experts.w2), self.spec.expert_ffn),
-            activation=(
-                host_experts.ACTIVATIONS[activation.kind],
-                np.float32(activation.alpha),
-                np.float32(activation.limit),
-            ),
+        # what the host decode block reads, where it can run this model's decode steps (CPU; see
+        # _decode_block_layers), and the resident experts where it computes them itself; None where not
+        self.host_decode = HostDecodeWeights.build(self.spec, self.dense, device, dtype, kernels, self.plain_attention)
+        self.resident_experts = (
+            None if self.host_decode is None else ResidentBlockExperts.build(self.spec, experts, dtype)
         )
 
     def new_cache(self, capacity: int) -> SequenceKVCache:
@@ -165,7 +90,7 @@ class Executor:
         host_trig = None  # the rotary table as the host attention kernel's float32 arrays (CPU only)
         if self.plain_attention and self.device.type == "cpu":
             host_trig = (cos.float().contiguous().numpy(), sin.float().contiguous().numpy())
-        if self.host_blocks is not None and most_new == 1 and tokens.shape[0] <= host_decode_block.MAX_TOKENS:
+        if self.host_decode is not None and most_new == 1 and tokens.shape[0] <= host_decode_block.MAX_TOKENS:
             normed = self._decode_block_layers(h, host_trig, spans)  # [T, D] through the final norm
             if rows is not None:
                 normed = normed[rows]
@@ -205,37 +130,38 @@ class Executor:
         """Every layer of a decode step proper (one new token per sequence) on the host: per layer
         each sequence's host attention, then host_decode_block from its output to the next layer's
         qkv projection, in one call with resident experts (nothing to acquire, nothing counted per
-        sequence; a lone sequence's attention in that call too), else around the expert source's
-        acquire and the routed experts' kernel.
+        sequence), else around the expert source's acquire and the routed experts' kernel; a lone
+        sequence with resident experts runs the whole step in one call (decode_layers).
         h: [T, D] the residual stream, advanced in place through every layer; host_trig: the step's
         cos, sin [T, rot] float32. Returns h through the model's final norm, [T, D]."""
-        spec, T, D, blocks = self.spec, h.shape[0], h.shape[1], self.host_blocks
+        spec, T, D, host = self.spec, h.shape[0], h.shape[1], self.host_decode
+        blocks = host.layers
         bf16, eps, scale_fp32 = self.dtype == torch.bfloat16, np.float32(spec.norm_eps), spec.norm_scale_fp32
         weigh_dtype = torch.float32 if spec.router_weights_fp32 else self.dtype  # experts' outputs weighed in
         route = (spec.renormalize_topk, spec.routed_scaling_factor)
         resident = self.resident_experts if all(s.eam is None and s.record is None for s in spans) else None
         residual, hits = as_numpy(h), 0  # [T, D]; distinct experts the resident layers used
+        if resident is not None and len(spans) == 1:  # one sequence: the whole step in one call
+            out = empty_like_elements((T, D), self.dtype)  # [T, D] h through the final norm
+            cache = spans[0].cache
+            hits = host_decode_block.decode_layers(
+                residual, *host_trig, *cache.host_arrays(T), cache.length, host.windows, *host.attention,
+                *host.by_kind, host.final_norm, eps, bf16, scale_fp32,
+                *route, empty_like_elements((len(blocks), T, spec.top_k), weigh_dtype), weigh_dtype == torch.bfloat16,
+                resident.slots, *resident.buffers, *resident.activation, out,
+            )  # fmt: skip
+            self.experts.count_hits(hits)
+            return as_tensor(out)
         normed = empty_like_elements((T, D), self.dtype)  # [T, D] the first layer's input
         host_norm.rms_norm_rows(residual, blocks[0][0], eps, bf16, scale_fp32, normed)
         qkv = empty_like_elements((T, blocks[0][1].shape[0]), self.dtype)  # [T, q_dim + 2 kv_dim]
         host_decode_block.project_rounded(normed, blocks[0][1], qkv)
-        # one sequence with resident experts: its attention in the same call (one call a layer)
-        caches = spans[0].cache.host_arrays(T) if resident is not None and len(spans) == 1 else None
         for layer, (lw, (_, _, w_o, ffn_norm, w_router)) in enumerate(zip(self.dense.layers, blocks)):
             has_next = layer + 1 < len(blocks)
             # the next layer's norm and qkv projection, or the final norm (and no projection)
-            next_norm, w_qkv = blocks[layer + 1][:2] if has_next else (self.host_final_norm, blocks[0][1][:0])
+            next_norm, w_qkv = blocks[layer + 1][:2] if has_next else (host.final_norm, blocks[0][1][:0])
             next_qkv = empty_like_elements((T, w_qkv.shape[0] if has_next else D), self.dtype)  # or the final rows
             weights = empty_like_elements((T, spec.top_k), weigh_dtype)  # [T, K]
-            if caches is not None:
-                hits += host_decode_block.attend_route_experts_project(
-                    qkv, *host_trig, caches[0][layer], caches[1][layer], spans[0].cache.length,
-                    *self.host_attention_shape[layer], w_o, residual, ffn_norm, eps, bf16, scale_fp32, w_router, *route,
-                    weights, weigh_dtype == torch.bfloat16, resident.slots[lw.moe_index], *resident.buffers,
-                    *resident.activation, has_next, next_norm, w_qkv, next_qkv,
-                )  # fmt: skip
-                qkv = next_qkv
-                continue
             attn = self._attend_on_host(layer, qkv, host_trig, spans)  # [T, q_dim]
             qkv = next_qkv
             if resident is not None:

@@ -1,17 +1,22 @@
-"""One float32 decode layer's dense side on the CPU: torch eager, torch.compile, and the host kernels.
+"""One float32 decode layer's dense side on the CPU: torch eager, torch.compile, the host kernels
+and the host decode block.
 
 Run:  python -m bench.compile_dense [--position 160] [--repeats 300] [--out bench/results]
 
 The block is what the executor runs between two MoE layers for one decode token of the default
 model's shape (hidden 512, 8 query heads and 2 KV heads of 64, a cache of 256 positions with
 `--position` of them filled): RMSNorm, the fused qkv projection, rope on q and k, the KV write,
-attention, the o projection, the residual add and the next RMSNorm. Three ways:
+attention, the o projection, the residual add and the next RMSNorm. Four ways:
   eager     the torch references the executor falls back to (kernels="torch")
   compiled  the same function through torch.compile (inductor; dynamic=False, so each new cache
             length compiles again: "recompile_s" times one)
-  host      what the executor runs on the CPU: F.linear for the projections, host_attention's and
-            host_norm's compiled calls for the rest (kernels/host_attention.py, host_norm.py)
-Each is timed as the median of --repeats calls after a warm-up, all three in alternating rounds;
+  host      what the executor runs on the CPU op by op: F.linear for the projections, host_attention's
+            and host_norm's compiled calls for the rest (kernels/host_attention.py, host_norm.py)
+  block     what it runs for decode steps of a model the host decode block takes (the default
+            model): the same block as one compiled call of host_decode_block's pieces (its
+            projections, host_attention.attend_rows, host_norm.add_rms_norm_rows), as decode_layers
+            runs them inside a layer (which adds the router and the experts)
+Each is timed as the median of --repeats calls after a warm-up, all four in alternating rounds;
 compile_s is the first compiled call (the compile itself), cold: inductor's cache in a fresh
 temporary folder (a warm cache from an earlier run cuts it several-fold). Outputs are compared with eager's
 (max relative difference). Results: <out>/compile-dense-cpu.json, with the machine.
@@ -28,13 +33,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from numba import njit
 
 from bench.common import machine_info
 from moeinf.atomic_write import write_text_atomic
-from moeinf.kernels.host_attention import attend_decode
-from moeinf.kernels.host_norm import add_rms_norm
+from moeinf.kernels.host_attention import attend_decode, attend_rows
+from moeinf.kernels.host_decode_block import project_rounded
+from moeinf.kernels.host_norm import add_rms_norm, add_rms_norm_rows
 from moeinf.kernels.reference import rms_norm_reference
 from moeinf.models.attention import attend
 from moeinf.models.rope import apply_rope
@@ -71,6 +79,29 @@ def host(layer: Layer, h: torch.Tensor, x: torch.Tensor, cos, sin, position: int
     attended = attend_decode(qkv, cos, sin, layer.k, layer.v, position, None, None, H, HKV)
     h = h.clone()  # the executor adds into its residual stream in place; keep the input for the next call
     return h, add_rms_norm(h, F.linear(attended, layer.o), layer.norm, EPS)
+
+
+@njit(cache=True)
+def _block(h, x, w_qkv, w_o, norm, k_cache, v_cache, cos, sin, position, eps, out):
+    """The block in one call of host_decode_block's pieces: h [1, D] += attention's projection;
+    out [1, D] its norm."""
+    qkv = np.empty((1, w_qkv.shape[0]), np.float32)
+    project_rounded(x, w_qkv, qkv)
+    attended = np.empty((1, H * DH), np.float32)
+    attend_rows(qkv, cos, sin, k_cache, v_cache, position, 0, np.float32(DH**-0.5), H, HKV, DH, False, attended)
+    o = np.empty((1, D), np.float32)
+    project_rounded(attended, w_o, o)
+    add_rms_norm_rows(h, o, norm, eps, False, False, out)
+
+
+def block(layer: Layer, h: torch.Tensor, x: torch.Tensor, cos, sin, position: int):
+    """The same through the host decode block's pieces in one call."""
+    h, out = h.clone(), torch.empty_like(h)
+    _block(
+        h.numpy(), x.numpy(), layer.qkv.numpy(), layer.o.numpy(), layer.norm.numpy(), layer.k.numpy(),
+        layer.v.numpy(), cos.numpy(), sin.numpy(), position, np.float32(EPS), out.numpy(),
+    )  # fmt: skip
+    return h, out
 
 
 def timed(fn, repeats: int) -> float:
@@ -112,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             "eager": lambda: eager(layer, h, x, cos, sin, p),
             "compiled": lambda: compiled_fn(layer, h, x, cos, sin, p),
             "host": lambda: host(layer, h, x, cos, sin, p),
+            "block": lambda: block(layer, h, x, cos, sin, p),
         }
         reference = ways["eager"]()[1]
         diffs = {name: ((fn()[1] - reference).abs().max() / reference.abs().max()).item() for name, fn in ways.items()}

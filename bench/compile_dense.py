@@ -43,6 +43,7 @@ from moeinf.atomic_write import write_text_atomic
 from moeinf.kernels.host_attention import attend_decode, attend_rows
 from moeinf.kernels.host_decode_block import project_rounded
 from moeinf.kernels.host_norm import add_rms_norm, add_rms_norm_rows
+from moeinf.kernels.numba_cache import CALLS_PARALLEL
 from moeinf.kernels.reference import rms_norm_reference
 from moeinf.models.attention import attend
 from moeinf.models.rope import apply_rope
@@ -81,7 +82,7 @@ def host(layer: Layer, h: torch.Tensor, x: torch.Tensor, cos, sin, position: int
     return h, add_rms_norm(h, F.linear(attended, layer.o), layer.norm, EPS)
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=CALLS_PARALLEL)
 def _block(h, x, w_qkv, w_o, norm, k_cache, v_cache, cos, sin, position, eps, out):
     """The block in one call of host_decode_block's pieces: h [1, D] += attention's projection;
     out [1, D] its norm."""

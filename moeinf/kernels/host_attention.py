@@ -37,6 +37,7 @@ import torch
 from numba import njit, prange
 
 from moeinf.kernels.bf16_bits import as_numpy, as_tensor, narrow, rounded, widen
+from moeinf.kernels.numba_cache import CALLS_PARALLEL
 
 DTYPES = (torch.float32, torch.bfloat16)
 MAX_TOKENS = 32  # new tokens a call is meant for (decode); larger steps run SDPA
@@ -64,7 +65,7 @@ def _rotate_head(qkv, t, base, cos, sin, half, rotary_dim, bf16, out):
             out[i] = x
 
 
-@njit(fastmath=FAST, cache=True)
+@njit(fastmath=FAST, cache=True, parallel=CALLS_PARALLEL)
 def attend_rows(qkv, cos, sin, k_cache, v_cache, start, window, scale, heads, kv_heads, head_dim, bf16, out):
     """Rope and the cache writes serially (a few hundred elements), then the softmax rows in their
     own parallel function: with the writes in the same parallel function its dot products did not

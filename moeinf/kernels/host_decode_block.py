@@ -43,6 +43,7 @@ from moeinf.kernels.bf16_bits import narrow, widen
 from moeinf.kernels.host_attention import attend_rows
 from moeinf.kernels.host_experts import moe_layer_rows, project_dense
 from moeinf.kernels.host_norm import add_rms_norm_rows, rms_norm_rows
+from moeinf.kernels.numba_cache import CALLS_PARALLEL
 
 DTYPES = (torch.float32, torch.bfloat16)
 MAX_TOKENS = 32  # tokens a call is meant for (decode)
@@ -60,7 +61,7 @@ def _widened(x):
     return out
 
 
-@njit(fastmath=FAST, cache=True)
+@njit(fastmath=FAST, cache=True, parallel=CALLS_PARALLEL)
 def project_rounded(x, w, out):
     """out [T, N] = x [T, K] @ w [N, K]^T, each output rounded once to out's elements."""
     T, N = out.shape
@@ -71,7 +72,7 @@ def project_rounded(x, w, out):
             out[t, n] = narrow(product[t, n], out[t, n])
 
 
-@njit(fastmath=FAST, cache=True)
+@njit(fastmath=FAST, cache=True, parallel=CALLS_PARALLEL)
 def norm_and_project(h, y, norm_weight, eps, bf16, scale_in_fp32, w_qkv, x_out, qkv_out):
     """h += y in place; x_out [T, D] = rms_norm(h) with norm_weight; qkv_out [T, N] = x_out @ w_qkv^T,
     rounded. bf16: the arrays are bfloat16 bits; scale_in_fp32: the norm's weight scales the float32
@@ -119,7 +120,7 @@ def _softmax_topk(logits, renormalize, scaling, ids_out, weights_out):
             weights_out[t, k] = narrow(weight, weights_out[t, k])
 
 
-@njit(fastmath=FAST, cache=True)
+@njit(fastmath=FAST, cache=True, parallel=CALLS_PARALLEL)
 def project_norm_route(
     attn, w_o, h, norm_weight, eps, bf16, scale_in_fp32, w_router, renormalize, scaling, o_out, x_out, ids_out,
     weights_out,
@@ -138,7 +139,7 @@ def project_norm_route(
     _softmax_topk(logits, renormalize, np.float32(scaling), ids_out, weights_out)
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=CALLS_PARALLEL)
 def route_experts_project(
     attn, w_o, h, ffn_norm, eps, bf16, scale_in_fp32, w_router, renormalize, scaling, weights_out, weigh_bf16, slots,
     w13, w2, no_bias, F, activation, alpha, limit, has_next, next_norm, w_qkv, qkv_out,
@@ -173,7 +174,7 @@ def route_experts_project(
     return used.sum()
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=CALLS_PARALLEL)
 def attend_route_experts_project(
     qkv, cos, sin, k_cache, v_cache, start, window, scale, heads, kv_heads, head_dim, w_o, h, ffn_norm, eps, bf16,
     scale_in_fp32, w_router, renormalize, scaling, weights_out, weigh_bf16, slots, w13, w2, no_bias, F, activation,
@@ -191,7 +192,7 @@ def attend_route_experts_project(
     )  # fmt: skip
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=CALLS_PARALLEL)
 def decode_layers(
     h, cos, sin, k_all, v_all, start, windows, scale, heads, kv_heads, head_dim, attn_norms, w_qkvs, w_os, ffn_norms,
     w_routers, final_norm, eps, bf16, scale_in_fp32, renormalize, scaling, weights_out, weigh_bf16, slots, w13, w2,

@@ -36,6 +36,7 @@ from numba import njit, prange
 
 from moeinf.kernels.bf16_bits import as_numpy, as_tensor, empty_like_elements, narrow, rounded, widen
 from moeinf.kernels.expert_activation import SILU, ExpertActivation
+from moeinf.kernels.numba_cache import CALLS_PARALLEL
 from moeinf.kernels.quantize import QuantizedMatrix
 from moeinf.kernels.reference import expect_both_biases_or_neither
 
@@ -175,7 +176,7 @@ def _project(first, second, slots, second_slots, experts, starts, counts, xs, ou
             r += 1
 
 
-@njit(fastmath=FAST, cache=True)
+@njit(fastmath=FAST, cache=True, parallel=CALLS_PARALLEL)
 def project_dense(w, xs, out):
     """out[:, :N] = xs @ w^T, unrounded, for one dense weight: _project's tiles over a single matrix,
     in parallel over its row blocks (the decode block's projections, host_decode_block.py).
@@ -244,7 +245,7 @@ def _combine(y, position, ids, weights, slots, second_slots, b2, b2_second, has_
             out[t, d] = narrow(total[d], out[t, d])
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=CALLS_PARALLEL)
 def moe_layer_rows(
     x, ids, weights, slots, second_slots, w13, w13_second, w2, w2_second, b13, b13_second, b2, b2_second,
     has_bias, bf16, weigh_bf16, activation, alpha, limit, F, out,

@@ -55,6 +55,7 @@ from numba.extending import intrinsic, models, register_model
 
 from moeinf.kernels.expert_activation import SILU, ExpertActivation
 from moeinf.kernels.host_experts import SecondBuffers
+from moeinf.kernels.numba_cache import CALLS_PARALLEL
 from moeinf.kernels.quantize import INT4_SYMMETRIC_ZERO, INT8_CODE_OFFSET, QuantizedMatrix
 
 MAX_TOKENS = 32  # tokens a call is meant for (decode)
@@ -954,7 +955,7 @@ def _source_experts(counts, second_slots, second):
     return experts
 
 
-@njit(fastmath=FAST, cache=True)
+@njit(fastmath=FAST, cache=True, parallel=CALLS_PARALLEL)
 def _moe_layer(x, ids, weights, slots, second_slots, m13, m2, m13b, m2b, perm, permb, has_perm, permute13, permute2,
                F, activation, alpha, limit, S, H, workers, out):  # fmt: skip
     """x: [T, D] float32; ids, weights: [T, K] int64, float32; slots: [E] int64, each expert's slot;

@@ -206,7 +206,9 @@ def trusted_header(path: Path, expected: dict[str, Any], num_records: int) -> tu
             return None, f"header {key} is {meta.get(key)!r:.80}, the checkpoint needs {value!r:.80}"
     crcs = meta.get("crc32")
     if not (
-        isinstance(crcs, list) and len(crcs) == num_records and all(type(c) is int and 0 <= c <= MAX_CRC for c in crcs)
+        isinstance(crcs, list)
+        and len(crcs) == num_records
+        and all(type(c) is int and 0 <= c <= MAX_CRC for c in crcs)
     ):
         return None, f"expected {num_records} crc32 values in [0, 2**32), found {str(crcs):.80}"
     data_offset = meta.get("data_offset")

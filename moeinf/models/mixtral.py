@@ -17,7 +17,6 @@ MIXTRAL_TENSOR_NAMES = {
     "expert_down": "model.layers.{layer}.block_sparse_moe.experts.{expert}.w2.weight",
 }
 
-
 def parse_mixtral_config(config: dict[str, Any], source: str = "config.json") -> ModelSpec:
     return read_moe_spec(
         config,

@@ -34,7 +34,6 @@ QWEN_TENSOR_NAMES = {
     "mlp_down": f"{_LAYER}.mlp.down_proj.weight",
 }
 
-
 def layer_windows(read: ConfigReader, num_layers: int) -> tuple[int | None, ...]:
     """Qwen applies its sliding window only with use_sliding_window, and then only to the layers
     `layer_types` marks "sliding_attention" (or, in older configs, layers >= max_window_layers)."""

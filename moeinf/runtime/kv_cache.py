@@ -40,8 +40,7 @@ class SequenceKVCache:
     def layer(self, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`layer`'s whole keys and values [Hkv, C, D], for a caller that writes n new positions
         length .. length + n - 1 itself (the host attention kernel), after checking they fit."""
-        if self.length + n > self.capacity:
-            raise RequestError(f"KV cache holds {self.capacity} positions, a write needs {self.length + n}")
+        self._check_fits(n)
         return self.k[layer], self.v[layer]
 
     def host_layer(self, layer: int, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -53,11 +52,15 @@ class SequenceKVCache:
     def host_arrays(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Every layer's keys and values [L, Hkv, C, D] as host_layer's arrays, for a caller that
         writes n new positions into each layer, after checking they fit."""
-        if self.length + n > self.capacity:
-            raise RequestError(f"KV cache holds {self.capacity} positions, a write needs {self.length + n}")
+        self._check_fits(n)
         if self._host_arrays is None:
             self._host_arrays = (as_numpy(self.k), as_numpy(self.v))
         return self._host_arrays
+
+    def _check_fits(self, n: int) -> None:
+        """Raises RequestError where n more positions do not fit."""
+        if self.length + n > self.capacity:
+            raise RequestError(f"KV cache holds {self.capacity} positions, a write needs {self.length + n}")
 
     def advance(self, n: int) -> None:
         """Called once every layer has written the n new positions."""

@@ -13,7 +13,10 @@ between them, per sequence:
   route_experts_project:  with every expert resident (nothing to load, so nothing to ask the
                           expert source between routing and computing): project_norm_route, the
                           routed experts (host_experts.moe_layer_rows, from the slot buffers), and
-                          the next layer's norm_and_project, in one call: a layer is two calls
+                          the next layer's norm_and_project (the last layer: the final norm),
+                          in one call: a layer is two calls
+  attend_route_experts_project, decode_layers:  a lone sequence's attention in that call too
+                          (host_attention.attend_rows), and every layer of its step in one call
 
 The projections run host_experts.project_dense (the expert kernels' tiles: weights read once for
 all tokens, float32 accumulation), the norms host_norm's. The arithmetic is the torch path's with

@@ -15,8 +15,8 @@ between them, per sequence:
                           routed experts (host_experts.moe_layer_rows, from the slot buffers), and
                           the next layer's norm_and_project (the last layer: the final norm),
                           in one call: a layer is two calls
-  attend_route_experts_project, decode_layers:  a lone sequence's attention in that call too
-                          (host_attention.attend_rows), and every layer of its step in one call
+  decode_layers:          a lone sequence's whole step, every layer's attention
+                          (host_attention.attend_rows) and route_experts_project, in one call
 
 The projections run host_experts.project_dense (the expert kernels' tiles: weights read once for
 all tokens, float32 accumulation), the norms host_norm's. The arithmetic is the torch path's with
@@ -178,31 +178,13 @@ def route_experts_project(
 
 
 @njit(cache=True, parallel=CALLS_PARALLEL)
-def attend_route_experts_project(
-    qkv, cos, sin, k_cache, v_cache, start, window, scale, heads, kv_heads, head_dim, w_o, h, ffn_norm, eps, bf16,
-    scale_in_fp32, w_router, renormalize, scaling, weights_out, weigh_bf16, slots, w13, w2, no_bias, F, activation,
-    alpha, limit, has_next, next_norm, w_qkv, qkv_out,
-):  # fmt: skip
-    """One sequence's layer from its qkv projection to the next layer's: the host attention kernel
-    (host_attention.attend_rows: rope, cache write, attention; qkv [T, q_dim + 2 kv_dim] and the
-    caches [Hkv, C, Dh] as it takes them) then route_experts_project on its output. Returns the
-    number of distinct experts the layer used."""
-    attn = np.empty((qkv.shape[0], heads * head_dim), qkv.dtype)  # [T, q_dim]
-    attend_rows(qkv, cos, sin, k_cache, v_cache, start, window, scale, heads, kv_heads, head_dim, bf16, attn)
-    return route_experts_project(
-        attn, w_o, h, ffn_norm, eps, bf16, scale_in_fp32, w_router, renormalize, scaling, weights_out, weigh_bf16,
-        slots, w13, w2, no_bias, F, activation, alpha, limit, has_next, next_norm, w_qkv, qkv_out,
-    )  # fmt: skip
-
-
-@njit(cache=True, parallel=CALLS_PARALLEL)
 def decode_layers(
     h, cos, sin, k_all, v_all, start, windows, scale, heads, kv_heads, head_dim, attn_norms, w_qkvs, w_os, ffn_norms,
     w_routers, final_norm, eps, bf16, scale_in_fp32, renormalize, scaling, weights_out, weigh_bf16, slots, w13, w2,
     no_bias, F, activation, alpha, limit, out,
 ):  # fmt: skip
     """A lone sequence's whole decode step with resident experts, every layer in one call: the
-    first norm and qkv projection, then per layer attend_route_experts_project, the last one ending
+    first norm and qkv projection, then per layer host_attention.attend_rows and route_experts_project, the last ending
     in the final norm, into out [T, D]. Per layer: k_all, v_all [L, Hkv, C, Dh] the caches;
     windows [L] int64; attn_norms, w_qkvs, w_os, ffn_norms, w_routers: tuples of the layers' arrays;
     weights_out [L, T, K] the routing weights' elements; slots [L, E] each expert's slot. Returns the
@@ -212,6 +194,7 @@ def decode_layers(
     rms_norm_rows(h, attn_norms[0], eps, bf16, scale_in_fp32, normed)
     qkv = np.empty((T, w_qkvs[0].shape[0]), h.dtype)  # [T, q_dim + 2 kv_dim]
     project_rounded(normed, w_qkvs[0], qkv)
+    attn = np.empty((T, heads * head_dim), h.dtype)  # [T, q_dim] each layer's attention output
     hits = 0
     for layer in range(L):
         has_next = layer + 1 < L
@@ -220,9 +203,23 @@ def decode_layers(
             next_qkv = np.empty((T, w_qkv.shape[0]), h.dtype)
         else:
             next_norm, w_qkv, next_qkv = final_norm, w_qkvs[0], out
-        hits += attend_route_experts_project(
-            qkv, cos, sin, k_all[layer], v_all[layer], start, windows[layer], scale, heads, kv_heads, head_dim,
-            w_os[layer], h, ffn_norms[layer], eps, bf16, scale_in_fp32, w_routers[layer], renormalize, scaling,
+        attend_rows(
+            qkv,
+            cos,
+            sin,
+            k_all[layer],
+            v_all[layer],
+            start,
+            windows[layer],
+            scale,
+            heads,
+            kv_heads,
+            head_dim,
+            bf16,
+            attn,
+        )
+        hits += route_experts_project(
+            attn, w_os[layer], h, ffn_norms[layer], eps, bf16, scale_in_fp32, w_routers[layer], renormalize, scaling,
             weights_out[layer], weigh_bf16, slots[layer], w13, w2, no_bias, F, activation, alpha, limit, has_next,
             next_norm, w_qkv, next_qkv,
         )  # fmt: skip
